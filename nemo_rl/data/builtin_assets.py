@@ -1,0 +1,116 @@
+"""Built-in model and dataset names, resolved to local directories created on first use.
+
+Runs never download anything: a config names either a local directory or a
+built-in asset (``tiny-qwen2``, ``tiny-chat``) that the project generates
+itself into the cache (:func:`nemo_rl.utils.cache_paths.nemo_rl_cache_dir`).
+
+Several processes (Ray workers, parallel test runs) may ask for the same asset
+at once, so creation happens in a temporary sibling directory, under a file
+lock, and is renamed into place only after a completion marker was written.
+A directory without the marker is never used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from filelock import FileLock
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+from nemo_rl.data.tiny_chat import write_tiny_chat
+from nemo_rl.models.tiny_model import create_tiny_model
+from nemo_rl.utils.cache_paths import nemo_rl_cache_dir
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = ".nemo_rl_complete"  # written last inside the temporary dir, before the rename
+BUILTIN_MODELS: dict[str, Callable[[Path], object]] = {"tiny-qwen2": create_tiny_model}
+BUILTIN_DATASETS: dict[str, Callable[[Path], object]] = {"tiny-chat": write_tiny_chat}
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE_MARKER).is_file()
+
+
+def materialize(target: Path, build: Callable[[Path], object]) -> Path:
+    """``target``, built by ``build(tmp_dir)`` and renamed into place unless a complete copy exists.
+
+    The lock serialises concurrent creators, so only one builds; the rename
+    makes the result appear all at once. A ``target`` left without the marker
+    (e.g. made by hand or by an older layout) is replaced, not trusted.
+    """
+    if is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if is_complete(target):
+            return target
+        logger.info("Creating built-in asset %s", target)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+        try:
+            build(tmp)
+            (tmp / COMPLETE_MARKER).write_text(json.dumps({"created_unix": time.time()}))
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(model_name: str) -> Path:
+    """The local HF directory for ``model_name``.
+
+    Built-in names win (so the result never depends on the working directory;
+    write ``./tiny-qwen2`` to mean a local folder of that name), then existing
+    local directories, then a hub id only if it is already in the local HF cache.
+    """
+    if model_name in BUILTIN_MODELS:
+        return materialize(nemo_rl_cache_dir() / "tiny_models" / model_name, BUILTIN_MODELS[model_name])
+    local = Path(model_name).expanduser()
+    if local.is_dir():
+        return local
+    try:
+        return Path(snapshot_download(model_name, local_files_only=True))
+    except (HFValidationError, LocalEntryNotFoundError):
+        raise FileNotFoundError(
+            f"model {model_name!r} is neither a local HF model directory nor a built-in model "
+            f"(built-ins: {', '.join(sorted(BUILTIN_MODELS))}), and it is not in the local Hugging Face cache. "
+            "nemo_rl downloads nothing at run time: pass a local directory or a built-in name."
+        ) from None
+
+
+def _existing_file(path: str, split: str) -> Path:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"{split} data file {file} does not exist")
+    return file
+
+
+def resolve_dataset_paths(dataset_name: str, train_data_path: str | None, val_data_path: str | None) -> tuple[Path, Path | None]:
+    """(train JSONL, validation JSONL or None) for a data config.
+
+    An explicit path wins over the built-in file of the same split and must
+    exist; a dataset that is not built in needs an explicit training file.
+    """
+    builtin: dict[str, Path] = {}
+    if dataset_name in BUILTIN_DATASETS and (train_data_path is None or val_data_path is None):
+        root = materialize(nemo_rl_cache_dir() / "datasets" / dataset_name, BUILTIN_DATASETS[dataset_name])
+        builtin = {"train": root / "train.jsonl", "validation": root / "validation.jsonl"}
+    elif train_data_path is None:
+        raise ValueError(
+            f"dataset {dataset_name!r} is not built in (built-ins: {', '.join(sorted(BUILTIN_DATASETS))}); "
+            'set data.train_data_path to a JSONL file of {"messages": [...]} rows'
+        )
+    train = _existing_file(train_data_path, "train") if train_data_path is not None else builtin["train"]
+    val = _existing_file(val_data_path, "validation") if val_data_path is not None else builtin.get("validation")
+    return train, val

@@ -1,0 +1,66 @@
+"""Reserving the cluster's devices for one run with Ray placement groups.
+
+One bundle per worker process: a GPU (plus CPUs) on GPU clusters, or a share of
+the CPUs on a machine without GPUs, where each "GPU" of the config becomes one
+CPU worker process. Bundles are packed per node so model-parallel peers sit
+together.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    num_gpus: float
+    num_cpus: float
+
+
+class RayVirtualCluster:
+    def __init__(self, workers_per_node: int, num_nodes: int = 1, use_gpus: bool | None = None, name: str = "nemo_rl"):
+        resources = ray.cluster_resources()
+        self.use_gpus = resources.get("GPU", 0) > 0 if use_gpus is None else use_gpus
+        self.workers_per_node = workers_per_node
+        self.num_nodes = num_nodes
+        self.bundle = self._bundle_spec(resources)
+        self._groups = [self._reserve_node(i, name) for i in range(num_nodes)]
+
+    @property
+    def world_size(self) -> int:
+        return self.workers_per_node * self.num_nodes
+
+    def _bundle_spec(self, resources: dict) -> BundleSpec:
+        total_cpus = resources.get("CPU", 1)
+        if self.use_gpus:
+            return BundleSpec(num_gpus=1, num_cpus=1)
+        # Leave one CPU's worth for the driver only when there are CPUs to spare.
+        per_node_cpus = max(total_cpus / max(self.num_nodes, 1), 1)
+        return BundleSpec(num_gpus=0, num_cpus=max(per_node_cpus // self.workers_per_node, 1))
+
+    def _reserve_node(self, node: int, name: str) -> PlacementGroup:
+        bundles = [{"CPU": self.bundle.num_cpus, "GPU": self.bundle.num_gpus} if self.use_gpus else {"CPU": self.bundle.num_cpus}
+                   for _ in range(self.workers_per_node)]
+        group = placement_group(bundles, strategy="STRICT_PACK", name=f"{name}_node{node}")
+        ready, _ = ray.wait([group.ready()], timeout=300)
+        if not ready:
+            raise RuntimeError(
+                f"could not reserve {self.workers_per_node} bundles of {bundles[0]} on node {node} within 300 s; "
+                f"cluster has {ray.cluster_resources()}. Lower cluster.gpus_per_node or add nodes."
+            )
+        return group
+
+    def bundles(self) -> list[tuple[PlacementGroup, int]]:
+        """(placement group, bundle index) for every worker, in global-rank order."""
+        return [(group, i) for group in self._groups for i in range(self.workers_per_node)]
+
+    def shutdown(self) -> None:
+        for group in self._groups:
+            remove_placement_group(group)
+        self._groups = []

@@ -1,0 +1,68 @@
+"""A group of identical Ray actors, one per bundle of a RayVirtualCluster."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Sequence
+
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+@ray.remote
+def _node_address_and_port() -> tuple[str, int]:
+    return ray.util.get_node_ip_address(), _free_port()
+
+
+class RayWorkerGroup:
+    """Starts ``worker_cls`` on every bundle with rank/world size and a rendezvous address.
+
+    The rendezvous (torch.distributed's master) is on the node of rank 0, found by
+    running a probe in rank 0's bundle, so multi-node clusters work unchanged.
+    """
+
+    def __init__(self, cluster: RayVirtualCluster, worker_cls: type, *args: Any, env: dict[str, str] | None = None, **kwargs: Any):
+        bundles = cluster.bundles()
+        first_group, first_index = bundles[0]
+        master_addr, master_port = ray.get(
+            _node_address_and_port.options(
+                num_cpus=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(first_group, placement_group_bundle_index=first_index),
+            ).remote()
+        )
+        remote_cls = ray.remote(worker_cls)
+        threads = str(int(cluster.bundle.num_cpus))
+        runtime_env = {"env_vars": {"OMP_NUM_THREADS": threads, **(env or {})}}
+        self.workers = [
+            remote_cls.options(
+                num_cpus=cluster.bundle.num_cpus,
+                num_gpus=cluster.bundle.num_gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
+                runtime_env=runtime_env,
+            ).remote(*args, rank=rank, world_size=len(bundles), master_addr=master_addr, master_port=master_port, **kwargs)
+            for rank, (group, index) in enumerate(bundles)
+        ]
+        # Surface constructor failures (bad checkpoint, OOM) here rather than at first use.
+        ray.get([worker.__ray_ready__.remote() for worker in self.workers])
+
+    def run_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        return ray.get([getattr(w, method).remote(*args, **kwargs) for w in self.workers])
+
+    def run_each(self, method: str, per_worker_args: Sequence[tuple], **kwargs: Any) -> list[Any]:
+        return ray.get([getattr(w, method).remote(*args, **kwargs) for w, args in zip(self.workers, per_worker_args)])
+
+    def shutdown(self) -> None:
+        try:
+            self.run_all("shutdown")
+        finally:
+            for worker in self.workers:
+                ray.kill(worker)
+            self.workers = []

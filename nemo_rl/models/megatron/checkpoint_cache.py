@@ -1,0 +1,117 @@
+"""The cache of HF checkpoints converted to Megatron layout.
+
+A converted checkpoint depends on the HF weights *and* on ``hf_config_overrides``
+(the RoPE block changes what the model computes), so its directory is named
+``<model>__hfovr_<hash>`` with the hash from ``rope_scaling.overrides_hash``:
+two override sets can never share a cache entry. Conversion writes into a
+temporary sibling and renames it into place only when complete, under a file
+lock, so concurrent workers convert once and a crash never leaves a directory
+that looks usable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import megatron.core
+import torch
+from filelock import FileLock
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig
+
+from nemo_rl.models import rope_scaling
+from nemo_rl.models.megatron.hf_weights import hf_to_megatron
+from nemo_rl.utils.cache_paths import megatron_checkpoint_root
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "conversion.json"  # written last: its presence marks a complete conversion
+FORMAT_VERSION = 1
+
+
+def cache_dir_name(model_name: str, overrides: Mapping[str, Any] | None) -> str:
+    base = model_name.strip("/").replace("/", "__")
+    if not overrides:
+        return base
+    return f"{base}__hfovr_{rope_scaling.overrides_hash(overrides)}"
+
+
+def converted_checkpoint_dir(model_name: str, overrides: Mapping[str, Any] | None, root: Path | None = None) -> Path:
+    return (root or megatron_checkpoint_root()) / cache_dir_name(model_name, overrides)
+
+
+def is_complete(path: Path) -> bool:
+    return (path / MANIFEST_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+def load_hf_state_dict(model_path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF safetensors checkpoint (single file or sharded with an index)."""
+    files = sorted(model_path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_path}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                state[key] = handle.get_tensor(key)
+    return state
+
+
+def _convert_into(tmp: Path, model_path: Path, overrides: Mapping[str, Any] | None, max_total_sequence_length: int) -> None:
+    hf_config = rope_scaling.apply_hf_config_overrides(
+        AutoConfig.from_pretrained(model_path), overrides, max_total_sequence_length
+    )
+    mcore_state = hf_to_megatron(load_hf_state_dict(model_path), hf_config)
+    save_file({k: v.contiguous() for k, v in mcore_state.items()}, str(tmp / WEIGHTS_FILE))
+    hf_config.save_pretrained(tmp)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "source": str(model_path),
+        "hf_config_overrides": json.loads(rope_scaling.canonical_overrides_json(overrides or {})),
+        "overrides_hash": rope_scaling.overrides_hash(overrides or {}),
+        "megatron_core_version": megatron.core.__version__,
+        "created_unix": time.time(),
+    }
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def ensure_converted(
+    model_path: Path,
+    model_name: str,
+    overrides: Mapping[str, Any] | None,
+    max_total_sequence_length: int,
+    force_reconvert: bool = False,
+    root: Path | None = None,
+) -> tuple[Path, bool]:
+    """The converted checkpoint for (model, overrides), and whether this call converted it."""
+    target = converted_checkpoint_dir(model_name, overrides, root)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if is_complete(target) and not force_reconvert:
+            logger.info("Reusing converted Megatron checkpoint %s", target)
+            return target, False
+        reason = "force_reconvert_from_hf=true" if is_complete(target) else "no cached conversion"
+        logger.info("Converting %s to Megatron format at %s (%s)", model_path, target, reason)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        try:
+            _convert_into(tmp, model_path, overrides, max_total_sequence_length)
+            if target.exists():
+                stale = target.with_name(f"{target.name}.stale-{os.getpid()}")
+                os.rename(target, stale)
+                os.rename(tmp, target)
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                os.rename(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target, True

@@ -1,0 +1,117 @@
+"""Make megatron-core run on a CUDA-less torch build.
+
+megatron-core assumes CUDA in a few places that have nothing to do with the maths
+it computes: it asks ``torch.cuda.current_device()`` where to put rotary tables
+and masks, and its RNG tracker snapshots CUDA generator states. Replacing those
+two touch points (and passing an explicit causal mask, see ``causal_attention_mask``)
+is enough for the real GPTModel, its tensor/pipeline parallel layers and gloo
+collectives to run on CPU, so CI exercises the same code that GPU clusters run.
+
+Nothing here is active when CUDA is available.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_ENABLED = False
+
+
+class CpuRNGStatesTracker:
+    """Named CPU generator states with the interface of Megatron's CUDA RNG tracker.
+
+    Megatron forks a separate RNG stream for tensor-parallel regions (dropout,
+    weight init) so that TP ranks draw different numbers there; the same idea
+    works with the CPU generator.
+    """
+
+    def __init__(self) -> None:
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def reset(self) -> None:
+        self.states_ = {}
+        self.seeds_ = set()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return {name: state.clone() for name, state in self.states_.items()}
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self.states_ = dict(states)
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds_:
+            raise ValueError(f"RNG seed {seed} already exists")
+        if name in self.states_:
+            raise ValueError(f"RNG state {name} already exists")
+        self.seeds_.add(seed)
+        saved = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(saved)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise KeyError(f"RNG state {name} was never added")
+        saved = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(saved)
+
+
+def enable_cpu_compat() -> bool:
+    """Install the CPU stand-ins once per process; returns whether they are active."""
+    global _ENABLED
+    if torch.cuda.is_available():
+        return False
+    if _ENABLED:
+        return True
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # Entered for the life of the process: the worker process exists only to run megatron.
+    _CudaToCpuMode().__enter__()
+    _ENABLED = True
+    logger.info("megatron-core CPU compatibility layer enabled (no CUDA device)")
+    return True
+
+
+def causal_attention_mask(seq_len: int, device: torch.device) -> torch.Tensor:
+    """Megatron's boolean mask convention: True marks positions that must NOT be attended."""
+    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]
+
+
+class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
+    """Redirect tensors that megatron-core creates with a hard-coded ``device="cuda"``.
+
+    Its schedules, DDP buffers and optimizer wrappers allocate small bookkeeping
+    tensors (loss-token counters, found-inf flags, norms) on "cuda" literally and
+    check ``tensor.type()`` against CUDA type names; on a CPU-only torch those
+    calls would raise before any maths happens.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Megatron's grad clipping asserts on CUDA type names; the dtype is what it means.
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        return func(*args, **kwargs)

@@ -1,0 +1,100 @@
+"""Build a megatron-core GPTModel that computes what a given HF config computes.
+
+The HF config passed here already carries the run's ``hf_config_overrides``
+(see ``nemo_rl.models.rope_scaling``); RoPE scaling reaches Megatron only through
+``rope_scaling.megatron_rope_fields`` so the trainer cannot drift from the
+generator or the exported model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+
+from nemo_rl.models import rope_scaling
+from nemo_rl.models.megatron.hf_weights import AttentionShape, check_supported
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+
+def transformer_config_from_hf(
+    hf_config,
+    precision: str,
+    layout: ParallelLayout,
+    activation_checkpointing: bool = False,
+) -> TransformerConfig:
+    check_supported(hf_config)
+    shape = AttentionShape.from_hf_config(hf_config)
+    dtype = DTYPES[precision]
+    cpu = not torch.cuda.is_available()
+    config = TransformerConfig(
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        num_attention_heads=shape.num_heads,
+        num_query_groups=shape.num_query_groups,
+        kv_channels=shape.head_dim,
+        ffn_hidden_size=hf_config.intermediate_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=bool(getattr(hf_config, "attention_bias", False)) or hf_config.model_type == "qwen2",
+        qk_layernorm=hf_config.model_type == "qwen3",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=dtype,
+        bf16=dtype is torch.bfloat16,
+        fp16=dtype is torch.float16,
+        pipeline_dtype=dtype,
+        tensor_model_parallel_size=layout.tensor_model_parallel_size,
+        pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+        context_parallel_size=layout.context_parallel_size,
+        sequence_parallel=layout.sequence_parallel,
+        use_cpu_initialization=cpu,
+        # Fused kernels are CUDA-only; the fused RoPE path also drops the YaRN
+        # attention factor on packed sequences in this megatron-core release.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        recompute_granularity="full" if activation_checkpointing else None,
+        recompute_method="uniform" if activation_checkpointing else None,
+        recompute_num_layers=1 if activation_checkpointing else None,
+        calculate_per_token_loss=True,
+    )
+    for name, value in rope_scaling.megatron_rope_fields(hf_config).items():
+        setattr(config, name, value)
+    return config
+
+
+def build_gpt_model(hf_config, config: TransformerConfig, pre_process: bool = True, post_process: bool = True) -> GPTModel:
+    position_embedding_type = "yarn" if getattr(config, "yarn_rotary_scaling_factor", None) else "rope"
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(
+            normalization="RMSNorm", qk_layernorm=config.qk_layernorm
+        ),
+        vocab_size=hf_config.vocab_size,
+        max_sequence_length=hf_config.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=hf_config.tie_word_embeddings,
+        position_embedding_type=position_embedding_type,
+        rotary_base=rope_scaling.rope_theta_of(hf_config),
+    )

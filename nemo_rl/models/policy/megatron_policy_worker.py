@@ -1,0 +1,329 @@
+"""The Megatron policy worker: one Ray actor per model-parallel rank.
+
+Each worker joins a torch.distributed group (NCCL on GPUs, gloo on CPU), builds
+megatron-core's GPTModel from the cached converted checkpoint, and trains it
+with megatron-core's own DDP, optimizer, LR scheduler and forward/backward
+schedule, so a CPU run and a GPU run execute the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from nemo_rl.models.megatron.cpu_compat import causal_attention_mask, enable_cpu_compat
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def token_logprobs_from_megatron_loss(per_token_ce: torch.Tensor) -> torch.Tensor:
+    """Megatron returns cross-entropy of each position's *next* token; its negation is that token's logprob."""
+    return -per_token_ce.float()
+
+
+def _next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
+    """Label at position t is token t+1; the last position gets a dummy label that masks exclude."""
+    labels = torch.roll(input_ids, shifts=-1, dims=1)
+    labels[:, -1] = 0
+    return labels
+
+
+class MegatronPolicyWorker:
+    def __init__(
+        self,
+        policy_cfg,
+        model_path: str,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        seed: int,
+    ) -> None:
+        self.cfg = policy_cfg
+        self.rank = rank
+        self.world_size = world_size
+        self._init_distributed(rank, world_size, master_addr, master_port)
+        self._init_model_parallel(seed)
+        self.checkpoint_dir, self.converted_now = self._ensure_converted(Path(model_path))
+        self._build_model()
+        self._build_optimizer()
+
+    # ------------------------------------------------------------------ setup
+    def _init_distributed(self, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+        self.cpu = enable_cpu_compat()
+        self.device = torch.device("cpu") if self.cpu else torch.device("cuda", torch.cuda.current_device())
+        if self.cpu:
+            threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count() or 1
+            torch.set_num_threads(threads)
+        torch.distributed.init_process_group(
+            backend="gloo" if self.cpu else "nccl",
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=rank,
+            world_size=world_size,
+        )
+
+    def _init_model_parallel(self, seed: int) -> None:
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        mcfg = self.cfg.megatron_cfg
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=mcfg.tensor_model_parallel_size,
+            pipeline_model_parallel_size=mcfg.pipeline_model_parallel_size,
+            context_parallel_size=mcfg.context_parallel_size,
+        )
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+
+    def _ensure_converted(self, model_path: Path) -> tuple[Path, bool]:
+        """Global rank 0 converts (under the cache's file lock); everyone else waits, then loads."""
+        from nemo_rl.models.megatron import checkpoint_cache
+
+        overrides = self.cfg.effective_hf_config_overrides
+        converted_now = False
+        if self.rank == 0:
+            _, converted_now = checkpoint_cache.ensure_converted(
+                model_path,
+                self.cfg.model_name,
+                overrides,
+                self.cfg.max_total_sequence_length,
+                force_reconvert=self.cfg.megatron_cfg.force_reconvert_from_hf,
+            )
+        torch.distributed.barrier()
+        return checkpoint_cache.converted_checkpoint_dir(self.cfg.model_name, overrides), converted_now
+
+    def _build_model(self) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from safetensors.torch import load_file
+        from transformers import AutoConfig
+
+        from nemo_rl.models.megatron.checkpoint_cache import WEIGHTS_FILE
+        from nemo_rl.models.megatron.model_builder import ParallelLayout, build_gpt_model, transformer_config_from_hf
+
+        mcfg = self.cfg.megatron_cfg
+        self.hf_config = AutoConfig.from_pretrained(self.checkpoint_dir)
+        self.tf_config = transformer_config_from_hf(
+            self.hf_config,
+            self.cfg.precision,
+            ParallelLayout(
+                mcfg.tensor_model_parallel_size,
+                mcfg.pipeline_model_parallel_size,
+                mcfg.context_parallel_size,
+                mcfg.sequence_parallel,
+            ),
+            activation_checkpointing=mcfg.activation_checkpointing,
+        )
+        model = build_gpt_model(self.hf_config, self.tf_config)
+        state = load_file(str(self.checkpoint_dir / WEIGHTS_FILE))
+        dtype = self.tf_config.params_dtype
+        missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise RuntimeError(f"converted checkpoint does not fit the model: missing={missing} unexpected={unexpected}")
+        model.to(self.device)
+        self.model = DistributedDataParallel(
+            self.tf_config,
+            DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False),
+            model,
+        )
+
+    def _build_optimizer(self) -> None:
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        ocfg = self.cfg.megatron_cfg.optimizer
+        scfg = self.cfg.megatron_cfg.scheduler
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer=ocfg.optimizer,
+                lr=ocfg.lr,
+                min_lr=ocfg.min_lr,
+                weight_decay=ocfg.weight_decay,
+                adam_beta1=ocfg.adam_beta1,
+                adam_beta2=ocfg.adam_beta2,
+                adam_eps=ocfg.adam_eps,
+                clip_grad=self.cfg.max_grad_norm,
+                bf16=self.tf_config.bf16,
+                fp16=self.tf_config.fp16,
+                params_dtype=self.tf_config.params_dtype,
+                use_distributed_optimizer=False,
+            ),
+            [self.model],
+        )
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=scfg.lr_warmup_init,
+            max_lr=ocfg.lr,
+            min_lr=ocfg.min_lr,
+            lr_warmup_steps=scfg.lr_warmup_iters,
+            lr_decay_steps=max(scfg.lr_decay_iters, scfg.lr_warmup_iters + 1),
+            lr_decay_style=scfg.lr_decay_style,
+            start_wd=ocfg.weight_decay,
+            end_wd=ocfg.weight_decay,
+            wd_incr_steps=1,
+            wd_incr_style="constant",
+        )
+
+    # -------------------------------------------------------------- compute
+    def _forward(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        input_ids = batch["input_ids"].to(self.device)
+        b, length = input_ids.shape
+        position_ids = torch.arange(length, device=self.device).unsqueeze(0).expand(b, -1)
+        return model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=causal_attention_mask(length, self.device),
+            labels=_next_token_labels(input_ids),
+        )
+
+    def _run_schedule(
+        self, microbatches: list[dict[str, torch.Tensor]], loss_fn: LossFn, forward_only: bool
+    ) -> list[dict[str, torch.Tensor]]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def wrapped_loss(batch, per_token_ce):
+            loss, metrics = loss_fn(token_logprobs_from_megatron_loss(per_token_ce), batch)
+            # calculate_per_token_loss=True: megatron leaves our already-normalised loss untouched.
+            return loss, torch.ones((), dtype=torch.int), metrics
+
+        def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model):
+            batch = next(data_iterator)
+            return self._forward(model, batch), partial(wrapped_loss, batch)
+
+        max_len = max(mb["input_ids"].shape[1] for mb in microbatches)
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(microbatches),
+            model=[self.model],
+            num_microbatches=len(microbatches),
+            seq_length=max_len,
+            micro_batch_size=microbatches[0]["input_ids"].shape[0],
+            decoder_seq_length=max_len,
+            forward_only=forward_only,
+        )
+
+    def train_step(self, microbatches: list[dict[str, torch.Tensor]], loss_fn: LossFn) -> dict[str, Any]:
+        """One optimizer step over this data-parallel rank's share of the global batch.
+
+        ``loss_fn`` must already normalise by the *global* batch (e.g. total
+        response tokens over all DP ranks): DDP then sums gradients across ranks.
+        """
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._run_schedule(microbatches, loss_fn, forward_only=False)
+        success, grad_norm, _ = self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        if success:
+            self.scheduler.step(increment=1)
+        return {
+            "metrics": _sum_metrics(outputs),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": lr,
+            "update_successful": bool(success),
+        }
+
+    @torch.no_grad()
+    def evaluate(self, microbatches: list[dict[str, torch.Tensor]], loss_fn: LossFn) -> dict[str, Any]:
+        self.model.eval()
+        return {"metrics": _sum_metrics(self._run_schedule(microbatches, loss_fn, forward_only=True))}
+
+    @torch.no_grad()
+    def get_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits [B, L, V] (gathered across TP), for parity checks against other engines."""
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        self.model.eval()
+        input_ids = input_ids.to(self.device)
+        b, length = input_ids.shape
+        logits = self.model(
+            input_ids=input_ids,
+            position_ids=torch.arange(length, device=self.device).unsqueeze(0).expand(b, -1),
+            attention_mask=causal_attention_mask(length, self.device),
+        )
+        return gather_from_tensor_model_parallel_region(logits).float().cpu()
+
+    # ---------------------------------------------------------- persistence
+    def _shard_file(self, directory: Path) -> Path:
+        return directory / f"policy_tp{self.tp_rank:02d}_pp{self.pp_rank:02d}.pt"
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Model, optimizer, scheduler and RNG of this model-parallel shard (written by DP rank 0)."""
+        if self.dp_rank != 0:
+            return
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        state = {
+            "model": self.model.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()},
+        }
+        torch.save(state, self._shard_file(Path(directory)))
+
+    def load_checkpoint(self, directory: str) -> None:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        state = torch.load(self._shard_file(Path(directory)), map_location=self.device, weights_only=False)
+        self.model.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        get_cuda_rng_tracker().set_states(state["rng"]["tracker"])
+
+    def export_hf(self, directory: str, tokenizer_dir: str | None = None) -> None:
+        """Write an HF directory (safetensors + config.json carrying the RoPE overrides)."""
+        if self.rank != 0:
+            return
+        from safetensors.torch import save_file
+        from transformers import AutoTokenizer
+
+        from nemo_rl.models.megatron.hf_weights import megatron_to_hf
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        mcore_state = {
+            k: v.detach().cpu() for k, v in self.model.module.state_dict().items() if not k.endswith("_extra_state")
+        }
+        hf_state = megatron_to_hf(mcore_state, self.hf_config)
+        save_file({k: v.contiguous() for k, v in hf_state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+        self.hf_config.save_pretrained(out)
+        if tokenizer_dir:
+            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "dp_rank": self.dp_rank,
+            "tp_rank": self.tp_rank,
+            "pp_rank": self.pp_rank,
+            "checkpoint_dir": str(self.checkpoint_dir),
+            "converted_now": self.converted_now,
+            "device": str(self.device),
+        }
+
+    def shutdown(self) -> None:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _sum_metrics(outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for out in outputs:
+        for key, value in out.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    return totals

@@ -1,0 +1,495 @@
+"""The one place that decides what ``policy.hf_config_overrides`` means.
+
+The same override block changes the HF config, the Megatron model, the vLLM
+engine and the name of the converted-checkpoint cache. If each of those read
+the raw dict on its own, two spellings of one setting (``rope_scaling`` vs the
+newer transformers ``rope_parameters``, ``type`` vs ``rope_type``) or a float
+written as ``2`` in one recipe and ``2.0`` in another could make the trainer and
+the generator disagree, or make one model occupy two cache entries. So this
+module normalises the block once, validates it before anything starts, and owns
+its canonical hash. Translations to each backend belong here too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from nemo_rl.utils.config import ConfigError, nearest_key
+
+OVERRIDES_PATH = "policy.hf_config_overrides"
+CANONICAL_BLOCK_KEY = "rope_scaling"
+# Newer transformers call the block `rope_parameters`; both spellings mean the same thing.
+BLOCK_KEYS = (CANONICAL_BLOCK_KEY, "rope_parameters")
+YARN = "yarn"
+# Factor-scaled RoPE types whose only checked field (for now) is `factor`.
+FACTOR_ROPE_TYPES = ("linear", "dynamic")
+# Mirrors transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS (plus "default"), hardcoded to keep
+# transformers and torch out of config validation; a unit test checks that they agree.
+KNOWN_ROPE_TYPES = ("default", *FACTOR_ROPE_TYPES, YARN, "longrope", "llama3", "proportional")
+
+
+def _factor_example(block_path: str) -> str:
+    """The exact-fit factor as an interpolation, so it follows later edits of either length."""
+    return f"${{div:${{policy.max_total_sequence_length}},${{{block_path}.original_max_position_embeddings}}}}"
+
+
+@dataclass(frozen=True)
+class YarnScaling:
+    """A validated YaRN block, typed, so no consumer re-parses (or re-validates) the raw dict.
+
+    Every field is required: HF, Megatron and vLLM each have different defaults
+    for the ones a recipe leaves out, so an omitted field would silently give
+    the trainer and the generator different RoPE.
+    """
+
+    rope_theta: float
+    factor: float
+    original_max_position_embeddings: int
+    truncate: bool
+    beta_fast: float
+    beta_slow: float
+    mscale: float
+    mscale_all_dim: float
+
+    @property
+    def attention_factor(self) -> float:
+        """The cos/sin (attention temperature) multiplier, with the HF/vLLM meaning of the mscale pair.
+
+        transformers and vLLM use ``mscale(s, mscale) / mscale(s, mscale_all_dim)``
+        only when both are non-zero, else ``mscale(s)``; that is the meaning this
+        project adopts (megatron-core reads the pair differently, see
+        ``megatron_rope_fields``).
+        """
+        if self.mscale and self.mscale_all_dim:
+            return _yarn_mscale(self.factor, self.mscale) / _yarn_mscale(self.factor, self.mscale_all_dim)
+        return _yarn_mscale(self.factor)
+
+    @classmethod
+    def from_dict(cls, params: Mapping[str, Any], path: str = f"{OVERRIDES_PATH}.{CANONICAL_BLOCK_KEY}") -> YarnScaling:
+        """Parse a raw YaRN block; raises one ConfigError listing every problem in it."""
+        yarn, errors = _parse_yarn(params, path)
+        if errors:
+            raise ConfigError(errors)
+        return yarn
+
+
+_YARN_TYPES: dict[str, type] = typing.get_type_hints(YarnScaling)
+# `factor` is missing on purpose: its example depends on the block's spelling (`_factor_example`).
+_YARN_EXAMPLES = {
+    "rope_theta": "1000000 (the model's rope_theta, see its config.json)",
+    "original_max_position_embeddings": "40960 (the model's pretraining context: max_position_embeddings in its config.json)",
+    "truncate": "true",
+    "beta_fast": "32",
+    "beta_slow": "1",
+    "mscale": "1",
+    "mscale_all_dim": "0",
+}
+
+
+# ----------------------------------------------------------------------------
+# Finding the block under either spelling
+# ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RopeBlock:
+    """The RoPE block with `type` renamed to `rope_type`, remembering how the recipe spelled it.
+
+    The spelling is kept only so error messages point at the key the user wrote.
+    """
+
+    key: str
+    params: dict[str, Any]
+
+    @property
+    def path(self) -> str:
+        return f"{OVERRIDES_PATH}.{self.key}"
+
+    @property
+    def rope_type(self) -> Any:
+        return self.params.get("rope_type")
+
+
+def _rope_block(overrides: Mapping[str, Any] | None) -> tuple[RopeBlock | None, list[str]]:
+    """The block if there is exactly one meaning of it, else the spelling conflicts found."""
+    blocks: list[RopeBlock] = []
+    errors: list[str] = []
+    for key in BLOCK_KEYS:
+        raw = (overrides or {}).get(key)
+        if raw is None:
+            continue
+        if not isinstance(raw, Mapping):
+            errors.append(f"{OVERRIDES_PATH}.{key}: must be a mapping, got {raw!r}")
+            continue
+        params, alias_errors = _normalise_type_alias(raw, f"{OVERRIDES_PATH}.{key}")
+        errors += alias_errors
+        blocks.append(RopeBlock(key, params))
+    if len(blocks) == 2 and _canonical(blocks[0].params) != _canonical(blocks[1].params):
+        errors.append(
+            f"{OVERRIDES_PATH}: both rope_scaling and rope_parameters are set and differ; they are two names "
+            "(older and newer transformers) for the same block, keep one"
+        )
+    if errors:
+        return None, errors
+    return (blocks[0] if blocks else None), []
+
+
+def _normalise_type_alias(raw: Mapping[str, Any], path: str) -> tuple[dict[str, Any], list[str]]:
+    """Older HF configs say `type`; fold it into `rope_type` so every consumer sees one key."""
+    params = dict(raw)
+    if "type" not in params:
+        return params, []
+    alias = params.pop("type")
+    if "rope_type" in params and params["rope_type"] != alias:
+        return params, [f"{path}: `type` ({alias!r}) and `rope_type` ({params['rope_type']!r}) disagree; keep rope_type"]
+    params["rope_type"] = alias
+    return params, []
+
+
+# ----------------------------------------------------------------------------
+# YaRN fields
+# ----------------------------------------------------------------------------
+class _RangeRule(NamedTuple):
+    field: str
+    needs: tuple[str, ...]
+    holds: Callable[[Mapping[str, Any]], bool]
+    message: str  # formatted with the block's values
+
+
+_YARN_RANGES = (
+    _RangeRule("rope_theta", ("rope_theta",), lambda v: v["rope_theta"] > 0, "must be > 0, got {rope_theta}"),
+    _RangeRule(
+        "factor",
+        ("factor",),
+        lambda v: v["factor"] > 1,
+        "must be > 1, got {factor}; a factor <= 1 extends nothing (if max_total_sequence_length fits in "
+        "original_max_position_embeddings, drop the block)",
+    ),
+    _RangeRule(
+        "original_max_position_embeddings",
+        ("original_max_position_embeddings",),
+        lambda v: v["original_max_position_embeddings"] > 0,
+        "must be > 0, got {original_max_position_embeddings}",
+    ),
+    _RangeRule("beta_slow", ("beta_slow",), lambda v: v["beta_slow"] > 0, "must be > 0, got {beta_slow}"),
+    _RangeRule(
+        "beta_fast",
+        ("beta_fast", "beta_slow"),
+        lambda v: v["beta_fast"] > v["beta_slow"],
+        "must be > beta_slow ({beta_slow}), got {beta_fast}",
+    ),
+    _RangeRule("mscale", ("mscale",), lambda v: v["mscale"] >= 0, "must be >= 0, got {mscale}"),
+    _RangeRule("mscale_all_dim", ("mscale_all_dim",), lambda v: v["mscale_all_dim"] >= 0, "must be >= 0, got {mscale_all_dim}"),
+)
+
+
+def _parse_yarn(params: Mapping[str, Any], path: str, extends: bool = True) -> tuple[YarnScaling | None, list[str]]:
+    """``extends=False`` (the block will not be applied, see ``effective_overrides``) skips ``factor > 1``."""
+    ranges = _YARN_RANGES if extends else tuple(rule for rule in _YARN_RANGES if rule.field != "factor")
+    errors = _unknown_key_errors(params, path) + _rope_type_errors(params, path)
+    present = {name: params[name] for name in _YARN_TYPES if params.get(name) is not None}
+    errors += [
+        f"{path}.{name}: required for rope_type=yarn (e.g. {name}: {_example(name, path)})"
+        for name in _YARN_TYPES
+        if name not in present
+    ]
+    typed = {}
+    for name, value in present.items():
+        problem = _type_problem(value, _YARN_TYPES[name])
+        if problem:
+            errors.append(f"{path}.{name}: must be {problem}, got {value!r}")
+        else:
+            typed[name] = _YARN_TYPES[name](value)
+    errors += [
+        f"{path}.{rule.field}: {rule.message.format(**typed)}"
+        for rule in ranges
+        if all(name in typed for name in rule.needs) and not rule.holds(typed)
+    ]
+    if errors:
+        return None, errors
+    return YarnScaling(**typed), []
+
+
+def _example(name: str, path: str) -> str:
+    return _factor_example(path) if name == "factor" else _YARN_EXAMPLES[name]
+
+
+def _unknown_key_errors(params: Mapping[str, Any], path: str) -> list[str]:
+    """Fields outside the YaRN set would reach some backends and not others, so they are refused."""
+    valid = ("rope_type", *_YARN_TYPES)
+    errors = []
+    for key in params:
+        if key not in valid and key != "type":
+            match = nearest_key(str(key), valid)
+            hint = f"did you mean {match}?" if match else f"valid keys: {', '.join(valid)}"
+            errors.append(f"{path}.{key}: unknown YaRN field ({hint})")
+    return errors
+
+
+def _rope_type_errors(params: Mapping[str, Any], path: str) -> list[str]:
+    rope_type = params.get("rope_type", params.get("type", YARN))
+    return [] if rope_type == YARN else [f"{path}.rope_type: expected {YARN!r}, got {rope_type!r}"]
+
+
+def _type_problem(value: Any, expected: type) -> str | None:
+    """What `value` should have been, or None. Bools are refused as numbers: `factor: true` is a typo."""
+    if expected is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(value, bool):
+        return "an integer" if expected is int else "a number"
+    if expected is int:
+        return None if isinstance(value, int) else "an integer"
+    return None if isinstance(value, (int, float)) and math.isfinite(value) else "a finite number"
+
+
+# ----------------------------------------------------------------------------
+# Run-level rules
+# ----------------------------------------------------------------------------
+def yarn_scaling(overrides: Mapping[str, Any] | None) -> YarnScaling | None:
+    """The YaRN scaling the overrides request, or None when they request none."""
+    block, errors = _rope_block(overrides)
+    if errors:
+        raise ConfigError(errors)
+    if block is None or block.rope_type != YARN:
+        return None
+    return YarnScaling.from_dict(block.params, block.path)
+
+
+def validate_long_context(
+    overrides: Mapping[str, Any] | None,
+    max_total_sequence_length: int,
+    megatron_enabled: bool,
+    dtensor_enabled: bool,
+) -> tuple[YarnScaling | None, list[str], list[str]]:
+    """Check the RoPE block against the run: (YaRN scaling if valid, errors, notes).
+
+    Errors are returned rather than raised so the caller can merge them with
+    every other config problem into one report.
+    """
+    block, errors = _rope_block(overrides)
+    if block is None or errors:
+        return None, errors, []
+    errors = _rope_type_value_errors(block)
+    if errors or block.rope_type != YARN:
+        return None, errors + _factor_only_errors(block), []
+    errors = _backend_errors(block, megatron_enabled, dtensor_enabled)
+    extends = _extends(block.params, max_total_sequence_length)
+    yarn, field_errors = _parse_yarn(block.params, block.path, extends)
+    if yarn is None:
+        return None, errors + field_errors, []
+    if not extends:
+        return None, errors, _no_extension_notes(yarn, block, max_total_sequence_length)
+    errors += _coverage_errors(yarn, block, max_total_sequence_length)
+    if errors:
+        return None, errors, []
+    return yarn, [], []
+
+
+def _rope_type_value_errors(block: RopeBlock) -> list[str]:
+    """A misspelt rope_type would silently skip every YaRN check, so unknown values are refused."""
+    if block.rope_type is None:
+        return [f"{block.path}.rope_type: required (e.g. rope_type: {YARN})"]
+    if block.rope_type in KNOWN_ROPE_TYPES:
+        return []
+    match = nearest_key(str(block.rope_type), KNOWN_ROPE_TYPES)
+    hint = f"did you mean {match}?" if match else f"known: {', '.join(KNOWN_ROPE_TYPES)}"
+    return [f"{block.path}.rope_type: unknown RoPE type {block.rope_type!r} ({hint})"]
+
+
+def _factor_only_errors(block: RopeBlock) -> list[str]:
+    """Non-YaRN types get only a `factor` check until they are fully supported; never blocked otherwise."""
+    if block.rope_type not in FACTOR_ROPE_TYPES:
+        return []
+    factor = block.params.get("factor")
+    if factor is None:
+        return [f"{block.path}.factor: required for rope_type={block.rope_type}"]
+    problem = _type_problem(factor, float)
+    if problem:
+        return [f"{block.path}.factor: must be {problem}, got {factor!r}"]
+    return [] if factor > 0 else [f"{block.path}.factor: must be > 0, got {factor}"]
+
+
+def _backend_errors(block: RopeBlock, megatron_enabled: bool, dtensor_enabled: bool) -> list[str]:
+    """Only the Megatron path implements YaRN; the DTensor path would train with unscaled RoPE."""
+    if megatron_enabled and not dtensor_enabled:
+        return []
+    return [
+        f"{block.path}.rope_type: YaRN is only supported on the Megatron backend "
+        f"(now policy.megatron_cfg.enabled={str(megatron_enabled).lower()}, "
+        f"policy.dtensor_cfg.enabled={str(dtensor_enabled).lower()}); "
+        "set policy.megatron_cfg.enabled=true and policy.dtensor_cfg.enabled=false"
+    ]
+
+
+def _coverage_errors(yarn: YarnScaling, block: RopeBlock, max_total_sequence_length: int) -> list[str]:
+    """Positions past factor * original window are extrapolated, which is what YaRN is meant to avoid."""
+    covered = yarn.factor * yarn.original_max_position_embeddings
+    if covered >= max_total_sequence_length or math.isclose(covered, max_total_sequence_length):
+        return []
+    needed = max_total_sequence_length / yarn.original_max_position_embeddings
+    return [
+        f"{block.path}.factor: factor * original_max_position_embeddings = {yarn.factor} * "
+        f"{yarn.original_max_position_embeddings} = {covered:g} does not cover "
+        f"policy.max_total_sequence_length = {max_total_sequence_length}; use factor >= {needed} "
+        f"(e.g. factor: {_factor_example(block.path)})"
+    ]
+
+
+def _extends(params: Mapping[str, Any], max_total_sequence_length: int) -> bool:
+    """YaRN acts only when sequences outgrow the pretraining window (the NeMo RL guide's rule)."""
+    original = params.get("original_max_position_embeddings")
+    if not isinstance(original, int) or isinstance(original, bool):
+        return True  # let field validation report it
+    return max_total_sequence_length > original
+
+
+def _no_extension_notes(yarn: YarnScaling, block: RopeBlock, max_total_sequence_length: int) -> list[str]:
+    """Not an error (a recipe may shorten sequences for a quick test), but worth saying out loud."""
+    return [
+        f"{block.path}: YaRN is a no-op here: policy.max_total_sequence_length = {max_total_sequence_length} "
+        f"<= original_max_position_embeddings = {yarn.original_max_position_embeddings}, so the block is not "
+        "applied and the model keeps its pretraining RoPE (trainer, generator and cache alike)."
+    ]
+
+
+def effective_overrides(overrides: Mapping[str, Any] | None, max_total_sequence_length: int) -> dict[str, Any] | None:
+    """The overrides the engines actually receive: a YaRN block that extends nothing is dropped.
+
+    Everything downstream (HF config, Megatron, vLLM, the cache hash) takes this,
+    so a no-op block cannot make one engine rescale RoPE while another does not.
+    """
+    if not overrides:
+        return None
+    block, errors = _rope_block(overrides)
+    if errors:
+        raise ConfigError(errors)
+    if block is None or block.rope_type != YARN or _extends(block.params, max_total_sequence_length):
+        return dict(overrides)
+    rest = {k: v for k, v in overrides.items() if k not in BLOCK_KEYS}
+    return rest or None
+
+
+# ----------------------------------------------------------------------------
+# Canonical form and hash
+# ----------------------------------------------------------------------------
+def canonical_overrides_json(overrides: Mapping[str, Any] | None) -> str:
+    """The overrides as JSON that is equal exactly when the overrides mean the same thing.
+
+    Sorted keys, no whitespace, integral floats written as ints (YAML `2` and
+    `2.0` are one setting), the block always under `rope_scaling` with
+    `rope_type`. None and {} both give "{}".
+    """
+    block, errors = _rope_block(overrides)
+    if errors:
+        raise ConfigError(errors)
+    normalised = {k: v for k, v in (overrides or {}).items() if k not in BLOCK_KEYS}
+    if block is not None:
+        normalised[CANONICAL_BLOCK_KEY] = block.params
+    return json.dumps(_canonical(normalised), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def overrides_hash(overrides: Mapping[str, Any] | None) -> str:
+    """12 hex digits naming an override set, e.g. in converted-checkpoint directory names.
+
+    No overrides (None or {}) hash as "{}": 44136fa355b3.
+    """
+    return hashlib.sha256(canonical_overrides_json(overrides).encode("ascii")).hexdigest()[:12]
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_canonical(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"{OVERRIDES_PATH}: {value!r} ({type(value).__name__}) has no JSON form")
+
+
+# ----------------------------------------------------------------------------
+# Translations into each engine's terms
+# ----------------------------------------------------------------------------
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature term (paper eq. 22 generalised by DeepSeek's mscale)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def apply_hf_config_overrides(hf_config: Any, overrides: Mapping[str, Any] | None, max_total_sequence_length: int) -> Any:
+    """A new HF config carrying the run's effective overrides.
+
+    The RoPE block is written whole (with ``rope_theta``) under the name the
+    installed transformers uses: assigning a partial block after construction
+    loses ``rope_theta`` in transformers 5. A YaRN model's
+    ``max_position_embeddings`` becomes the extended window (as YaRN checkpoints
+    such as DeepSeek-V3 ship it) unless the overrides set it explicitly.
+    """
+    effective = effective_overrides(overrides, max_total_sequence_length)
+    if not effective:
+        return hf_config
+    block, _ = _rope_block(effective)
+    data = hf_config.to_dict()
+    data.update({k: v for k, v in effective.items() if k not in BLOCK_KEYS})
+    if block is not None:
+        params = dict(block.params)
+        if "rope_parameters" in data:  # transformers >= 5
+            data.pop("rope_scaling", None)
+            data["rope_parameters"] = params
+        else:
+            data["rope_theta"] = params.pop("rope_theta", data.get("rope_theta"))
+            data["rope_scaling"] = params
+        if block.rope_type == YARN and "max_position_embeddings" not in effective:
+            yarn = YarnScaling.from_dict(block.params, block.path)
+            extended = math.ceil(yarn.factor * yarn.original_max_position_embeddings)
+            data["max_position_embeddings"] = max(extended, max_total_sequence_length)
+    return type(hf_config).from_dict(data)
+
+
+def hf_rope_parameters(hf_config: Any) -> dict[str, Any]:
+    """The RoPE block of an HF config, whichever attribute name its transformers version uses."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
+    if "type" in params:
+        params.setdefault("rope_type", params.pop("type"))
+    return params
+
+
+def rope_theta_of(hf_config: Any) -> float:
+    theta = hf_rope_parameters(hf_config).get("rope_theta") or getattr(hf_config, "rope_theta", None)
+    if theta is None:
+        raise ValueError(f"{type(hf_config).__name__} has no rope_theta")
+    return float(theta)
+
+
+def megatron_rope_fields(hf_config: Any) -> dict[str, Any]:
+    """megatron-core ``TransformerConfig`` attributes for the HF config's RoPE block.
+
+    megatron-core 0.16 takes ``mscale(s, m) / mscale(s, m_all)`` whenever both
+    are set, which disagrees with HF/vLLM when either is 0 (e.g. mscale=0.707,
+    mscale_all_dim=0). The canonical attention factor is therefore passed as an
+    equivalent ``(yarn_mscale, 0)`` pair, for which Megatron computes exactly it.
+    """
+    params = hf_rope_parameters(hf_config)
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        return {}
+    if rope_type != YARN:
+        raise ValueError(
+            f"rope_type {rope_type!r}: the Megatron backend supports RoPE scaling only as rope_type=yarn "
+            f"(set {OVERRIDES_PATH}.{CANONICAL_BLOCK_KEY}.rope_type=yarn)"
+        )
+    fields = {k: v for k, v in params.items() if k != "partial_rotary_factor" or v == 1.0}
+    yarn = YarnScaling.from_dict(fields, path="config.json rope_parameters")
+    return {
+        "yarn_rotary_scaling_factor": yarn.factor,
+        "yarn_original_max_position_embeddings": yarn.original_max_position_embeddings,
+        "yarn_beta_fast": yarn.beta_fast,
+        "yarn_beta_slow": yarn.beta_slow,
+        "yarn_mscale": (yarn.attention_factor - 1.0) / (0.1 * math.log(yarn.factor)),
+        "yarn_mscale_all_dim": 0.0,
+        "yarn_correction_range_round_to_int": yarn.truncate,
+    }

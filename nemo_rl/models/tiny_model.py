@@ -1,0 +1,133 @@
+"""The built-in ``tiny-qwen2`` model: a Qwen2 causal LM and tokenizer made from scratch.
+
+The project must run end to end (SFT, YaRN context extension, vLLM generation)
+on a CPU-only machine without downloading anything, so it builds its own model
+in the real Qwen2 format: every code path (HF loading, HF->Megatron
+conversion, vLLM) sees the same kind of checkpoint a real Qwen2 would give it.
+
+The config keeps the *original* RoPE window (``max_position_embeddings: 256``)
+and no ``rope_scaling``: YaRN is applied later through ``hf_config_overrides``,
+exactly as it would be for a pretrained model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+from nemo_rl.data.tiny_chat import tiny_chat_corpus
+
+EOS_TOKEN = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = [EOS_TOKEN, IM_START, IM_END]  # ids 0, 1, 2
+# An upper bound: the closed tiny-chat corpus runs out of merges first (~560 tokens).
+TOKENIZER_VOCAB_SIZE = 1024
+ORIGINAL_WINDOW = 256
+
+# ChatML. The assistant reply *and its <|im_end|>* are inside {% generation %}, so the
+# assistant mask trains the model to stop; the newline after it is template glue.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE with Qwen2's exact pipeline, trained on the tiny-chat corpus.
+
+    ``AutoTokenizer`` (and so vLLM) loads any ``model_type: qwen2`` tokenizer as
+    ``Qwen2Tokenizer``, which rebuilds the NFC normalizer and the Qwen2 split
+    regex around the saved vocabulary and merges; training with that same
+    pipeline is what makes every loader tokenize identically. Byte level means
+    any text round-trips; training on the project's own corpus makes its words
+    single tokens, so samples stay well inside 4x the original window. The
+    corpus seed is fixed so that every model seed shares one vocabulary with
+    the built-in dataset.
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(tiny_chat_corpus(seed=0), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        additional_special_tokens=[IM_START, IM_END],
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def tiny_qwen2_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2Config:
+    """Qwen2 shape kept as small as the runtimes allow.
+
+    head_dim = 128 / 2 = 64 because vLLM's CPU attention supports no smaller head;
+    one KV head exercises the GQA paths; the vocabulary is padded to a multiple
+    of 64 as Megatron and vLLM expect.
+    """
+    vocab_size = -(-len(tokenizer) // 64) * 64
+    eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    return Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=ORIGINAL_WINDOW,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        dtype="float32",
+    )
+
+
+def create_tiny_model(out_dir: Path, seed: int = 0) -> Path:
+    """Write the tiny model (safetensors), its generation config and tokenizer into ``out_dir``.
+
+    Weights come from ``seed`` in a forked RNG, so creation is reproducible and
+    leaves the caller's torch random state untouched.
+    """
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer()
+    config = tiny_qwen2_config(tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config).to(torch.float32)
+    # Generation ends at the end of the assistant turn (<|im_end|>) or of the text.
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.convert_tokens_to_ids(IM_END), config.eos_token_id],
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+    )
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

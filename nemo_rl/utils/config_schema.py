@@ -1,0 +1,340 @@
+"""Typed, validated run configuration.
+
+A recipe is checked completely before Ray starts or any directory is created,
+and every problem (typos, wrong types, out-of-range values, cross-field and
+YaRN rules) is reported in one ConfigError, so a long-context job never dies
+minutes in on something a glance at the config could have caught.
+
+The sections shared by all algorithms (policy, checkpointing, logger, cluster)
+live in `MasterConfig`; an algorithm's master adds its own section (`sft:` here,
+`grpo:` later) and its own rules, and calls `validate_master`.
+
+Models are strict (YAML already gives typed values: `"8"` or `8.0` for a batch
+size is a mistake, not something to coerce), frozen, and reject unknown keys.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+)
+
+from nemo_rl.models import rope_scaling
+from nemo_rl.models.rope_scaling import YarnScaling
+from nemo_rl.utils.config import ConfigError, nearest_key
+
+logger = logging.getLogger(__name__)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+# ----------------------------------------------------------------------------
+# Shared sections
+# ----------------------------------------------------------------------------
+class CheckpointingConfig(_Section):
+    enabled: bool
+    checkpoint_dir: str
+    save_period: PositiveInt
+    keep_top_k: PositiveInt | None  # most recent step_N directories kept; None keeps all
+
+
+class TokenizerConfig(_Section):
+    name: str
+
+
+class DTensorConfig(_Section):
+    enabled: bool
+
+
+class SequencePackingConfig(_Section):
+    enabled: bool
+
+
+class MegatronOptimizerConfig(_Section):
+    optimizer: Literal["adam", "sgd"]
+    lr: PositiveFloat
+    min_lr: NonNegativeFloat
+    weight_decay: NonNegativeFloat
+    adam_beta1: Annotated[float, Field(ge=0, lt=1)]
+    adam_beta2: Annotated[float, Field(ge=0, lt=1)]
+    adam_eps: PositiveFloat
+
+
+class MegatronSchedulerConfig(_Section):
+    lr_warmup_iters: NonNegativeInt
+    lr_warmup_init: NonNegativeFloat
+    lr_decay_iters: PositiveInt
+    lr_decay_style: Literal["constant", "linear", "cosine"]
+
+
+class MegatronConfig(_Section):
+    enabled: bool
+    force_reconvert_from_hf: bool
+    tensor_model_parallel_size: PositiveInt
+    pipeline_model_parallel_size: PositiveInt
+    context_parallel_size: PositiveInt
+    sequence_parallel: bool
+    activation_checkpointing: bool
+    optimizer: MegatronOptimizerConfig
+    scheduler: MegatronSchedulerConfig
+
+
+class PolicyConfig(_Section):
+    model_name: str
+    tokenizer: TokenizerConfig
+    train_global_batch_size: PositiveInt
+    train_micro_batch_size: PositiveInt
+    max_total_sequence_length: PositiveInt
+    precision: Literal["float32", "bfloat16", "float16"]
+    make_sequence_length_divisible_by: PositiveInt
+    max_grad_norm: NonNegativeFloat  # 0 disables clipping (Megatron's convention)
+    # Free-form HF config keys; their meaning (and validation) belongs to nemo_rl.models.rope_scaling.
+    hf_config_overrides: dict[str, Any] | None = None
+    dtensor_cfg: DTensorConfig
+    sequence_packing: SequencePackingConfig
+    megatron_cfg: MegatronConfig
+
+    @cached_property
+    def effective_hf_config_overrides(self) -> dict[str, Any] | None:
+        """What every engine and the checkpoint cache receive (a no-op YaRN block removed)."""
+        return rope_scaling.effective_overrides(self.hf_config_overrides, self.max_total_sequence_length)
+
+    @cached_property
+    def long_context(self) -> YarnScaling | None:
+        """The run's YaRN scaling, parsed once, so no other code reads `hf_config_overrides` for it."""
+        return rope_scaling.yarn_scaling(self.effective_hf_config_overrides)
+
+
+class WandbConfig(_Section):
+    project: str
+    name: str
+
+
+class LoggerConfig(_Section):
+    log_dir: str
+    tensorboard_enabled: bool
+    wandb_enabled: bool
+    wandb: WandbConfig
+    monitor_gpus: bool
+
+
+class ClusterConfig(_Section):
+    gpus_per_node: PositiveInt  # without CUDA, each "GPU" is one CPU worker process
+    num_nodes: PositiveInt
+
+
+class MasterConfig(_Section):
+    """Sections every algorithm shares; algorithm masters subclass it."""
+
+    checkpointing: CheckpointingConfig
+    policy: PolicyConfig
+    logger: LoggerConfig
+    cluster: ClusterConfig
+
+
+# ----------------------------------------------------------------------------
+# SFT
+# ----------------------------------------------------------------------------
+class SFTConfig(_Section):
+    max_num_epochs: PositiveInt
+    max_num_steps: PositiveInt
+    val_period: NonNegativeInt  # 0 disables periodic validation
+    val_batches: PositiveInt
+    val_global_batch_size: PositiveInt
+    val_micro_batch_size: PositiveInt
+    val_at_start: bool
+    seed: int
+    export_hf_dir: str | None
+
+
+class SFTDataConfig(_Section):
+    dataset_name: str
+    train_data_path: str | None
+    val_data_path: str | None
+    shuffle: bool
+
+
+class SFTMasterConfig(MasterConfig):
+    sft: SFTConfig
+    data: SFTDataConfig
+
+
+def validate_sft_config(resolved: Mapping[str, Any]) -> SFTMasterConfig:
+    """The typed SFT config, or one ConfigError listing every problem in `resolved`."""
+    dp = data_parallel_size(resolved)
+    return validate_master(
+        SFTMasterConfig,
+        resolved,
+        batch_errors(resolved, "sft.val_global_batch_size", "sft.val_micro_batch_size", dp),
+    )
+
+
+# ----------------------------------------------------------------------------
+# Validation shared by every algorithm
+# ----------------------------------------------------------------------------
+M = TypeVar("M", bound=MasterConfig)
+
+
+def validate_master(model: type[M], resolved: Mapping[str, Any], algorithm_errors: Sequence[str] = ()) -> M:
+    """Field validation plus the shared cross-field rules plus the algorithm's, raised as one error.
+
+    Cross-field rules read the raw dict, not the model, so they still run (and
+    report) when an unrelated key has a typo; a rule whose own inputs are
+    malformed stays silent, as the field error already covers it.
+    """
+    errors: list[str] = []
+    cfg = None
+    try:
+        cfg = model.model_validate(resolved)
+    except ValidationError as err:
+        errors += _field_errors(err, model)
+    errors += _policy_rules(resolved)
+    long_context_errors, notes = _long_context_rules(resolved)
+    errors += long_context_errors
+    errors += algorithm_errors
+    for note in notes:
+        logger.warning(note)
+    if errors or cfg is None:
+        raise ConfigError(errors)
+    return cfg
+
+
+def _policy_rules(raw: Mapping[str, Any]) -> list[str]:
+    dp = data_parallel_size(raw)
+    errors = batch_errors(raw, "policy.train_global_batch_size", "policy.train_micro_batch_size", dp)
+    errors += _divisible_errors(raw, "policy.max_total_sequence_length", "policy.make_sequence_length_divisible_by")
+    errors += _world_size_errors(raw)
+    lr = _value(raw, "policy.megatron_cfg.optimizer.lr", float)
+    min_lr = _value(raw, "policy.megatron_cfg.optimizer.min_lr", float)
+    if lr is not None and min_lr is not None and min_lr > lr:
+        errors.append(f"policy.megatron_cfg.optimizer.min_lr: {min_lr} is above lr = {lr}; the schedule would raise the LR")
+    return errors
+
+
+def _long_context_rules(raw: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    overrides = _value(raw, "policy.hf_config_overrides", Mapping)
+    max_len = _value(raw, "policy.max_total_sequence_length", int)
+    megatron = _value(raw, "policy.megatron_cfg.enabled", bool)
+    dtensor = _value(raw, "policy.dtensor_cfg.enabled", bool)
+    if overrides is None or max_len is None or megatron is None or dtensor is None:
+        return [], []
+    _, errors, notes = rope_scaling.validate_long_context(overrides, max_len, megatron, dtensor)
+    return errors, notes
+
+
+_PARALLEL_KEYS = tuple(
+    f"policy.megatron_cfg.{name}"
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size")
+)
+
+
+def data_parallel_size(raw: Mapping[str, Any]) -> int | None:
+    """World size / model-parallel size, or None when the inputs are malformed or do not divide."""
+    world = _world_size(raw)
+    model_parallel = _model_parallel_size(raw)
+    if world is None or model_parallel is None or world % model_parallel:
+        return None
+    return world // model_parallel
+
+
+def _world_size(raw: Mapping[str, Any]) -> int | None:
+    gpus, nodes = _value(raw, "cluster.gpus_per_node", int), _value(raw, "cluster.num_nodes", int)
+    if gpus is None or nodes is None or gpus <= 0 or nodes <= 0:
+        return None
+    return gpus * nodes
+
+
+def _model_parallel_size(raw: Mapping[str, Any]) -> int | None:
+    sizes = [_value(raw, key, int) for key in _PARALLEL_KEYS]
+    if any(size is None or size <= 0 for size in sizes):
+        return None
+    return sizes[0] * sizes[1] * sizes[2]
+
+
+def _world_size_errors(raw: Mapping[str, Any]) -> list[str]:
+    world, model_parallel = _world_size(raw), _model_parallel_size(raw)
+    if world is None or model_parallel is None or world % model_parallel == 0:
+        return []
+    return [
+        f"cluster: gpus_per_node * num_nodes = {world} is not divisible by tensor * pipeline * context "
+        f"parallel size = {model_parallel} ({', '.join(_PARALLEL_KEYS)})"
+    ]
+
+
+def batch_errors(raw: Mapping[str, Any], global_key: str, micro_key: str, dp: int | None) -> list[str]:
+    """Megatron splits a global batch into data-parallel shards of whole micro-batches."""
+    errors = _divisible_errors(raw, global_key, micro_key)
+    global_size, micro = _value(raw, global_key, int), _value(raw, micro_key, int)
+    if errors or dp is None or global_size is None or micro is None or micro <= 0:
+        return errors
+    if global_size % (micro * dp):
+        errors.append(f"{global_key}: {global_size} is not divisible by {micro_key} * data-parallel size = {micro} * {dp}")
+    return errors
+
+
+def _divisible_errors(raw: Mapping[str, Any], numerator_key: str, denominator_key: str) -> list[str]:
+    numerator, denominator = _value(raw, numerator_key, int), _value(raw, denominator_key, int)
+    if numerator is None or denominator is None or denominator <= 0 or numerator % denominator == 0:
+        return []
+    return [f"{numerator_key}: {numerator} is not divisible by {denominator_key} = {denominator}"]
+
+
+def _value(raw: Mapping[str, Any], dotted: str, kind: type) -> Any:
+    """The value at `dotted` if it has type `kind` (bools are not numbers), else None."""
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    if isinstance(node, bool) and kind is not bool:
+        return None
+    if kind is float and isinstance(node, int):
+        return float(node)
+    return node if isinstance(node, kind) else None
+
+
+# ----------------------------------------------------------------------------
+# Pydantic errors as `dotted.key: message` lines
+# ----------------------------------------------------------------------------
+def _field_errors(err: ValidationError, model: type[BaseModel]) -> list[str]:
+    return [_field_error(error, model) for error in err.errors()]
+
+
+def _field_error(error: Mapping[str, Any], model: type[BaseModel]) -> str:
+    loc = [str(part) for part in error["loc"]]
+    dotted = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        siblings = _field_names(model, loc[:-1])
+        match = nearest_key(loc[-1], siblings)
+        hint = f"did you mean {'.'.join([*loc[:-1], match])}?" if match else f"valid keys: {', '.join(siblings)}"
+        return f"{dotted}: unknown key ({hint})"
+    if error["type"] == "missing":
+        return f"{dotted}: required key is missing"
+    value = error.get("input")
+    got = f" (got {value!r})" if value is None or isinstance(value, (bool, int, float, str)) else ""
+    return f"{dotted}: {error['msg']}{got}"
+
+
+def _field_names(model: type[BaseModel], loc: Sequence[str]) -> list[str]:
+    """Field names of the nested model at `loc`, to suggest the key a typo meant."""
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the project into ./.venv with uv, from the committed uv.lock.
+# Idempotent: a second call only checks that the environment is in sync.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v uv >/dev/null 2>&1; then
+  python3 -m pip install --quiet uv
+fi
+
+# uv.lock names the local wheel folder `./wheels` (relative, so no machine path is
+# committed). Point it at this machine's wheel folder ($PIP_FIND_LINKS, where the
+# CPU build of torch lives), or leave it empty where there is none.
+if [ -n "${PIP_FIND_LINKS:-}" ] && [ -d "${PIP_FIND_LINKS}" ]; then
+  ln -sfn "${PIP_FIND_LINKS}" wheels
+elif [ ! -e wheels ]; then
+  mkdir wheels
+fi
+
+uv sync --locked
