@@ -144,7 +144,7 @@ class SFTRun:
         export = None
         if scfg.export_hf_dir:
             export = Path(scfg.export_hf_dir)
-            self.policy.export_hf(export, self.tokenizer_path)
+            self.policy.export_hf(export, self.model_path, self.tokenizer_path)
             logger.info("Exported the trained policy to %s", export)
         return SFTResult(step, last_loss, val_loss, self.policy.checkpoint_dir, export)
 

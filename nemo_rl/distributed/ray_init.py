@@ -9,12 +9,7 @@ logger = logging.getLogger(__name__)
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Join ``RAY_ADDRESS`` when set (a Slurm/Kubernetes cluster), else start a local cluster.
-
-    Workers must run in the driver's own virtual environment: under ``uv run`` Ray
-    would otherwise package the project and build a second multi-GB venv per job.
-    """
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    """Join ``RAY_ADDRESS`` when set (a Slurm/Kubernetes cluster), else start a local cluster."""
     import ray
 
     if ray.is_initialized():

@@ -77,8 +77,10 @@ class Policy:
     def load_checkpoint(self, directory: Path) -> None:
         self.worker_group.run_all("load_checkpoint", str(directory))
 
-    def export_hf(self, directory: Path, tokenizer_dir: Path | None = None) -> None:
-        self.worker_group.run_all("export_hf", str(directory), str(tokenizer_dir) if tokenizer_dir else None)
+    def export_hf(self, directory: Path, model_dir: Path | None = None, tokenizer_dir: Path | None = None) -> None:
+        self.worker_group.run_all(
+            "export_hf", str(directory), str(model_dir) if model_dir else None, str(tokenizer_dir) if tokenizer_dir else None
+        )
 
     def shutdown(self) -> None:
         self.worker_group.shutdown()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -19,6 +20,10 @@ import torch
 from nemo_rl.models.megatron.cpu_compat import causal_attention_mask, enable_cpu_compat
 
 logger = logging.getLogger(__name__)
+
+# megatron-core announces each optional fused-kernel package it falls back from, in every worker.
+warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not installed", category=UserWarning)
+warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
 
 LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -282,12 +287,16 @@ class MegatronPolicyWorker:
         torch.set_rng_state(state["rng"]["torch"])
         get_cuda_rng_tracker().set_states(state["rng"]["tracker"])
 
-    def export_hf(self, directory: str, tokenizer_dir: str | None = None) -> None:
-        """Write an HF directory (safetensors + config.json carrying the RoPE overrides)."""
+    def export_hf(self, directory: str, model_dir: str | None = None, tokenizer_dir: str | None = None) -> None:
+        """Write an HF directory (safetensors + config.json carrying the RoPE overrides).
+
+        The generation config (stop tokens) comes from ``model_dir``, the HF model
+        the run started from, and the tokenizer from ``tokenizer_dir``.
+        """
         if self.rank != 0:
             return
         from safetensors.torch import save_file
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, GenerationConfig
 
         from nemo_rl.models.megatron.hf_weights import megatron_to_hf
 
@@ -301,6 +310,8 @@ class MegatronPolicyWorker:
         self.hf_config.save_pretrained(out)
         if tokenizer_dir:
             AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+        if model_dir and (Path(model_dir) / "generation_config.json").exists():
+            GenerationConfig.from_pretrained(model_dir).save_pretrained(out)
 
     def info(self) -> dict[str, Any]:
         return {

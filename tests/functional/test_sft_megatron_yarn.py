@@ -1,0 +1,130 @@
+"""The default SFT recipe end to end on CPU: Ray + Megatron worker + YaRN at 4x the window."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from nemo_rl.models import rope_scaling
+from nemo_rl.utils.config import load_config, resolve_config
+from nemo_rl.utils.config_schema import validate_sft_config
+from nemo_rl.utils.logger import read_metrics
+
+pytestmark = pytest.mark.functional
+
+BASE = Path(__file__).resolve().parents[2] / "examples" / "configs" / "sft.yaml"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from nemo_rl.distributed.ray_init import init_ray
+
+    import ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+# Every leg uses the same LR schedule length, so a resumed run can be compared with a straight one.
+SCHEDULE = "policy.megatron_cfg.scheduler.lr_decay_iters=8"
+
+
+def _config(tmp: Path, *overrides: str):
+    resolved = resolve_config(
+        load_config(
+            BASE,
+            [
+                f"logger.log_dir={tmp / 'logs'}",
+                f"checkpointing.checkpoint_dir={tmp / 'ckpt'}",
+                f"sft.export_hf_dir={tmp / 'hf'}",
+                "logger.tensorboard_enabled=false",
+                SCHEDULE,
+                *overrides,
+            ],
+        )
+    )
+    return validate_sft_config(resolved), resolved
+
+
+def _train(tmp: Path, *overrides: str, keep_open: bool = False):
+    from nemo_rl.algorithms.sft import SFTRun
+
+    cfg, resolved = _config(tmp, *overrides)
+    run = SFTRun(cfg, resolved)
+    try:
+        result = run.train()
+    except BaseException:
+        run.close()
+        raise
+    if keep_open:
+        return run, result
+    run.close()
+    return result
+
+
+def _losses(tmp: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in read_metrics(tmp / "logs", "train")}
+
+
+def test_sft_trains_caches_resumes_and_exports(ray_local, tmp_path):
+    # 1) Eight steps in two legs: 4 steps, then a resumed run to step 8.
+    first = _train(tmp_path / "a", "sft.max_num_steps=4", "checkpointing.save_period=2", "sft.val_period=4")
+    assert first.final_step == 4
+    name = first.converted_checkpoint.name
+    cfg, _ = _config(tmp_path / "a")
+    assert re.fullmatch(r"tiny-qwen2__hfovr_[0-9a-f]{12}", name)
+    assert name.endswith(rope_scaling.overrides_hash(cfg.policy.effective_hf_config_overrides))
+    assert (tmp_path / "a" / "logs" / "config.yaml").is_file()
+    assert sorted(p.name for p in (tmp_path / "a" / "ckpt").iterdir()) == ["step_2", "step_4"]
+
+    run, resumed = _train(tmp_path / "a", "sft.max_num_steps=8", "checkpointing.save_period=2", "sft.val_period=4", keep_open=True)
+    try:
+        assert resumed.final_step == 8
+        assert not run.policy.converted_now, "the second run must reuse the cached conversion"
+        losses = _losses(tmp_path / "a")
+        assert sorted(losses) == list(range(1, 9)), "the resumed run continues at step 5, no step twice"
+        # Training on sequences beyond the original window lowers the loss.
+        assert losses[8] < losses[1] - 0.5, losses
+        assert resumed.last_val_loss is not None and resumed.last_val_loss < losses[1]
+
+        # 2) The exported HF model computes what the Megatron worker computes, beyond the original window.
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "hf", dtype=torch.float32).eval()
+        assert hf.config.rope_parameters["rope_type"] == "yarn" and hf.config.rope_parameters["factor"] == 4.0
+        ids = torch.randint(0, hf.config.vocab_size, (1, 900), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = hf(ids).logits
+        got = run.policy.get_logits(ids)
+        # float32, same weights, different kernels (fused QKV/MLP): observed max |diff| ~1e-5.
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    finally:
+        run.close()
+
+    # 3) An uninterrupted 8-step run gives the same loss curve as the 4 + 4 resumed run.
+    straight = _train(tmp_path / "b", "sft.max_num_steps=8", "checkpointing.enabled=false", "sft.val_period=4")
+    assert straight.final_step == 8
+    torch.testing.assert_close(
+        torch.tensor(list(_losses(tmp_path / "b").values())), torch.tensor(list(losses.values())), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_force_reconvert_rebuilds_the_cache(ray_local, tmp_path):
+    from nemo_rl.models.megatron.checkpoint_cache import MANIFEST_FILE
+
+    first = _train(tmp_path / "c", "sft.max_num_steps=1", "checkpointing.enabled=false", "sft.val_period=0", "sft.export_hf_dir=null")
+    stamp = (first.converted_checkpoint / MANIFEST_FILE).read_text()
+    again = _train(
+        tmp_path / "d",
+        "sft.max_num_steps=1",
+        "checkpointing.enabled=false",
+        "sft.val_period=0",
+        "sft.export_hf_dir=null",
+        "policy.megatron_cfg.force_reconvert_from_hf=true",
+    )
+    assert again.converted_checkpoint == first.converted_checkpoint
+    assert (again.converted_checkpoint / MANIFEST_FILE).read_text() != stamp
