@@ -259,6 +259,11 @@ def yarn_scaling(overrides: Mapping[str, Any] | None) -> YarnScaling | None:
     return YarnScaling.from_dict(block.params, block.path)
 
 
+def requests_yarn(overrides: Mapping[str, Any] | None) -> bool:
+    block, errors = _rope_block(overrides)
+    return not errors and block is not None and block.rope_type == YARN
+
+
 def validate_long_context(
     overrides: Mapping[str, Any] | None,
     max_total_sequence_length: int,

@@ -218,10 +218,40 @@ def _policy_rules(raw: Mapping[str, Any]) -> list[str]:
     errors = batch_errors(raw, "policy.train_global_batch_size", "policy.train_micro_batch_size", dp)
     errors += _divisible_errors(raw, "policy.max_total_sequence_length", "policy.make_sequence_length_divisible_by")
     errors += _world_size_errors(raw)
+    errors += _unavailable_feature_errors(raw)
     lr = _value(raw, "policy.megatron_cfg.optimizer.lr", float)
     min_lr = _value(raw, "policy.megatron_cfg.optimizer.min_lr", float)
     if lr is not None and min_lr is not None and min_lr > lr:
         errors.append(f"policy.megatron_cfg.optimizer.min_lr: {min_lr} is above lr = {lr}; the schedule would raise the LR")
+    return errors
+
+
+# Accepted keys (NeMo RL recipes carry them) whose feature this version does not provide yet:
+# refusing them beats silently training without them.
+_UNAVAILABLE = (
+    ("policy.megatron_cfg.tensor_model_parallel_size", lambda v: v != 1, "1 (TP/PP/CP sharding is not available yet; scale with data parallelism via cluster.gpus_per_node)"),
+    ("policy.megatron_cfg.pipeline_model_parallel_size", lambda v: v != 1, "1 (TP/PP/CP sharding is not available yet; scale with data parallelism via cluster.gpus_per_node)"),
+    ("policy.megatron_cfg.context_parallel_size", lambda v: v != 1, "1 (TP/PP/CP sharding is not available yet; scale with data parallelism via cluster.gpus_per_node)"),
+    ("policy.megatron_cfg.sequence_parallel", lambda v: v is True, "false (needs tensor parallelism, not available yet)"),
+    ("policy.sequence_packing.enabled", lambda v: v is True, "false (sequence packing is not available yet)"),
+    ("policy.dtensor_cfg.enabled", lambda v: v is True, "false (the DTensor backend is not available yet; use policy.megatron_cfg.enabled=true)"),
+    ("policy.megatron_cfg.enabled", lambda v: v is False, "true (the Megatron backend is the only training backend in this version)"),
+)
+
+
+_BACKEND_KEYS = ("policy.dtensor_cfg.enabled", "policy.megatron_cfg.enabled")
+
+
+def _unavailable_feature_errors(raw: Mapping[str, Any]) -> list[str]:
+    # With a YaRN block the long-context rules already name both backend keys.
+    yarn = rope_scaling.requests_yarn(_value(raw, "policy.hf_config_overrides", Mapping))
+    errors = []
+    for key, unavailable, fix in _UNAVAILABLE:
+        if yarn and key in _BACKEND_KEYS:
+            continue
+        value = _value(raw, key, bool if fix.startswith(("true", "false")) else int)
+        if value is not None and unavailable(value):
+            errors.append(f"{key}: {value!r} is not supported by this version; set it to {fix}")
     return errors
 
 

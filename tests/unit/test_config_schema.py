@@ -32,8 +32,8 @@ def errors_of(resolved: dict) -> list[str]:
 def test_shipped_sft_recipe_validates(raw):
     cfg = validate_sft_config(raw)
     assert isinstance(cfg, SFTMasterConfig)
-    assert cfg.sft.max_num_steps == 12
-    assert cfg.policy.megatron_cfg.scheduler.lr_decay_iters == 12
+    assert cfg.sft.max_num_steps == 30
+    assert cfg.policy.megatron_cfg.scheduler.lr_decay_iters == 30
     assert cfg.policy.tokenizer.name == "tiny-qwen2"
     assert cfg.logger.wandb.project == "nemo-rl"
 
@@ -219,3 +219,31 @@ def test_multiple_errors_from_every_source_are_reported_together(raw):
     for start in expected_starts:
         assert any(error.startswith(start) for error in errors), (start, errors)
     assert len(errors) == len(expected_starts)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("policy.megatron_cfg.tensor_model_parallel_size", 2),
+        ("policy.megatron_cfg.context_parallel_size", 2),
+        ("policy.sequence_packing.enabled", True),
+    ],
+)
+def test_features_not_available_yet_are_refused_by_name(raw, key, value):
+    section = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        section = section[part]
+    section[leaf] = value
+    raw["cluster"]["gpus_per_node"] = 2
+    errors = errors_of(raw)
+    assert any(e.startswith(f"{key}: {value!r} is not supported by this version") for e in errors), errors
+
+
+def test_dtensor_without_yarn_is_refused_once(raw):
+    raw["policy"]["hf_config_overrides"] = None
+    raw["policy"]["dtensor_cfg"]["enabled"] = True
+    assert [e for e in errors_of(raw) if "dtensor" in e] == [
+        "policy.dtensor_cfg.enabled: True is not supported by this version; set it to false "
+        "(the DTensor backend is not available yet; use policy.megatron_cfg.enabled=true)"
+    ]

@@ -1,0 +1,41 @@
+"""The entry script refuses a bad recipe before anything is started or written."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _main():
+    spec = importlib.util.spec_from_file_location("run_sft", ROOT / "examples" / "run_sft.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_bad_recipe_fails_fast_with_every_problem(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = _main()(
+        [
+            "policy.hf_config_overrides.rope_scaling.factor=2",  # 2 * 256 < 1024
+            "~policy.hf_config_overrides.rope_scaling.beta_fast",
+            "policy.train_micro_batch_size=3",
+            f"logger.log_dir={tmp_path / 'logs'}",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "policy.hf_config_overrides.rope_scaling.beta_fast: required for rope_type=yarn" in err
+    assert "policy.train_micro_batch_size" in err
+    assert list(tmp_path.iterdir()) == [], "nothing may be written for an invalid config"
+    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+
+
+def test_unknown_override_key_suggests_the_nearest(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _main()(["policy.max_total_sequence_lenght=2048"]) == 2
+    assert "policy.max_total_sequence_length" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
