@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from nemo_rl.utils import config as config_module
 from nemo_rl.utils.config import ConfigError, load_config, parse_args, resolve_config, save_config
 
 SFT_YAML = Path(__file__).resolve().parents[2] / "examples" / "configs" / "sft.yaml"
@@ -288,9 +288,13 @@ def test_broken_interpolations_and_missing_values_are_all_reported():
 
 
 def test_resolver_registration_is_idempotent():
-    importlib.reload(config_module)
-    importlib.reload(config_module)
-    assert resolve_config(OmegaConf.create({"v": "${div:1,4}"}))["v"] == 0.25
+    # In a subprocess: reloading here would leave other modules holding a stale ConfigError class.
+    code = (
+        "import importlib; import nemo_rl.utils.config as c; importlib.reload(c); importlib.reload(c); "
+        "from omegaconf import OmegaConf; print(c.resolve_config(OmegaConf.create({'v': '${div:1,4}'}))['v'])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0.25"
 
 
 # ----------------------------------------------------------------------------
