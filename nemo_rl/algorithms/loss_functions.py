@@ -1,9 +1,11 @@
 """Losses computed inside policy workers from per-token log-probabilities.
 
 Workers hand a loss the log-probability of every position's next token
-(``token_logprobs[:, t] = log p(x[t+1] | x[:t+1])``) and the micro-batch; the
-loss returns a scalar already normalised by the *global* batch, so summing
-gradients over micro-batches and data-parallel ranks yields the global mean.
+(``token_logprobs[:, t] = log p(x[t+1] | x[:t+1])``) and the micro-batch. A loss
+returns ``(numerator, count, metrics)`` in megatron-core's per-token-loss
+convention: megatron sums the numerators' gradients over micro-batches and
+data-parallel ranks and divides by the summed counts (``finalize_model_grads``),
+so the step follows the mean over the *global* batch however it was split.
 """
 
 from __future__ import annotations
@@ -20,23 +22,19 @@ def next_token_mask(loss_mask: torch.Tensor) -> torch.Tensor:
     return shifted
 
 
-def count_loss_tokens(loss_mask: torch.Tensor) -> int:
-    """Tokens that contribute to the loss (the first token of a sequence is never predicted)."""
-    return int(next_token_mask(loss_mask).sum())
-
-
 @dataclass(frozen=True)
 class NLLLoss:
-    """Mean negative log-likelihood over all response tokens of the global batch.
+    """Negative log-likelihood of response tokens, averaged over all response tokens of the global batch.
 
-    Normalising by the global token count (not per micro-batch or per sample)
-    makes the gradient independent of how the batch is split across ranks.
+    Averaging per token (not per micro-batch or per sample) keeps long
+    responses from being down-weighted and makes the result independent of
+    micro-batch size and data-parallel layout.
     """
 
-    global_num_tokens: int
-
-    def __call__(self, token_logprobs: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(
+        self, token_logprobs: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         mask = next_token_mask(batch["loss_mask"]).to(token_logprobs.device)
         nll_sum = -(token_logprobs * mask).sum()
-        loss = nll_sum / max(self.global_num_tokens, 1)
-        return loss, {"nll_sum": nll_sum.detach(), "num_tokens": mask.sum().detach()}
+        num_tokens = mask.sum().to(torch.int)
+        return nll_sum, num_tokens, {"nll_sum": nll_sum.detach(), "num_tokens": num_tokens.detach()}

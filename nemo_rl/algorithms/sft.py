@@ -16,7 +16,7 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from nemo_rl.algorithms.loss_functions import NLLLoss, count_loss_tokens
+from nemo_rl.algorithms.loss_functions import NLLLoss
 from nemo_rl.data.builtin_assets import resolve_dataset_paths, resolve_model_path
 from nemo_rl.data.sft_dataset import SFTDataloader, collate, load_sft_dataset
 from nemo_rl.distributed.ray_init import init_ray
@@ -75,7 +75,7 @@ class SFTRun:
     def _train_step(self, samples) -> dict[str, float]:
         start = time.perf_counter()
         batch = self._collate(samples)
-        result = self.policy.train(batch, NLLLoss(count_loss_tokens(batch["loss_mask"])), self.cfg.policy.train_micro_batch_size)
+        result = self.policy.train(batch, NLLLoss(), self.cfg.policy.train_micro_batch_size)
         elapsed = time.perf_counter() - start
         m = result["metrics"]
         return {
@@ -97,7 +97,7 @@ class SFTRun:
         nll, tokens = 0.0, 0.0
         for _ in range(scfg.val_batches):
             batch = self._collate(loader.next_batch())
-            out = self.policy.evaluate(batch, NLLLoss(count_loss_tokens(batch["loss_mask"])), scfg.val_micro_batch_size)
+            out = self.policy.evaluate(batch, NLLLoss(), scfg.val_micro_batch_size)
             nll += out["metrics"]["nll_sum"]
             tokens += out["metrics"]["num_tokens"]
             if loader.epoch > 0:

@@ -25,7 +25,10 @@ logger = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not installed", category=UserWarning)
 warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
 
-LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# (token_logprobs, micro-batch) -> (numerator, count, metrics); see nemo_rl.algorithms.loss_functions.
+LossFn = Callable[
+    [torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+]
 
 
 def token_logprobs_from_megatron_loss(per_token_ce: torch.Tensor) -> torch.Tensor:
@@ -109,7 +112,7 @@ class MegatronPolicyWorker:
         return checkpoint_cache.converted_checkpoint_dir(self.cfg.model_name, overrides), converted_now
 
     def _build_model(self) -> None:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from safetensors.torch import load_file
         from transformers import AutoConfig
 
@@ -129,6 +132,7 @@ class MegatronPolicyWorker:
             ),
             activation_checkpointing=mcfg.activation_checkpointing,
         )
+        self.tf_config.finalize_model_grads_func = finalize_model_grads
         model = build_gpt_model(self.hf_config, self.tf_config)
         state = load_file(str(self.checkpoint_dir / WEIGHTS_FILE))
         dtype = self.tf_config.params_dtype
@@ -198,9 +202,7 @@ class MegatronPolicyWorker:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def wrapped_loss(batch, per_token_ce):
-            loss, metrics = loss_fn(token_logprobs_from_megatron_loss(per_token_ce), batch)
-            # calculate_per_token_loss=True: megatron leaves our already-normalised loss untouched.
-            return loss, torch.ones((), dtype=torch.int), metrics
+            return loss_fn(token_logprobs_from_megatron_loss(per_token_ce), batch)
 
         def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model):
             batch = next(data_iterator)
@@ -221,8 +223,8 @@ class MegatronPolicyWorker:
     def train_step(self, microbatches: list[dict[str, torch.Tensor]], loss_fn: LossFn) -> dict[str, Any]:
         """One optimizer step over this data-parallel rank's share of the global batch.
 
-        ``loss_fn`` must already normalise by the *global* batch (e.g. total
-        response tokens over all DP ranks): DDP then sums gradients across ranks.
+        megatron's ``finalize_model_grads`` all-reduces gradients over DP ranks and
+        divides them by the loss counts summed over the global batch.
         """
         self.model.train()
         self.model.zero_grad_buffer()
