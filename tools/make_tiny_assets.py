@@ -19,8 +19,12 @@ from nemo_rl.models.tiny_model import create_tiny_model
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out-dir", type=Path, help="write <out-dir>/tiny-qwen2 and <out-dir>/tiny-chat (default: the nemo_rl cache)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for weights and data; only with --out-dir (the cache holds seed 0)")
+    parser.add_argument(
+        "--out-dir", type=Path, help="write <out-dir>/tiny-qwen2 and <out-dir>/tiny-chat (default: the nemo_rl cache)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed for weights and data; only with --out-dir (the cache holds seed 0)"
+    )
     args = parser.parse_args()
     if args.seed != 0 and args.out_dir is None:
         parser.error("--seed needs --out-dir: the cached built-in assets are always made with seed 0")

@@ -47,7 +47,9 @@ class SFTRun:
         self.model_path = resolve_model_path(pcfg.model_name)
         self.tokenizer_path = resolve_model_path(pcfg.tokenizer.name)
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
-        train_path, val_path = resolve_dataset_paths(cfg.data.dataset_name, cfg.data.train_data_path, cfg.data.val_data_path)
+        train_path, val_path = resolve_dataset_paths(
+            cfg.data.dataset_name, cfg.data.train_data_path, cfg.data.val_data_path
+        )
         self.train_data = load_sft_dataset(train_path, self.tokenizer, pcfg.max_total_sequence_length)
         self.val_data = load_sft_dataset(val_path, self.tokenizer, pcfg.max_total_sequence_length) if val_path else None
         self.train_loader = SFTDataloader(self.train_data, pcfg.train_global_batch_size, cfg.data.shuffle, cfg.sft.seed)

@@ -18,8 +18,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from filelock import FileLock
 from huggingface_hub import snapshot_download
@@ -96,7 +96,9 @@ def _existing_file(path: str, split: str) -> Path:
     return file
 
 
-def resolve_dataset_paths(dataset_name: str, train_data_path: str | None, val_data_path: str | None) -> tuple[Path, Path | None]:
+def resolve_dataset_paths(
+    dataset_name: str, train_data_path: str | None, val_data_path: str | None
+) -> tuple[Path, Path | None]:
     """(train JSONL, validation JSONL or None) for a data config.
 
     An explicit path wins over the built-in file of the same split and must

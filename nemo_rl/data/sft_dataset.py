@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +50,9 @@ class SFTDataset:
 
 def tokenize_messages(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> SFTSample:
     """Render ``messages`` with the chat template; the template's generation blocks give the loss mask."""
-    encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    encoded = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     return SFTSample(list(encoded["input_ids"]), list(encoded["assistant_masks"]))
 
 
@@ -84,7 +87,13 @@ def load_sft_dataset(path: Path, tokenizer: PreTrainedTokenizerBase, max_seq_len
                 continue
             samples.append(sample)
     if truncated or dropped:
-        logger.warning("%s: truncated %d samples to %d tokens, dropped %d without assistant tokens", path, truncated, max_seq_len, dropped)
+        logger.warning(
+            "%s: truncated %d samples to %d tokens, dropped %d without assistant tokens",
+            path,
+            truncated,
+            max_seq_len,
+            dropped,
+        )
     if not samples:
         raise ValueError(
             f"{path}: no sample has an assistant token to train on; the tokenizer's chat template must mark "

@@ -11,6 +11,12 @@ logger = logging.getLogger(__name__)
 def init_ray(num_cpus: int | None = None) -> None:
     """Join ``RAY_ADDRESS`` when set (a Slurm/Kubernetes cluster), else start a local cluster."""
     import ray
+    from ray._private import ray_constants
+
+    # Ray reads RAY_ENABLE_UV_RUN_RUNTIME_ENV (set in nemo_rl.distributed) when it is first
+    # imported; if something imported ray earlier, apply the setting here.
+    if os.environ.get("RAY_ENABLE_UV_RUN_RUNTIME_ENV") == "0":
+        ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
 
     if ray.is_initialized():
         return

@@ -45,8 +45,12 @@ class RayVirtualCluster:
         return BundleSpec(num_gpus=0, num_cpus=max(per_node_cpus // self.workers_per_node, 1))
 
     def _reserve_node(self, node: int, name: str) -> PlacementGroup:
-        bundles = [{"CPU": self.bundle.num_cpus, "GPU": self.bundle.num_gpus} if self.use_gpus else {"CPU": self.bundle.num_cpus}
-                   for _ in range(self.workers_per_node)]
+        bundles = [
+            {"CPU": self.bundle.num_cpus, "GPU": self.bundle.num_gpus}
+            if self.use_gpus
+            else {"CPU": self.bundle.num_cpus}
+            for _ in range(self.workers_per_node)
+        ]
         group = placement_group(bundles, strategy="STRICT_PACK", name=f"{name}_node{node}")
         ready, _ = ray.wait([group.ready()], timeout=300)
         if not ready:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import socket
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -29,13 +30,17 @@ class RayWorkerGroup:
     running a probe in rank 0's bundle, so multi-node clusters work unchanged.
     """
 
-    def __init__(self, cluster: RayVirtualCluster, worker_cls: type, *args: Any, env: dict[str, str] | None = None, **kwargs: Any):
+    def __init__(
+        self, cluster: RayVirtualCluster, worker_cls: type, *args: Any, env: dict[str, str] | None = None, **kwargs: Any
+    ):
         bundles = cluster.bundles()
         first_group, first_index = bundles[0]
         master_addr, master_port = ray.get(
             _node_address_and_port.options(
                 num_cpus=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(first_group, placement_group_bundle_index=first_index),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    first_group, placement_group_bundle_index=first_index
+                ),
             ).remote()
         )
         remote_cls = ray.remote(worker_cls)
@@ -47,7 +52,9 @@ class RayWorkerGroup:
                 num_gpus=cluster.bundle.num_gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
                 runtime_env=runtime_env,
-            ).remote(*args, rank=rank, world_size=len(bundles), master_addr=master_addr, master_port=master_port, **kwargs)
+            ).remote(
+                *args, rank=rank, world_size=len(bundles), master_addr=master_addr, master_port=master_port, **kwargs
+            )
             for rank, (group, index) in enumerate(bundles)
         ]
         # Surface constructor failures (bad checkpoint, OOM) here rather than at first use.

@@ -145,7 +145,9 @@ def _normalise_type_alias(raw: Mapping[str, Any], path: str) -> tuple[dict[str, 
         return params, []
     alias = params.pop("type")
     if "rope_type" in params and params["rope_type"] != alias:
-        return params, [f"{path}: `type` ({alias!r}) and `rope_type` ({params['rope_type']!r}) disagree; keep rope_type"]
+        return params, [
+            f"{path}: `type` ({alias!r}) and `rope_type` ({params['rope_type']!r}) disagree; keep rope_type"
+        ]
     params["rope_type"] = alias
     return params, []
 
@@ -183,7 +185,9 @@ _YARN_RANGES = (
         "must be > beta_slow ({beta_slow}), got {beta_fast}",
     ),
     _RangeRule("mscale", ("mscale",), lambda v: v["mscale"] >= 0, "must be >= 0, got {mscale}"),
-    _RangeRule("mscale_all_dim", ("mscale_all_dim",), lambda v: v["mscale_all_dim"] >= 0, "must be >= 0, got {mscale_all_dim}"),
+    _RangeRule(
+        "mscale_all_dim", ("mscale_all_dim",), lambda v: v["mscale_all_dim"] >= 0, "must be >= 0, got {mscale_all_dim}"
+    ),
 )
 
 
@@ -425,7 +429,9 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def apply_hf_config_overrides(hf_config: Any, overrides: Mapping[str, Any] | None, max_total_sequence_length: int) -> Any:
+def apply_hf_config_overrides(
+    hf_config: Any, overrides: Mapping[str, Any] | None, max_total_sequence_length: int
+) -> Any:
     """A new HF config carrying the run's effective overrides.
 
     The RoPE block is written whole (with ``rope_theta``) under the name the

@@ -222,20 +222,46 @@ def _policy_rules(raw: Mapping[str, Any]) -> list[str]:
     lr = _value(raw, "policy.megatron_cfg.optimizer.lr", float)
     min_lr = _value(raw, "policy.megatron_cfg.optimizer.min_lr", float)
     if lr is not None and min_lr is not None and min_lr > lr:
-        errors.append(f"policy.megatron_cfg.optimizer.min_lr: {min_lr} is above lr = {lr}; the schedule would raise the LR")
+        errors.append(
+            f"policy.megatron_cfg.optimizer.min_lr: {min_lr} is above lr = {lr}; the schedule would raise the LR"
+        )
     return errors
 
 
 # Accepted keys (NeMo RL recipes carry them) whose feature this version does not provide yet:
 # refusing them beats silently training without them.
 _UNAVAILABLE = (
-    ("policy.megatron_cfg.tensor_model_parallel_size", lambda v: v != 1, "1 (TP/PP/CP sharding is not available yet; scale with data parallelism via cluster.gpus_per_node)"),
-    ("policy.megatron_cfg.pipeline_model_parallel_size", lambda v: v != 1, "1 (TP/PP/CP sharding is not available yet; scale with data parallelism via cluster.gpus_per_node)"),
-    ("policy.megatron_cfg.context_parallel_size", lambda v: v != 1, "1 (TP/PP/CP sharding is not available yet; scale with data parallelism via cluster.gpus_per_node)"),
-    ("policy.megatron_cfg.sequence_parallel", lambda v: v is True, "false (needs tensor parallelism, not available yet)"),
+    (
+        "policy.megatron_cfg.tensor_model_parallel_size",
+        lambda v: v != 1,
+        "1 (TP/PP/CP sharding is not available yet; scale with data parallelism via cluster.gpus_per_node)",
+    ),
+    (
+        "policy.megatron_cfg.pipeline_model_parallel_size",
+        lambda v: v != 1,
+        "1 (TP/PP/CP sharding is not available yet; scale with data parallelism via cluster.gpus_per_node)",
+    ),
+    (
+        "policy.megatron_cfg.context_parallel_size",
+        lambda v: v != 1,
+        "1 (TP/PP/CP sharding is not available yet; scale with data parallelism via cluster.gpus_per_node)",
+    ),
+    (
+        "policy.megatron_cfg.sequence_parallel",
+        lambda v: v is True,
+        "false (needs tensor parallelism, not available yet)",
+    ),
     ("policy.sequence_packing.enabled", lambda v: v is True, "false (sequence packing is not available yet)"),
-    ("policy.dtensor_cfg.enabled", lambda v: v is True, "false (the DTensor backend is not available yet; use policy.megatron_cfg.enabled=true)"),
-    ("policy.megatron_cfg.enabled", lambda v: v is False, "true (the Megatron backend is the only training backend in this version)"),
+    (
+        "policy.dtensor_cfg.enabled",
+        lambda v: v is True,
+        "false (the DTensor backend is not available yet; use policy.megatron_cfg.enabled=true)",
+    ),
+    (
+        "policy.megatron_cfg.enabled",
+        lambda v: v is False,
+        "true (the Megatron backend is the only training backend in this version)",
+    ),
 )
 
 
@@ -312,7 +338,9 @@ def batch_errors(raw: Mapping[str, Any], global_key: str, micro_key: str, dp: in
     if errors or dp is None or global_size is None or micro is None or micro <= 0:
         return errors
     if global_size % (micro * dp):
-        errors.append(f"{global_key}: {global_size} is not divisible by {micro_key} * data-parallel size = {micro} * {dp}")
+        errors.append(
+            f"{global_key}: {global_size} is not divisible by {micro_key} * data-parallel size = {micro} * {dp}"
+        )
     return errors
 
 

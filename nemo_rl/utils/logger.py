@@ -6,8 +6,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -15,7 +16,13 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class Logger:
-    def __init__(self, log_dir: Path, tensorboard: bool = True, wandb_cfg: Mapping[str, Any] | None = None, run_config: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        log_dir: Path,
+        tensorboard: bool = True,
+        wandb_cfg: Mapping[str, Any] | None = None,
+        run_config: Mapping[str, Any] | None = None,
+    ):
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.log_dir / METRICS_FILE, "a", buffering=1)
@@ -28,7 +35,12 @@ class Logger:
         if wandb_cfg is not None:
             import wandb  # optional dependency: only imported when enabled
 
-            self._wandb = wandb.init(project=wandb_cfg.get("project"), name=wandb_cfg.get("name"), config=dict(run_config or {}), dir=str(self.log_dir))
+            self._wandb = wandb.init(
+                project=wandb_cfg.get("project"),
+                name=wandb_cfg.get("name"),
+                config=dict(run_config or {}),
+                dir=str(self.log_dir),
+            )
 
     def log(self, metrics: Mapping[str, float], step: int, prefix: str) -> None:
         """Record one step's metrics under ``prefix`` (train/validation/timing)."""

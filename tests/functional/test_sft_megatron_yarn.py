@@ -20,9 +20,9 @@ BASE = Path(__file__).resolve().parents[2] / "examples" / "configs" / "sft.yaml"
 
 @pytest.fixture(scope="module")
 def ray_local():
-    from nemo_rl.distributed.ray_init import init_ray
-
     import ray
+
+    from nemo_rl.distributed.ray_init import init_ray
 
     init_ray(num_cpus=2)
     yield
@@ -81,7 +81,9 @@ def test_sft_trains_caches_resumes_and_exports(ray_local, tmp_path):
     assert (tmp_path / "a" / "logs" / "config.yaml").is_file()
     assert sorted(p.name for p in (tmp_path / "a" / "ckpt").iterdir()) == ["step_2", "step_4"]
 
-    run, resumed = _train(tmp_path / "a", "sft.max_num_steps=8", "checkpointing.save_period=2", "sft.val_period=4", keep_open=True)
+    run, resumed = _train(
+        tmp_path / "a", "sft.max_num_steps=8", "checkpointing.save_period=2", "sft.val_period=4", keep_open=True
+    )
     try:
         assert resumed.final_step == 8
         assert not run.policy.converted_now, "the second run must reuse the cached conversion"
@@ -116,7 +118,13 @@ def test_sft_trains_caches_resumes_and_exports(ray_local, tmp_path):
 def test_force_reconvert_rebuilds_the_cache(ray_local, tmp_path):
     from nemo_rl.models.megatron.checkpoint_cache import MANIFEST_FILE
 
-    first = _train(tmp_path / "c", "sft.max_num_steps=1", "checkpointing.enabled=false", "sft.val_period=0", "sft.export_hf_dir=null")
+    first = _train(
+        tmp_path / "c",
+        "sft.max_num_steps=1",
+        "checkpointing.enabled=false",
+        "sft.val_period=0",
+        "sft.export_hf_dir=null",
+    )
     stamp = (first.converted_checkpoint / MANIFEST_FILE).read_text()
     again = _train(
         tmp_path / "d",

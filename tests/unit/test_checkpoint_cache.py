@@ -17,16 +17,36 @@ from nemo_rl.models.megatron.hf_weights import hf_to_megatron
 
 
 def _yarn(factor=4.0):
-    return {"rope_scaling": {"rope_type": "yarn", "rope_theta": 10000, "factor": factor, "original_max_position_embeddings": 64,
-                             "truncate": True, "beta_fast": 32, "beta_slow": 1, "mscale": 1, "mscale_all_dim": 0}}
+    return {
+        "rope_scaling": {
+            "rope_type": "yarn",
+            "rope_theta": 10000,
+            "factor": factor,
+            "original_max_position_embeddings": 64,
+            "truncate": True,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1,
+            "mscale_all_dim": 0,
+        }
+    }
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=32, max_position_embeddings=64, tie_word_embeddings=True)
+    config = Qwen2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     Qwen2ForCausalLM(config).save_pretrained(path)
     return path
 
@@ -59,7 +79,9 @@ def test_convert_reuse_and_force(hf_dir, tmp_path):
     assert again == path and not converted
     assert json.loads((path / checkpoint_cache.MANIFEST_FILE).read_text())["created_unix"] == manifest["created_unix"]
 
-    forced, converted = checkpoint_cache.ensure_converted(hf_dir, "tiny", _yarn(), 256, force_reconvert=True, root=tmp_path)
+    forced, converted = checkpoint_cache.ensure_converted(
+        hf_dir, "tiny", _yarn(), 256, force_reconvert=True, root=tmp_path
+    )
     assert forced == path and converted
     assert json.loads((path / checkpoint_cache.MANIFEST_FILE).read_text())["created_unix"] > manifest["created_unix"]
     other, _ = checkpoint_cache.ensure_converted(hf_dir, "tiny", _yarn(2.0), 128, root=tmp_path)

@@ -127,9 +127,7 @@ def test_lr_decay_style_is_checked(raw):
 # ----------------------------------------------------------------------------
 def test_train_batch_must_divide_into_micro_batches(raw):
     raw["policy"]["train_micro_batch_size"] = 3
-    assert errors_of(raw) == [
-        "policy.train_global_batch_size: 8 is not divisible by policy.train_micro_batch_size = 3"
-    ]
+    assert errors_of(raw) == ["policy.train_global_batch_size: 8 is not divisible by policy.train_micro_batch_size = 3"]
 
 
 def test_val_batch_must_divide_into_micro_batches(raw):

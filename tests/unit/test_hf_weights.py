@@ -20,15 +20,30 @@ YARN = {
     "mscale_all_dim": 0.0,
 }
 
-COMMON = dict(vocab_size=256, hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6, max_position_embeddings=256)
+COMMON = dict(
+    vocab_size=256,
+    hidden_size=128,
+    intermediate_size=192,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=256,
+)
 
 
 def _families(rope):
     return {
         "qwen2-tied": (Qwen2ForCausalLM, Qwen2Config(**COMMON, tie_word_embeddings=True, rope_parameters=dict(rope))),
-        "qwen3-untied": (Qwen3ForCausalLM, Qwen3Config(**COMMON, tie_word_embeddings=False, rope_parameters=dict(rope))),
-        "llama-untied": (LlamaForCausalLM, LlamaConfig(**COMMON, tie_word_embeddings=False, rope_parameters=dict(rope))),
+        "qwen3-untied": (
+            Qwen3ForCausalLM,
+            Qwen3Config(**COMMON, tie_word_embeddings=False, rope_parameters=dict(rope)),
+        ),
+        "llama-untied": (
+            LlamaForCausalLM,
+            LlamaConfig(**COMMON, tie_word_embeddings=False, rope_parameters=dict(rope)),
+        ),
     }
 
 

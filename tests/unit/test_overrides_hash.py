@@ -8,18 +8,9 @@ import pytest
 
 from nemo_rl.models.rope_scaling import canonical_overrides_json, overrides_hash
 from nemo_rl.utils.config import ConfigError
+from tests.helpers import yarn_block
 
-BASE_YARN = {
-    "rope_type": "yarn",
-    "rope_theta": 10000,
-    "factor": 4.0,
-    "original_max_position_embeddings": 256,
-    "truncate": True,
-    "beta_fast": 32,
-    "beta_slow": 1,
-    "mscale": 1,
-    "mscale_all_dim": 0,
-}
+BASE_YARN = yarn_block()
 
 # Checked by hand: hashlib.sha256(CANONICAL_BASE.encode()).hexdigest()
 CANONICAL_BASE = (

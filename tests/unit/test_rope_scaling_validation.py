@@ -12,6 +12,7 @@ from nemo_rl.models.rope_scaling import (
     yarn_scaling,
 )
 from nemo_rl.utils.config import ConfigError
+from tests.helpers import yarn_block
 
 PREFIX = "policy.hf_config_overrides.rope_scaling"
 FIELDS = (
@@ -26,20 +27,7 @@ FIELDS = (
 )
 
 
-def yarn(**changes) -> dict:
-    block = {
-        "rope_type": "yarn",
-        "rope_theta": 10000,
-        "factor": 4.0,
-        "original_max_position_embeddings": 256,
-        "truncate": True,
-        "beta_fast": 32,
-        "beta_slow": 1,
-        "mscale": 1,
-        "mscale_all_dim": 0,
-    }
-    block.update(changes)
-    return block
+yarn = yarn_block
 
 
 def check(overrides, max_len=1024, megatron=True, dtensor=False):

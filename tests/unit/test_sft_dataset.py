@@ -35,10 +35,15 @@ def _chat(question: str, answer: str) -> list[dict[str, str]]:
 
 
 def test_loss_mask_is_on_assistant_tokens_only(tokenizer, tmp_path):
-    path = _write_jsonl(tmp_path / "d.jsonl", [_chat("What is 4 + 4?", "4 + 4 = 8"), _chat("Repeat these words exactly:\nsun moon", "sun moon")])
+    path = _write_jsonl(
+        tmp_path / "d.jsonl",
+        [_chat("What is 4 + 4?", "4 + 4 = 8"), _chat("Repeat these words exactly:\nsun moon", "sun moon")],
+    )
     data = load_sft_dataset(path, tokenizer, max_seq_len=1024)
     assert (len(data), data.num_truncated, data.num_dropped) == (2, 0, 0)
-    for sample, answer, prompt in zip(data, ["4 + 4 = 8", "sun moon"], ["What is 4 + 4?", "Repeat these words exactly:\nsun moon"]):
+    for sample, answer, prompt in zip(
+        data, ["4 + 4 = 8", "sun moon"], ["What is 4 + 4?", "Repeat these words exactly:\nsun moon"]
+    ):
         trained = [t for t, m in zip(sample.input_ids, sample.loss_mask) if m]
         untrained = [t for t, m in zip(sample.input_ids, sample.loss_mask) if not m]
         assert tokenizer.decode(trained) == answer + "<|im_end|>"
@@ -47,7 +52,9 @@ def test_loss_mask_is_on_assistant_tokens_only(tokenizer, tmp_path):
 
 def test_long_samples_are_truncated_and_samples_without_reply_dropped(tokenizer, tmp_path):
     long_answer = " ".join(["red"] * 50)
-    path = _write_jsonl(tmp_path / "d.jsonl", [_chat("Hi", long_answer), _chat(" ".join(["blue"] * 60), "ok"), _chat("Hi", "ok")])
+    path = _write_jsonl(
+        tmp_path / "d.jsonl", [_chat("Hi", long_answer), _chat(" ".join(["blue"] * 60), "ok"), _chat("Hi", "ok")]
+    )
     data = load_sft_dataset(path, tokenizer, max_seq_len=32)
     assert (len(data), data.num_truncated, data.num_dropped) == (2, 2, 1)
     assert len(data[0].input_ids) == len(data[0].loss_mask) == 32
@@ -101,7 +108,11 @@ def test_dataloader_is_deterministic_drops_the_last_batch_and_reshuffles_each_ep
     again = SFTDataloader(DATA, 3, shuffle=True, seed=7)
     assert [_ids(b) for b, _ in zip(again, range(9))] == sum(epochs, [])
     assert _ids(SFTDataloader(DATA, 3, shuffle=True, seed=8).next_batch()) != epochs[0][0]
-    assert [_ids(b) for b, _ in zip(SFTDataloader(DATA, 3, shuffle=False, seed=7), range(3))] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert [_ids(b) for b, _ in zip(SFTDataloader(DATA, 3, shuffle=False, seed=7), range(3))] == [
+        [0, 1, 2],
+        [3, 4, 5],
+        [6, 7, 8],
+    ]
 
 
 def test_epoch_advances_right_after_the_last_batch():

@@ -135,7 +135,10 @@ def test_local_dirs_resolve_to_themselves_and_unknown_names_fail_clearly(cache, 
 
 def test_dataset_paths_builtin_and_explicit(cache, tmp_path):
     train, val = resolve_dataset_paths("tiny-chat", None, None)
-    assert (train, val) == (cache / "datasets" / "tiny-chat" / "train.jsonl", cache / "datasets" / "tiny-chat" / "validation.jsonl")
+    assert (train, val) == (
+        cache / "datasets" / "tiny-chat" / "train.jsonl",
+        cache / "datasets" / "tiny-chat" / "validation.jsonl",
+    )
     mine = tmp_path / "mine.jsonl"
     mine.write_text("")
     assert resolve_dataset_paths("tiny-chat", str(mine), None) == (mine, val)

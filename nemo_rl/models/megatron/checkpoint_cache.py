@@ -17,8 +17,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import megatron.core
 import torch
@@ -66,7 +67,9 @@ def load_hf_state_dict(model_path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _convert_into(tmp: Path, model_path: Path, overrides: Mapping[str, Any] | None, max_total_sequence_length: int) -> None:
+def _convert_into(
+    tmp: Path, model_path: Path, overrides: Mapping[str, Any] | None, max_total_sequence_length: int
+) -> None:
     hf_config = rope_scaling.apply_hf_config_overrides(
         AutoConfig.from_pretrained(model_path), overrides, max_total_sequence_length
     )

@@ -11,8 +11,8 @@ untied output layer).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 
@@ -27,7 +27,7 @@ class AttentionShape:
     hidden_size: int
 
     @classmethod
-    def from_hf_config(cls, hf_config) -> "AttentionShape":
+    def from_hf_config(cls, hf_config) -> AttentionShape:
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         return cls(
             num_heads=hf_config.num_attention_heads,
@@ -73,40 +73,45 @@ def _split_qkv(qkv: torch.Tensor, shape: AttentionShape) -> tuple[torch.Tensor, 
     )
 
 
-def _layer_count(hf_config) -> int:
-    return hf_config.num_hidden_layers
+# One-to-one renames (same tensor, different name); optional ones are mapped when present.
+_GLOBAL_RENAMES = (
+    ("model.embed_tokens.weight", "embedding.word_embeddings.weight"),
+    ("model.norm.weight", "decoder.final_layernorm.weight"),
+    ("lm_head.weight", "output_layer.weight"),  # absent when embeddings are tied
+)
+_LAYER_RENAMES = (
+    ("self_attn.o_proj.weight", "self_attention.linear_proj.weight"),
+    ("self_attn.q_norm.weight", "self_attention.q_layernorm.weight"),  # Qwen3 QK-norm
+    ("self_attn.k_norm.weight", "self_attention.k_layernorm.weight"),
+    ("input_layernorm.weight", "input_layernorm.weight"),
+    ("post_attention_layernorm.weight", "pre_mlp_layernorm.weight"),
+    ("mlp.down_proj.weight", "mlp.linear_fc2.weight"),
+)
+
+
+def _renames(hf_config) -> list[tuple[str, str]]:
+    pairs = [(hf, mc) for hf, mc in _GLOBAL_RENAMES if not (hf == "lm_head.weight" and hf_config.tie_word_embeddings)]
+    for i in range(hf_config.num_hidden_layers):
+        pairs += [(f"model.layers.{i}.{hf}", f"decoder.layers.{i}.{mc}") for hf, mc in _LAYER_RENAMES]
+    return pairs
 
 
 def hf_to_megatron(hf_state: Mapping[str, torch.Tensor], hf_config) -> dict[str, torch.Tensor]:
     """HF parameter names/layouts -> megatron-core GPTModel (local layer spec) names/layouts."""
     check_supported(hf_config)
     shape = AttentionShape.from_hf_config(hf_config)
-    out = {
-        "embedding.word_embeddings.weight": hf_state["model.embed_tokens.weight"],
-        "decoder.final_layernorm.weight": hf_state["model.norm.weight"],
-    }
-    if not hf_config.tie_word_embeddings:
-        out["output_layer.weight"] = hf_state["lm_head.weight"]
-    for i in range(_layer_count(hf_config)):
-        hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
-        attn = hf + "self_attn."
-        out[mc + "self_attention.linear_qkv.weight"] = _fuse_qkv(
-            hf_state[attn + "q_proj.weight"], hf_state[attn + "k_proj.weight"], hf_state[attn + "v_proj.weight"], shape
+    out = {mc: hf_state[hf] for hf, mc in _renames(hf_config) if hf in hf_state}
+    for i in range(hf_config.num_hidden_layers):
+        attn, mc = f"model.layers.{i}.self_attn.", f"decoder.layers.{i}."
+        for suffix in ("weight", "bias"):
+            if f"{attn}q_proj.{suffix}" in hf_state:
+                out[f"{mc}self_attention.linear_qkv.{suffix}"] = _fuse_qkv(
+                    *(hf_state[f"{attn}{p}_proj.{suffix}"] for p in "qkv"), shape
+                )
+        mlp = f"model.layers.{i}.mlp."
+        out[f"{mc}mlp.linear_fc1.weight"] = torch.cat(
+            [hf_state[mlp + "gate_proj.weight"], hf_state[mlp + "up_proj.weight"]]
         )
-        if attn + "q_proj.bias" in hf_state:
-            out[mc + "self_attention.linear_qkv.bias"] = _fuse_qkv(
-                hf_state[attn + "q_proj.bias"], hf_state[attn + "k_proj.bias"], hf_state[attn + "v_proj.bias"], shape
-            )
-        if attn + "q_norm.weight" in hf_state:
-            out[mc + "self_attention.q_layernorm.weight"] = hf_state[attn + "q_norm.weight"]
-            out[mc + "self_attention.k_layernorm.weight"] = hf_state[attn + "k_norm.weight"]
-        out[mc + "self_attention.linear_proj.weight"] = hf_state[attn + "o_proj.weight"]
-        out[mc + "input_layernorm.weight"] = hf_state[hf + "input_layernorm.weight"]
-        out[mc + "pre_mlp_layernorm.weight"] = hf_state[hf + "post_attention_layernorm.weight"]
-        out[mc + "mlp.linear_fc1.weight"] = torch.cat(
-            [hf_state[hf + "mlp.gate_proj.weight"], hf_state[hf + "mlp.up_proj.weight"]], dim=0
-        )
-        out[mc + "mlp.linear_fc2.weight"] = hf_state[hf + "mlp.down_proj.weight"]
     return out
 
 
@@ -114,28 +119,15 @@ def megatron_to_hf(mcore_state: Mapping[str, torch.Tensor], hf_config) -> dict[s
     """Inverse of :func:`hf_to_megatron` (full tensors; exact, no arithmetic on values)."""
     check_supported(hf_config)
     shape = AttentionShape.from_hf_config(hf_config)
-    out = {
-        "model.embed_tokens.weight": mcore_state["embedding.word_embeddings.weight"],
-        "model.norm.weight": mcore_state["decoder.final_layernorm.weight"],
-    }
-    if not hf_config.tie_word_embeddings:
-        out["lm_head.weight"] = mcore_state["output_layer.weight"]
-    for i in range(_layer_count(hf_config)):
-        hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
-        attn = hf + "self_attn."
+    out = {hf: mcore_state[mc] for hf, mc in _renames(hf_config) if mc in mcore_state}
+    for i in range(hf_config.num_hidden_layers):
+        attn, mc = f"model.layers.{i}.self_attn.", f"decoder.layers.{i}."
         for suffix in ("weight", "bias"):
-            fused = mcore_state.get(mc + f"self_attention.linear_qkv.{suffix}")
+            fused = mcore_state.get(f"{mc}self_attention.linear_qkv.{suffix}")
             if fused is not None:
-                q, k, v = _split_qkv(fused, shape)
-                out[attn + f"q_proj.{suffix}"], out[attn + f"k_proj.{suffix}"], out[attn + f"v_proj.{suffix}"] = q, k, v
-        if mc + "self_attention.q_layernorm.weight" in mcore_state:
-            out[attn + "q_norm.weight"] = mcore_state[mc + "self_attention.q_layernorm.weight"]
-            out[attn + "k_norm.weight"] = mcore_state[mc + "self_attention.k_layernorm.weight"]
-        out[attn + "o_proj.weight"] = mcore_state[mc + "self_attention.linear_proj.weight"]
-        out[hf + "input_layernorm.weight"] = mcore_state[mc + "input_layernorm.weight"]
-        out[hf + "post_attention_layernorm.weight"] = mcore_state[mc + "pre_mlp_layernorm.weight"]
-        gate, up = torch.chunk(mcore_state[mc + "mlp.linear_fc1.weight"], 2, dim=0)
-        out[hf + "mlp.gate_proj.weight"] = gate.contiguous()
-        out[hf + "mlp.up_proj.weight"] = up.contiguous()
-        out[hf + "mlp.down_proj.weight"] = mcore_state[mc + "mlp.linear_fc2.weight"]
+                for p, tensor in zip("qkv", _split_qkv(fused, shape)):
+                    out[f"{attn}{p}_proj.{suffix}"] = tensor
+        gate, up = torch.chunk(mcore_state[f"{mc}mlp.linear_fc1.weight"], 2, dim=0)
+        out[f"model.layers.{i}.mlp.gate_proj.weight"] = gate.contiguous()
+        out[f"model.layers.{i}.mlp.up_proj.weight"] = up.contiguous()
     return out

@@ -83,13 +83,13 @@ def transformer_config_from_hf(
     return config
 
 
-def build_gpt_model(hf_config, config: TransformerConfig, pre_process: bool = True, post_process: bool = True) -> GPTModel:
+def build_gpt_model(
+    hf_config, config: TransformerConfig, pre_process: bool = True, post_process: bool = True
+) -> GPTModel:
     position_embedding_type = "yarn" if getattr(config, "yarn_rotary_scaling_factor", None) else "rope"
     return GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(
-            normalization="RMSNorm", qk_layernorm=config.qk_layernorm
-        ),
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm),
         vocab_size=hf_config.vocab_size,
         max_sequence_length=hf_config.max_position_embeddings,
         pre_process=pre_process,

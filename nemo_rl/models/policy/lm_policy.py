@@ -63,7 +63,9 @@ class Policy:
         return out
 
     def train(self, batch: Batch, loss_fn: LossFn, micro_batch_size: int) -> dict[str, Any]:
-        return self._reduce(self.worker_group.run_each("train_step", self._shard_args(batch, micro_batch_size, loss_fn)))
+        return self._reduce(
+            self.worker_group.run_each("train_step", self._shard_args(batch, micro_batch_size, loss_fn))
+        )
 
     def evaluate(self, batch: Batch, loss_fn: LossFn, micro_batch_size: int) -> dict[str, Any]:
         return self._reduce(self.worker_group.run_each("evaluate", self._shard_args(batch, micro_batch_size, loss_fn)))
@@ -79,7 +81,10 @@ class Policy:
 
     def export_hf(self, directory: Path, model_dir: Path | None = None, tokenizer_dir: Path | None = None) -> None:
         self.worker_group.run_all(
-            "export_hf", str(directory), str(model_dir) if model_dir else None, str(tokenizer_dir) if tokenizer_dir else None
+            "export_hf",
+            str(directory),
+            str(model_dir) if model_dir else None,
+            str(tokenizer_dir) if tokenizer_dir else None,
         )
 
     def shutdown(self) -> None:

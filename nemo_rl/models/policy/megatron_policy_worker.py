@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -26,9 +27,7 @@ warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not in
 warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
 
 # (token_logprobs, micro-batch) -> (numerator, count, metrics); see nemo_rl.algorithms.loss_functions.
-LossFn = Callable[
-    [torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
-]
+LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def token_logprobs_from_megatron_loss(per_token_ce: torch.Tensor) -> torch.Tensor:
@@ -112,7 +111,11 @@ class MegatronPolicyWorker:
         return checkpoint_cache.converted_checkpoint_dir(self.cfg.model_name, overrides), converted_now
 
     def _build_model(self) -> None:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from safetensors.torch import load_file
         from transformers import AutoConfig
 
@@ -139,11 +142,15 @@ class MegatronPolicyWorker:
         missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
-            raise RuntimeError(f"converted checkpoint does not fit the model: missing={missing} unexpected={unexpected}")
+            raise RuntimeError(
+                f"converted checkpoint does not fit the model: missing={missing} unexpected={unexpected}"
+            )
         model.to(self.device)
         self.model = DistributedDataParallel(
             self.tf_config,
-            DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False),
+            DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+            ),
             model,
         )
 
@@ -308,7 +315,9 @@ class MegatronPolicyWorker:
             k: v.detach().cpu() for k, v in self.model.module.state_dict().items() if not k.endswith("_extra_state")
         }
         hf_state = megatron_to_hf(mcore_state, self.hf_config)
-        save_file({k: v.contiguous() for k, v in hf_state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in hf_state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"}
+        )
         self.hf_config.save_pretrained(out)
         if tokenizer_dir:
             AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
