@@ -2,10 +2,12 @@
 
 megatron-core assumes CUDA in a few places that have nothing to do with the maths
 it computes: it asks ``torch.cuda.current_device()`` where to put rotary tables
-and masks, and its RNG tracker snapshots CUDA generator states. Replacing those
-two touch points (and passing an explicit causal mask, see ``causal_attention_mask``)
-is enough for the real GPTModel, its tensor/pipeline parallel layers and gloo
-collectives to run on CPU, so CI exercises the same code that GPU clusters run.
+and masks, its RNG tracker and activation recomputation snapshot CUDA generator
+states, and its schedules/optimizer allocate bookkeeping tensors on "cuda".
+Replacing those touch points (and passing an explicit causal mask, see
+``causal_attention_mask``) is enough for the real GPTModel, DDP, optimizer,
+schedules and gloo collectives to run on CPU, so CI exercises the same code that
+GPU clusters run.
 
 Nothing here is active when CUDA is available.
 """
@@ -81,6 +83,9 @@ def enable_cpu_compat() -> bool:
     from megatron.core.tensor_parallel import random as mcore_random
 
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    # Activation recomputation snapshots and restores "the CUDA generator"; the CPU one plays that role.
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     # Entered for the life of the process: the worker process exists only to run megatron.
