@@ -5,28 +5,24 @@ built-in asset (``tiny-qwen2``, ``tiny-chat``) that the project generates
 itself into the cache (:func:`nemo_rl.utils.cache_paths.nemo_rl_cache_dir`).
 
 Several processes (Ray workers, parallel test runs) may ask for the same asset
-at once, so creation happens in a temporary sibling directory, under a file
-lock, and is renamed into place only after a completion marker was written.
-A directory without the marker is never used.
+at once, so creation goes through :func:`nemo_rl.utils.atomic_dir.build_atomically`
+with a completion marker written last; a directory without the marker is never used.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from filelock import FileLock
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
 from nemo_rl.data.tiny_chat import write_tiny_chat
 from nemo_rl.models.tiny_model import create_tiny_model
+from nemo_rl.utils.atomic_dir import build_atomically
 from nemo_rl.utils.cache_paths import nemo_rl_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -40,30 +36,22 @@ def is_complete(path: Path) -> bool:
     return (path / COMPLETE_MARKER).is_file()
 
 
-def materialize(target: Path, build: Callable[[Path], object]) -> Path:
-    """``target``, built by ``build(tmp_dir)`` and renamed into place unless a complete copy exists.
+def _write_with_marker(build: Callable[[Path], object]) -> Callable[[Path], None]:
+    def write(tmp: Path) -> None:
+        build(tmp)
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"created_unix": time.time()}))
 
-    The lock serialises concurrent creators, so only one builds; the rename
-    makes the result appear all at once. A ``target`` left without the marker
-    (e.g. made by hand or by an older layout) is replaced, not trusted.
+    return write
+
+
+def materialize(target: Path, build: Callable[[Path], object]) -> Path:
+    """``target``, built by ``build(tmp_dir)`` unless a complete copy exists.
+
+    A ``target`` left without the marker (e.g. made by hand or by an older
+    layout) is replaced, not trusted.
     """
-    if is_complete(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if is_complete(target):
-            return target
-        logger.info("Creating built-in asset %s", target)
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-        tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-        try:
-            build(tmp)
-            (tmp / COMPLETE_MARKER).write_text(json.dumps({"created_unix": time.time()}))
-            if target.exists():
-                shutil.rmtree(target)
-            os.rename(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    if build_atomically(target, _write_with_marker(build), is_complete):
+        logger.info("Created built-in asset %s", target)
     return target
 
 

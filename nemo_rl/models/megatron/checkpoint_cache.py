@@ -3,19 +3,16 @@
 A converted checkpoint depends on the HF weights *and* on ``hf_config_overrides``
 (the RoPE block changes what the model computes), so its directory is named
 ``<model>__hfovr_<hash>`` with the hash from ``rope_scaling.overrides_hash``:
-two override sets can never share a cache entry. Conversion writes into a
-temporary sibling and renames it into place only when complete, under a file
-lock, so concurrent workers convert once and a crash never leaves a directory
-that looks usable.
+two override sets can never share a cache entry. Conversion goes through
+:func:`nemo_rl.utils.atomic_dir.build_atomically` (temporary sibling, file lock,
+rename), so concurrent workers convert once and a crash never leaves a
+directory that looks usable.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,13 +20,13 @@ from typing import Any
 
 import megatron.core
 import torch
-from filelock import FileLock
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig
 
 from nemo_rl.models import rope_scaling
 from nemo_rl.models.megatron.hf_weights import hf_to_megatron
+from nemo_rl.utils.atomic_dir import build_atomically
 from nemo_rl.utils.cache_paths import megatron_checkpoint_root
 
 logger = logging.getLogger(__name__)
@@ -97,24 +94,15 @@ def ensure_converted(
 ) -> tuple[Path, bool]:
     """The converted checkpoint for (model, overrides), and whether this call converted it."""
     target = converted_checkpoint_dir(model_name, overrides, root)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if is_complete(target) and not force_reconvert:
-            logger.info("Reusing converted Megatron checkpoint %s", target)
-            return target, False
-        reason = "force_reconvert_from_hf=true" if is_complete(target) else "no cached conversion"
-        logger.info("Converting %s to Megatron format at %s (%s)", model_path, target, reason)
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-        try:
-            _convert_into(tmp, model_path, overrides, max_total_sequence_length)
-            if target.exists():
-                stale = target.with_name(f"{target.name}.stale-{os.getpid()}")
-                os.rename(target, stale)
-                os.rename(tmp, target)
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                os.rename(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return target, True
+    reason = "force_reconvert_from_hf=true" if is_complete(target) else "no cached conversion"
+    built = build_atomically(
+        target,
+        lambda tmp: _convert_into(tmp, model_path, overrides, max_total_sequence_length),
+        is_complete,
+        force=force_reconvert,
+    )
+    if built:
+        logger.info("Converted %s to Megatron format at %s (%s)", model_path, target, reason)
+    else:
+        logger.info("Reusing converted Megatron checkpoint %s", target)
+    return target, built
