@@ -461,6 +461,22 @@ def apply_hf_config_overrides(
     return type(hf_config).from_dict(data)
 
 
+def vllm_engine_kwargs(hf_config: Any, overrides: Mapping[str, Any] | None, max_total_sequence_length: int) -> dict[str, Any]:
+    """``LLM(...)`` keyword arguments that make vLLM compute what the trainer computes.
+
+    ``hf_overrides`` are exactly the config entries that
+    :func:`apply_hf_config_overrides` changes (so the two cannot drift), written
+    whole: vLLM replaces a dict attribute rather than merging it, so a partial
+    RoPE block would lose ``rope_theta``. vLLM caps ``max_model_len`` at a YaRN
+    model's ``max_position_embeddings`` without multiplying by the factor, which
+    is why the extended window travels in the overrides too.
+    """
+    patched = apply_hf_config_overrides(hf_config, overrides, max_total_sequence_length).to_dict()
+    original = hf_config.to_dict()
+    changed = {k: v for k, v in patched.items() if k != "transformers_version" and original.get(k) != v}
+    return {"hf_overrides": changed, "max_model_len": max_total_sequence_length}
+
+
 def hf_rope_parameters(hf_config: Any) -> dict[str, Any]:
     """The RoPE block of an HF config, whichever attribute name its transformers version uses."""
     params = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
@@ -493,7 +509,16 @@ def megatron_rope_fields(hf_config: Any) -> dict[str, Any]:
             f"rope_type {rope_type!r}: the Megatron backend supports RoPE scaling only as rope_type=yarn "
             f"(set {OVERRIDES_PATH}.{CANONICAL_BLOCK_KEY}.rope_type=yarn)"
         )
-    fields = {k: v for k, v in params.items() if k != "partial_rotary_factor" or v == 1.0}
+    partial = params.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", None))
+    if partial is not None and partial != 1.0:
+        # YarnRotaryEmbedding sizes its frequencies by kv_channels and ignores rotary_percent, so it
+        # would rotate every channel where HF/vLLM rotate only the first partial_rotary_factor of them.
+        raise ValueError(
+            f"partial_rotary_factor={partial}: megatron-core's YarnRotaryEmbedding rotates all kv_channels "
+            "(it ignores rotary_percent), so the Megatron backend cannot run rope_type=yarn with partial "
+            "rotary embeddings; HF and vLLM would rotate a different set of channels"
+        )
+    fields = {k: v for k, v in params.items() if k != "partial_rotary_factor"}
     yarn = YarnScaling.from_dict(fields, path="config.json rope_parameters")
     return {
         "yarn_rotary_scaling_factor": yarn.factor,
@@ -504,3 +529,144 @@ def megatron_rope_fields(hf_config: Any) -> dict[str, Any]:
         "yarn_mscale_all_dim": 0.0,
         "yarn_correction_range_round_to_int": yarn.truncate,
     }
+
+
+# ----------------------------------------------------------------------------
+# RoPE math
+# ----------------------------------------------------------------------------
+# The project's own statement of what a canonical RoPE block computes. transformers,
+# megatron-core and vLLM each carry their own copy of this math (and have disagreed
+# before, see ``megatron_rope_fields``), so tests/unit/test_rope_reference.py checks
+# every engine against these functions rather than against one another. Frequencies
+# are computed in float64 so that the reference is not itself a float32 rounding of
+# the formula; the engines compute in float32 and are compared within that rounding.
+# torch is imported inside the functions to keep it out of config validation.
+
+
+def rotary_dim(head_dim: int, partial_rotary_factor: float = 1.0) -> int:
+    """Channels that are rotated: ``int(head_dim * partial_rotary_factor)``, as transformers and vLLM round it."""
+    if not 0.0 < partial_rotary_factor <= 1.0:
+        raise ValueError(f"partial_rotary_factor must be in (0, 1], got {partial_rotary_factor}")
+    return int(head_dim * partial_rotary_factor)
+
+
+def _default_inv_freq(rope_theta: float, dim: int) -> Any:
+    """Plain RoPE: ``1 / theta^(2i/d)`` for i < d/2 (float64)."""
+    import torch
+
+    return 1.0 / (rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+
+
+def ntk_aware_rope_parameters(rope_theta: float, factor: float, dim: int) -> dict[str, Any]:
+    """Static NTK-aware scaling written as a canonical block: ``default`` RoPE with ``theta * s^(d/(d-2))``.
+
+    transformers has no rope_type for static NTK (its ``dynamic`` type recomputes
+    the base from the sequence length), so the only spelling that every engine
+    reads the same way is a plain block whose ``rope_theta`` is already scaled.
+    ``dim`` is the rotary dimension (see ``rotary_dim``).
+    """
+    if factor <= 0:
+        raise ValueError(f"factor must be > 0, got {factor}")
+    return {"rope_type": "default", "rope_theta": rope_theta * factor ** (dim / (dim - 2))}
+
+
+def dynamic_ntk_theta(rope_theta: float, factor: float, dim: int, original_max_position_embeddings: int, seq_len: int | None) -> float:
+    """The base that dynamic NTK uses for a sequence of ``seq_len`` tokens.
+
+    Below the original window the base is unchanged; beyond it the base grows as
+    ``theta * (s * L / L_orig - (s - 1))^(d/(d-2))``, transformers' rule for a
+    given ``seq_len`` (``None`` means the original window, as at model init).
+    """
+    seq = original_max_position_embeddings if seq_len is None else max(seq_len, original_max_position_embeddings)
+    return rope_theta * ((factor * seq / original_max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+
+
+class YarnCorrectionRange(NamedTuple):
+    """Rotary-pair indices where YaRN's ramp starts (``low``) and ends (``high``)."""
+
+    low: float
+    high: float
+
+
+def yarn_correction_range(yarn: YarnScaling, dim: int) -> YarnCorrectionRange:
+    """Pairs that turn more than ``beta_fast`` times in the original window keep their frequency; fewer than ``beta_slow`` are interpolated.
+
+    Pair i turns ``L_orig / (2 pi theta^(2i/d))`` times, so the pair turning r times
+    is ``d ln(L_orig / (2 pi r)) / (2 ln theta)``. ``truncate`` floors the low end and
+    ceils the high end (Megatron: ``yarn_correction_range_round_to_int``); the range
+    is then clamped to ``[0, d - 1]`` exactly as all three engines clamp it (note
+    ``d - 1``, not ``d/2 - 1``: the ramp saturates anyway).
+    """
+
+    def pair_turning(rotations: float) -> float:
+        return dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(yarn.rope_theta))
+
+    low, high = pair_turning(yarn.beta_fast), pair_turning(yarn.beta_slow)
+    if yarn.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    return YarnCorrectionRange(max(low, 0), min(high, dim - 1))
+
+
+def yarn_inv_freq(yarn: YarnScaling, dim: int) -> Any:
+    """YaRN's "NTK-by-parts" frequencies: a linear ramp over the correction range blends ``f`` into ``f / factor``."""
+    import torch
+
+    low, high = yarn_correction_range(yarn, dim)
+    if low == high:
+        high += 0.001  # the engines' guard against a zero-width ramp
+    interpolated = (torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)
+    interpolated = interpolated.clamp(0, 1)
+    extrapolation = _default_inv_freq(yarn.rope_theta, dim)
+    return extrapolation / yarn.factor * interpolated + extrapolation * (1 - interpolated)
+
+
+def _positive_factor(params: Mapping[str, Any]) -> float:
+    factor = params.get("factor")
+    if _type_problem(factor, float) or factor <= 0:
+        raise ValueError(f"rope_type={params.get('rope_type')}: factor must be a number > 0, got {factor!r}")
+    return float(factor)
+
+
+def rope_frequencies(params: Mapping[str, Any], head_dim: int, seq_len: int | None = None) -> tuple[Any, float]:
+    """(inverse frequencies (float64, one per rotated pair), attention factor) of a canonical RoPE block.
+
+    ``params`` is the block as this project writes it (``rope_type``,
+    ``rope_theta``, ``factor``, ..., optionally ``partial_rotary_factor``). The
+    attention factor multiplies cos and sin. Types: ``default``; ``linear``
+    (position interpolation, ``f / factor``); ``dynamic`` (dynamic NTK for
+    ``seq_len``; the block's ``original_max_position_embeddings`` is the window
+    transformers reads from ``config.max_position_embeddings`` and vLLM from
+    ``max_trained_positions``); ``yarn`` (validated as ``YarnScaling``, attention
+    factor with the HF/vLLM meaning of the mscale pair). Static NTK-aware scaling
+    is a ``default`` block, see ``ntk_aware_rope_parameters``.
+    """
+    rope_type = params.get("rope_type", "default")
+    dim = rotary_dim(head_dim, params.get("partial_rotary_factor", 1.0))
+    theta = params.get("rope_theta")
+    if _type_problem(theta, float) or theta <= 0:
+        raise ValueError(f"rope_theta must be a number > 0, got {theta!r}")
+    if rope_type == "default":
+        return _default_inv_freq(theta, dim), 1.0
+    if rope_type == "linear":
+        return _default_inv_freq(theta, dim) / _positive_factor(params), 1.0
+    if rope_type == "dynamic":
+        original = params.get("original_max_position_embeddings")
+        if _type_problem(original, int) or original <= 0:
+            raise ValueError(f"rope_type=dynamic: original_max_position_embeddings must be an integer > 0, got {original!r}")
+        return _default_inv_freq(dynamic_ntk_theta(theta, _positive_factor(params), dim, original, seq_len), dim), 1.0
+    if rope_type == YARN:
+        yarn = YarnScaling.from_dict({k: v for k, v in params.items() if k != "partial_rotary_factor"})
+        return yarn_inv_freq(yarn, dim), yarn.attention_factor
+    raise ValueError(f"rope_type {rope_type!r}: no reference math (known: default, linear, dynamic, {YARN})")
+
+
+def rope_cos_sin(inv_freq: Any, attention_factor: float, positions: Any) -> tuple[Any, Any]:
+    """cos and sin (float64, ``[len(positions), len(inv_freq)]``) times the attention factor.
+
+    One column per rotated pair; how an engine lays the pairs out (neox halves
+    or interleaved) is its own business and not part of what the block means.
+    """
+    import torch
+
+    angles = torch.outer(torch.as_tensor(positions, dtype=torch.float64), inv_freq.to(torch.float64))
+    return angles.cos() * attention_factor, angles.sin() * attention_factor

@@ -1,0 +1,118 @@
+"""One YaRN block, three engines: HF transformers, the Megatron policy worker and vLLM agree.
+
+The tiny model's query/key projections are scaled up so attention is sharp and
+position-dependent; a negative control (the same model without YaRN) shows the
+comparison would catch a RoPE mismatch beyond the original window.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from nemo_rl.data.builtin_assets import resolve_model_path
+from nemo_rl.models import rope_scaling
+from tests.helpers import yarn_block
+
+pytestmark = [pytest.mark.functional, pytest.mark.slow]
+
+MAX_LEN = 1024  # 4x the tiny model's original window of 256
+OVERRIDES = {"rope_scaling": yarn_block()}
+# float32 everywhere; the engines differ only in kernel order (fused QKV, vLLM's CPU attention):
+# measured max |diff| is ~1e-5, so 1e-3 leaves room while staying 100x below the control's gap.
+ATOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def sharp_model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("sharp") / "tiny-qwen2-sharp"
+    shutil.copytree(resolve_model_path("tiny-qwen2"), path)
+    weights = load_file(str(path / "model.safetensors"))
+    for name in weights:
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            weights[name] = weights[name] * 12.0
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokens() -> torch.Tensor:
+    return torch.randint(3, 550, (1, 1000), generator=torch.Generator().manual_seed(0))
+
+
+def _logprobs_from_logits(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log p(token t+1 | prefix) for t = 0..L-2."""
+    return torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+
+
+def _hf_logprobs(path: Path, ids: torch.Tensor, overrides) -> torch.Tensor:
+    config = rope_scaling.apply_hf_config_overrides(AutoConfig.from_pretrained(path), overrides, MAX_LEN)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return _logprobs_from_logits(model(ids).logits, ids)
+
+
+def _megatron_logprobs(path: Path, ids: torch.Tensor, tmp: Path) -> torch.Tensor:
+    import ray
+
+    from nemo_rl.distributed.ray_init import init_ray
+    from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
+    from nemo_rl.models.policy.lm_policy import Policy
+    from nemo_rl.utils.config import load_config, resolve_config
+    from nemo_rl.utils.config_schema import validate_sft_config
+
+    base = Path(__file__).resolve().parents[2] / "examples" / "configs" / "sft.yaml"
+    cfg = validate_sft_config(resolve_config(load_config(base, [f"policy.model_name={path}"])))
+    os.environ["NRL_MEGATRON_CHECKPOINT_DIR"] = str(tmp / "mcore")
+    init_ray(num_cpus=2)
+    cluster = RayVirtualCluster(1)
+    policy = Policy(cluster, cfg.policy, path, seed=0)
+    try:
+        return _logprobs_from_logits(policy.get_logits(ids), ids)
+    finally:
+        policy.shutdown()
+        cluster.shutdown()
+        ray.shutdown()
+        del os.environ["NRL_MEGATRON_CHECKPOINT_DIR"]
+
+
+def _vllm_logprobs(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+
+    kwargs = rope_scaling.vllm_engine_kwargs(AutoConfig.from_pretrained(path), OVERRIDES, MAX_LEN)
+    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, seed=0, **kwargs)
+    try:
+        out = llm.generate(
+            [{"prompt_token_ids": ids[0].tolist()}], SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
+        )
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    prompt_logprobs = out[0].prompt_logprobs  # entry t: logprob of prompt token t given tokens < t
+    return torch.tensor(
+        [prompt_logprobs[t][int(ids[0, t])].logprob for t in range(1, ids.shape[1])], dtype=torch.float64
+    )
+
+
+def test_hf_megatron_and_vllm_agree_beyond_the_original_window(sharp_model, tokens, tmp_path):
+    hf = _hf_logprobs(sharp_model, tokens, OVERRIDES)
+    no_yarn = _hf_logprobs(sharp_model, tokens, None)
+    beyond = slice(256, None)  # predictions at positions past the original window
+    control_gap = (hf[beyond] - no_yarn[beyond]).abs().max().item()
+    assert control_gap > 100 * ATOL, f"the model is not position-sensitive enough ({control_gap})"
+
+    megatron = _megatron_logprobs(sharp_model, tokens, tmp_path)
+    torch.testing.assert_close(megatron, hf, rtol=0, atol=ATOL)
+
+    vllm = _vllm_logprobs(sharp_model, tokens)
+    torch.testing.assert_close(vllm.float(), hf.float(), rtol=0, atol=ATOL)
+    print(
+        f"max |logprob diff| vs HF: megatron {(megatron - hf).abs().max():.2e}, vllm {(vllm - hf).abs().max():.2e}; "
+        f"no-YaRN control beyond the window {control_gap:.2e}"
+    )
