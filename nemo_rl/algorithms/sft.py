@@ -47,11 +47,13 @@ class SFTRun:
         self.model_path = resolve_model_path(pcfg.model_name)
         self.tokenizer_path = resolve_model_path(pcfg.tokenizer.name)
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
-        train_path, val_path = resolve_dataset_paths(
+        train_path, self.val_path = resolve_dataset_paths(
             cfg.data.dataset_name, cfg.data.train_data_path, cfg.data.val_data_path
         )
         self.train_data = load_sft_dataset(train_path, self.tokenizer, pcfg.max_total_sequence_length)
-        self.val_data = load_sft_dataset(val_path, self.tokenizer, pcfg.max_total_sequence_length) if val_path else None
+        self.val_data = (
+            load_sft_dataset(self.val_path, self.tokenizer, pcfg.max_total_sequence_length) if self.val_path else None
+        )
         self.train_loader = SFTDataloader(self.train_data, pcfg.train_global_batch_size, cfg.data.shuffle, cfg.sft.seed)
 
         self.log_dir = Path(cfg.logger.log_dir)
@@ -148,7 +150,23 @@ class SFTRun:
             export = Path(scfg.export_hf_dir)
             self.policy.export_hf(export, self.model_path, self.tokenizer_path)
             logger.info("Exported the trained policy to %s", export)
+            self._long_context_eval(export, step)
         return SFTResult(step, last_loss, val_loss, self.policy.checkpoint_dir, export)
+
+    def _long_context_eval(self, export: Path, step: int) -> None:
+        """The scheduled evaluation, on the exported model (its config.json carries the RoPE block)."""
+        eval_cfg = self.cfg.long_context_eval
+        if eval_cfg is None or not eval_cfg.enabled:
+            return
+        from nemo_rl.evals.long_context import format_table, run_long_context_eval
+
+        perplexity, passkey, report = run_long_context_eval(
+            export, None, self.cfg.policy.max_total_sequence_length, eval_cfg, self.log_dir, default_data=self.val_path
+        )
+        metrics = {f"perplexity@{p.length}": p.perplexity for p in perplexity}
+        metrics |= {f"passkey@{p.length}/depth{p.depth:g}": p.accuracy for p in passkey}
+        self.metrics.log(metrics, step, "long_context_eval")
+        logger.info("Long-context evaluation (%s):\n%s", report, format_table(perplexity, passkey))
 
     def close(self) -> None:
         self.metrics.close()

@@ -168,9 +168,53 @@ class SFTDataConfig(_Section):
     shuffle: bool
 
 
+class LongContextEvalConfig(_Section):
+    """Perplexity-vs-length and passkey evaluation (see nemo_rl.evals.long_context)."""
+
+    enabled: bool
+    data_path: str | None  # JSONL of {"text"} or {"messages"} rows; null: the built-in tiny-chat validation split
+    lengths: list[PositiveInt]
+    passkey_lengths: list[PositiveInt]
+    passkey_depths: list[Annotated[float, Field(ge=0.0, le=1.0)]]
+    passkey_trials: PositiveInt
+    seed: int
+
+
 class SFTMasterConfig(MasterConfig):
     sft: SFTConfig
     data: SFTDataConfig
+    # Scheduled after training on the exported HF model (needs sft.export_hf_dir).
+    long_context_eval: LongContextEvalConfig | None = None
+
+
+class LongContextEvalRunConfig(_Section):
+    """The standalone evaluation command: any HF directory, optionally with RoPE overrides."""
+
+    model_dir: str
+    max_total_sequence_length: PositiveInt
+    hf_config_overrides: dict[str, Any] | None = None
+    output_dir: str
+    long_context_eval: LongContextEvalConfig
+
+
+def validate_long_context_eval_config(resolved: Mapping[str, Any]) -> LongContextEvalRunConfig:
+    errors: list[str] = []
+    cfg = None
+    try:
+        cfg = LongContextEvalRunConfig.model_validate(resolved)
+    except ValidationError as err:
+        errors += _field_errors(err, LongContextEvalRunConfig)
+    max_len = _value(resolved, "max_total_sequence_length", int)
+    if max_len is not None:
+        # Evaluation runs in transformers, not on a training backend: only the block itself is checked.
+        overrides = _value(resolved, "hf_config_overrides", Mapping)
+        _, long_errors, notes = rope_scaling.validate_long_context(overrides, max_len, True, False)
+        errors += [e.replace(rope_scaling.OVERRIDES_PATH, "hf_config_overrides") for e in long_errors]
+        for note in notes:
+            logger.warning(note)
+    if errors or cfg is None:
+        raise ConfigError(errors)
+    return cfg
 
 
 def validate_sft_config(resolved: Mapping[str, Any]) -> SFTMasterConfig:
