@@ -142,7 +142,8 @@ class LongContextConfig:
                 )
             factor = compounded
             if self.method == YARN:
-                _raise_if_any(_stable_band_errors(factor, self.force, f"compounded factor ({existing:g} x {self.factor:g})"))
+                what = f"compounded factor ({existing:g} x {self.factor:g})"
+                _raise_if_any(_stable_band_errors(factor, self.force, what))
             original = original or params.get("original_max_position_embeddings")
             if original is None:
                 raise ConfigError(
@@ -360,18 +361,21 @@ def apply_rope_scaling(model: Any, cfg: LongContextConfig) -> dict[str, Any]:
 
     # Patched copies first (rope_scaling writes the block whole, keeping rope_theta).
     patched = {}
-    for path, c in configs:
+    for _, c in configs:
         existing = hf_rope_parameters(c)
         block = {**{k: existing[k] for k in STRUCTURAL_ROPE_KEYS if k in existing}, **first.block}
         overrides = {"rope_scaling": block, "max_position_embeddings": first.new_max}
         patched[id(c)] = (c, apply_hf_config_overrides(c, overrides, first.new_max))
 
-    rotary = [(name, m) for name, m in model.named_modules() if _is_rotary(m) and getattr(m, "config", None) is not None]
+    rotary = [(n, m) for n, m in model.named_modules() if _is_rotary(m) and getattr(m, "config", None) is not None]
     ours = [(name, m) for name, m in rotary if id(m.config) in patched]
-    stray = [name for name, m in rotary if id(m.config) not in patched and hf_rope_parameters(m.config)]
+    # A rotary module reading a *copy* of a language config would keep the old RoPE (vision towers'
+    # rotary modules read their own config classes and are left alone).
+    language_types = {type(c) for c, _ in patched.values()}
+    stray = [name for name, m in rotary if id(m.config) not in patched and type(m.config) in language_types]
     if stray or not ours:
         raise RuntimeError(
-            f"rotary modules reading a config apply_rope_scaling does not patch: {stray}"
+            f"rotary modules reading a copy of a config that apply_rope_scaling patches: {stray}"
             if stray
             else f"no rotary-embedding module of {type(model).__name__} reads the patched configs; "
             "patching the config alone would not change the forward pass"

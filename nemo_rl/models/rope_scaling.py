@@ -461,7 +461,9 @@ def apply_hf_config_overrides(
     return type(hf_config).from_dict(data)
 
 
-def vllm_engine_kwargs(hf_config: Any, overrides: Mapping[str, Any] | None, max_total_sequence_length: int) -> dict[str, Any]:
+def vllm_engine_kwargs(
+    hf_config: Any, overrides: Mapping[str, Any] | None, max_total_sequence_length: int
+) -> dict[str, Any]:
     """``LLM(...)`` keyword arguments that make vLLM compute what the trainer computes.
 
     ``hf_overrides`` are exactly the config entries that
@@ -471,7 +473,14 @@ def vllm_engine_kwargs(hf_config: Any, overrides: Mapping[str, Any] | None, max_
     model's ``max_position_embeddings`` without multiplying by the factor, which
     is why the extended window travels in the overrides too.
     """
-    patched = apply_hf_config_overrides(hf_config, overrides, max_total_sequence_length).to_dict()
+    patched_config = apply_hf_config_overrides(hf_config, overrides, max_total_sequence_length)
+    if hf_rope_parameters(patched_config).get("rope_type") == "dynamic":
+        # vLLM builds one table for its max length instead of rescaling the base per sequence length.
+        raise ValueError(
+            f"{OVERRIDES_PATH}.rope_scaling.rope_type=dynamic: vLLM computes dynamic NTK with a fixed base "
+            "(its table length), transformers per sequence length; use rope_type=yarn or linear for generation"
+        )
+    patched = patched_config.to_dict()
     original = hf_config.to_dict()
     changed = {k: v for k, v in patched.items() if k != "transformers_version" and original.get(k) != v}
     return {"hf_overrides": changed, "max_model_len": max_total_sequence_length}
@@ -563,14 +572,18 @@ def ntk_aware_rope_parameters(rope_theta: float, factor: float, dim: int) -> dic
     transformers has no rope_type for static NTK (its ``dynamic`` type recomputes
     the base from the sequence length), so the only spelling that every engine
     reads the same way is a plain block whose ``rope_theta`` is already scaled.
-    ``dim`` is the rotary dimension (see ``rotary_dim``).
+    vLLM's own ``rope_type: ntk`` is a different formula (base * s, then every
+    frequency / s^(2/d), so even the fastest pair is slowed) and is not a spelling
+    of this. ``dim`` is the rotary dimension (see ``rotary_dim``).
     """
     if factor <= 0:
         raise ValueError(f"factor must be > 0, got {factor}")
     return {"rope_type": "default", "rope_theta": rope_theta * factor ** (dim / (dim - 2))}
 
 
-def dynamic_ntk_theta(rope_theta: float, factor: float, dim: int, original_max_position_embeddings: int, seq_len: int | None) -> float:
+def dynamic_ntk_theta(
+    rope_theta: float, factor: float, dim: int, original_max_position_embeddings: int, seq_len: int | None
+) -> float:
     """The base that dynamic NTK uses for a sequence of ``seq_len`` tokens.
 
     Below the original window the base is unchanged; beyond it the base grows as
@@ -589,17 +602,25 @@ class YarnCorrectionRange(NamedTuple):
 
 
 def yarn_correction_range(yarn: YarnScaling, dim: int) -> YarnCorrectionRange:
-    """Pairs that turn more than ``beta_fast`` times in the original window keep their frequency; fewer than ``beta_slow`` are interpolated.
+    """Where YaRN's ramp runs: pairs below ``low`` keep their frequency, pairs above ``high`` are interpolated.
 
-    Pair i turns ``L_orig / (2 pi theta^(2i/d))`` times, so the pair turning r times
-    is ``d ln(L_orig / (2 pi r)) / (2 ln theta)``. ``truncate`` floors the low end and
+    Pairs that turn more than ``beta_fast`` times in the original window are
+    extrapolated, fewer than ``beta_slow`` times interpolated. Pair i turns
+    ``L_orig / (2 pi theta^(2i/d))`` times, so the pair turning r times is
+    ``d ln(L_orig / (2 pi r)) / (2 ln theta)``. ``truncate`` floors the low end and
     ceils the high end (Megatron: ``yarn_correction_range_round_to_int``); the range
-    is then clamped to ``[0, d - 1]`` exactly as all three engines clamp it (note
-    ``d - 1``, not ``d/2 - 1``: the ramp saturates anyway).
+    is then clamped to ``[0, d - 1]`` exactly as all three engines clamp it. Note
+    ``d - 1``, not ``d/2 - 1`` (the last pair): when ``L_orig > 2 pi beta_slow theta``
+    the ramp ends past the last pair, so the lowest frequencies are only partly
+    interpolated; clamping at ``d/2 - 1`` instead would change them.
     """
 
     def pair_turning(rotations: float) -> float:
-        return dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(yarn.rope_theta))
+        return (
+            dim
+            * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi))
+            / (2 * math.log(yarn.rope_theta))
+        )
 
     low, high = pair_turning(yarn.beta_fast), pair_turning(yarn.beta_slow)
     if yarn.truncate:
@@ -652,7 +673,9 @@ def rope_frequencies(params: Mapping[str, Any], head_dim: int, seq_len: int | No
     if rope_type == "dynamic":
         original = params.get("original_max_position_embeddings")
         if _type_problem(original, int) or original <= 0:
-            raise ValueError(f"rope_type=dynamic: original_max_position_embeddings must be an integer > 0, got {original!r}")
+            raise ValueError(
+                f"rope_type=dynamic: original_max_position_embeddings must be an integer > 0, got {original!r}"
+            )
         return _default_inv_freq(dynamic_ntk_theta(theta, _positive_factor(params), dim, original, seq_len), dim), 1.0
     if rope_type == YARN:
         yarn = YarnScaling.from_dict({k: v for k, v in params.items() if k != "partial_rotary_factor"})

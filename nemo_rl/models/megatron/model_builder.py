@@ -96,5 +96,6 @@ def build_gpt_model(
         post_process=post_process,
         share_embeddings_and_output_weights=hf_config.tie_word_embeddings,
         position_embedding_type=position_embedding_type,
+        rotary_percent=rope_scaling.hf_rope_parameters(hf_config).get("partial_rotary_factor", 1.0),
         rotary_base=rope_scaling.rope_theta_of(hf_config),
     )
