@@ -74,7 +74,7 @@ def main() -> None:
     )
 
     documents = read_documents(val_path, tokenizer)
-    lengths = [128, 256, 384, 512, 640, 768]
+    lengths = [128, 256, 384, 512, 640, 704]
     methods = {"none": None, "linear": "linear", "ntk": "ntk", "yarn": "yarn"}
     results: dict[str, list[float]] = {}
     for name, method in methods.items():

@@ -7,6 +7,7 @@ fails before Ray starts or any directory is created.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from nemo_rl.data.builtin_assets import resolve_dataset_paths, resolve_model_pat
 from nemo_rl.data.sft_dataset import SFTDataloader, collate, load_sft_dataset
 from nemo_rl.distributed.ray_init import init_ray
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
+from nemo_rl.models import rope_scaling
+from nemo_rl.models.long_context import run_receipt, write_receipt
 from nemo_rl.models.policy.lm_policy import Policy
 from nemo_rl.utils.checkpoint import CheckpointManager
 from nemo_rl.utils.config import save_config
@@ -58,6 +61,7 @@ class SFTRun:
 
         self.log_dir = Path(cfg.logger.log_dir)
         save_config(resolved_config, self.log_dir / "config.yaml")
+        self._write_long_context_receipt()
         self.metrics = Logger(
             self.log_dir,
             tensorboard=cfg.logger.tensorboard_enabled,
@@ -71,6 +75,15 @@ class SFTRun:
         self.policy = Policy(self.cluster, pcfg, self.model_path, seed=cfg.sft.seed)
         cache_note = "converted now" if self.policy.converted_now else "reused from cache"
         logger.info("Megatron checkpoint %s (%s)", self.policy.checkpoint_dir, cache_note)
+
+    def _write_long_context_receipt(self) -> None:
+        """What RoPE the run actually uses, hash-stamped, next to its config."""
+        yarn = self.cfg.policy.long_context
+        if yarn is None:
+            return
+        block = json.loads(rope_scaling.canonical_overrides_json(self.cfg.policy.effective_hf_config_overrides))
+        receipt = run_receipt(yarn, block["rope_scaling"], self.cfg.policy.max_total_sequence_length, ["megatron"])
+        logger.info("Long-context receipt: %s", write_receipt(receipt, self.log_dir))
 
     # ------------------------------------------------------------------
     def _collate(self, samples) -> dict:

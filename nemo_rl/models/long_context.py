@@ -416,21 +416,47 @@ def make_receipt(
 ) -> dict[str, Any]:
     """``{"long_context": {...}, "sha256": ...}``; ``factor`` is the applied (compounded) factor."""
     yarn = cfg.method == YARN
-    block = {
-        "method": cfg.method,
-        "factor": plan.factor,
-        "original_max_position_embeddings": plan.original,
-        "new_max_position_embeddings": plan.new_max,
-        "attention_factor": plan.attention_factor,
-        "beta_fast": cfg.beta_fast if yarn else None,
-        "beta_slow": cfg.beta_slow if yarn else None,
-        "references": list(REFERENCES),
-        "rope_block": dict(plan.block),
-        "compounded_from_factor": plan.existing_factor,
-        "patched_configs": list(patched_configs),
-        "rotary_modules": list(rotary_modules),
-        "attn_implementation": attn_implementation,
-    }
+    return _receipt(
+        {
+            "method": cfg.method,
+            "factor": plan.factor,
+            "original_max_position_embeddings": plan.original,
+            "new_max_position_embeddings": plan.new_max,
+            "attention_factor": plan.attention_factor,
+            "beta_fast": cfg.beta_fast if yarn else None,
+            "beta_slow": cfg.beta_slow if yarn else None,
+            "rope_block": dict(plan.block),
+            "compounded_from_factor": plan.existing_factor,
+            "patched_configs": list(patched_configs),
+            "rotary_modules": list(rotary_modules),
+            "attn_implementation": attn_implementation,
+        }
+    )
+
+
+def run_receipt(
+    yarn: YarnScaling, rope_block: Mapping[str, Any], max_total_sequence_length: int, engines: Iterable[str]
+) -> dict[str, Any]:
+    """The receipt of a run configured through ``policy.hf_config_overrides`` (trainer and generator)."""
+    return _receipt(
+        {
+            "method": YARN,
+            "factor": yarn.factor,
+            "original_max_position_embeddings": yarn.original_max_position_embeddings,
+            "new_max_position_embeddings": max(
+                math.ceil(yarn.factor * yarn.original_max_position_embeddings), max_total_sequence_length
+            ),
+            "attention_factor": yarn.attention_factor,
+            "beta_fast": yarn.beta_fast,
+            "beta_slow": yarn.beta_slow,
+            "rope_block": dict(rope_block),
+            "engines": list(engines),
+        }
+    )
+
+
+def _receipt(block: dict[str, Any]) -> dict[str, Any]:
+    block = {**block, "references": list(REFERENCES)}
     return {"long_context": block, "sha256": receipt_sha256(block)}
 
 

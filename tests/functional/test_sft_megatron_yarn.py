@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from pathlib import Path
 
@@ -79,6 +81,17 @@ def test_sft_trains_caches_resumes_and_exports(ray_local, tmp_path):
     assert re.fullmatch(r"tiny-qwen2__hfovr_[0-9a-f]{12}", name)
     assert name.endswith(rope_scaling.overrides_hash(cfg.policy.effective_hf_config_overrides))
     assert (tmp_path / "a" / "logs" / "config.yaml").is_file()
+    from nemo_rl.models.long_context import RECEIPT_NAME, verify_receipt
+
+    receipt = tmp_path / "a" / "logs" / RECEIPT_NAME
+    assert verify_receipt(receipt)
+    stamped = json.loads(receipt.read_text())["long_context"]
+    assert (stamped["factor"], stamped["original_max_position_embeddings"], stamped["new_max_position_embeddings"]) == (
+        4,
+        256,
+        1024,
+    )
+    assert stamped["attention_factor"] == pytest.approx(0.1 * math.log(4) + 1)
     assert sorted(p.name for p in (tmp_path / "a" / "ckpt").iterdir()) == ["step_2", "step_4"]
 
     run, resumed = _train(
