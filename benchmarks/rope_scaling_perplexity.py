@@ -1,10 +1,11 @@
 """Perplexity vs context length for no scaling, linear PI, NTK-aware and YaRN on one base model.
 
-    uv run benchmarks/rope_scaling_perplexity.py [--factor 4] [--steps 300] [--out results/bench_rope]
+    uv run benchmarks/rope_scaling_perplexity.py [--window 64] [--factor 4] [--steps 300] [--out results/bench_rope]
 
-The base is the project's tiny Qwen2 (original window 256), first pre-trained
-here for ``--steps`` steps on 256-token windows of the tiny-chat data so that
-its window is a real one; each method then extends it by ``--factor`` through
+The base is the project's tiny Qwen2, first pre-trained here for ``--steps``
+steps on ``--window``-token windows of the tiny-chat data so that its window is
+a real one (a short window keeps RoPE's slow dimensions unseen, as in a real
+pretraining run); each method then extends it by ``--factor`` through
 ``nemo_rl.models.long_context.apply_rope_scaling`` with no further training
 (the setting of the YaRN paper's first comparison). Prints a table and writes
 ``perplexity_vs_length.png`` and ``results.json`` to ``--out``.
@@ -30,20 +31,18 @@ from nemo_rl.data.builtin_assets import resolve_dataset_paths, resolve_model_pat
 from nemo_rl.evals.long_context import perplexity_by_length, read_documents  # noqa: E402
 from nemo_rl.models.long_context import LongContextConfig, apply_rope_scaling  # noqa: E402
 
-WINDOW = 256
 
-
-def pretrain_at_window(model, documents: list[list[int]], steps: int, seed: int = 0) -> list[float]:
-    """Next-token training on random 256-token windows of the concatenated documents."""
+def pretrain_at_window(model, documents: list[list[int]], window: int, steps: int, seed: int = 0) -> list[float]:
+    """Next-token training on random ``window``-token windows of the concatenated documents."""
     stream = torch.tensor([t for doc in documents for t in doc])
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     losses = []
     model.train()
-    for _ in tqdm(range(steps), desc=f"pre-training at {WINDOW} tokens"):
-        starts = torch.randint(0, len(stream) - WINDOW - 1, (8,), generator=generator)
-        batch = torch.stack([stream[s : s + WINDOW] for s in starts])
+    for _ in tqdm(range(steps), desc=f"pre-training at {window} tokens"):
+        starts = torch.randint(0, len(stream) - window - 1, (8,), generator=generator)
+        batch = torch.stack([stream[s : s + window] for s in starts])
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -56,6 +55,7 @@ def pretrain_at_window(model, documents: list[list[int]], steps: int, seed: int 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--window", type=int, default=64, help="pre-training (original) window in tokens")
     parser.add_argument("--factor", type=float, default=4.0)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--out", type=Path, default=Path("results/bench_rope"))
@@ -67,20 +67,23 @@ def main() -> None:
     train_path, val_path = resolve_dataset_paths("tiny-chat", None, None)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     start = time.perf_counter()
-    losses = pretrain_at_window(base, read_documents(train_path, tokenizer), args.steps)
+    losses = pretrain_at_window(base, read_documents(train_path, tokenizer), args.window, args.steps)
     base.eval()
     print(
         f"pre-training: {args.steps} steps in {time.perf_counter() - start:.0f}s, loss {losses[0]:.2f} -> {losses[-1]:.2f}"
     )
 
     documents = read_documents(val_path, tokenizer)
-    lengths = [128, 256, 384, 512, 640, 704]
+    lengths = sorted({args.window // 2, args.window, *(int(args.window * f) for f in (1.5, 2, 3, args.factor))})
     methods = {"none": None, "linear": "linear", "ntk": "ntk", "yarn": "yarn"}
     results: dict[str, list[float]] = {}
     for name, method in methods.items():
         model = copy.deepcopy(base)
         if method:
-            apply_rope_scaling(model, LongContextConfig(method=method, factor=args.factor))
+            apply_rope_scaling(
+                model,
+                LongContextConfig(method=method, factor=args.factor, original_max_position_embeddings=args.window),
+            )
         results[name] = [p.perplexity for p in perplexity_by_length(model, documents, lengths)]
     counts = [p.num_documents for p in perplexity_by_length(base, documents, lengths)]
 
@@ -94,7 +97,7 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in methods:
         ax.plot(lengths, results[name], marker="o", label=name)
-    ax.axvline(WINDOW, color="grey", linestyle="--", linewidth=1, label="original window")
+    ax.axvline(args.window, color="grey", linestyle="--", linewidth=1, label="original window")
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
@@ -103,7 +106,16 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(args.out / "perplexity_vs_length.png", dpi=120)
     (args.out / "results.json").write_text(
-        json.dumps({"factor": args.factor, "lengths": lengths, "documents": counts, "perplexity": results}, indent=2)
+        json.dumps(
+            {
+                "window": args.window,
+                "factor": args.factor,
+                "lengths": lengths,
+                "documents": counts,
+                "perplexity": results,
+            },
+            indent=2,
+        )
     )
     print(f"plot: {args.out / 'perplexity_vs_length.png'}")
 
