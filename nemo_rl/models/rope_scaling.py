@@ -12,6 +12,7 @@ its canonical hash. Translations to each backend belong here too.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -32,6 +33,9 @@ FACTOR_ROPE_TYPES = ("linear", "dynamic")
 # Mirrors transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS (plus "default"), hardcoded to keep
 # transformers and torch out of config validation; a unit test checks that they agree.
 KNOWN_ROPE_TYPES = ("default", *FACTOR_ROPE_TYPES, YARN, "longrope", "llama3", "proportional")
+# Dynamic-YaRN (arXiv:2309.00071 sec. 3.3): YaRN with s = max(1, L / original) for the running length L.
+# Only this project's reference math implements it; see `_dynamic_yarn_errors`.
+DYNAMIC_YARN = "dynamic_yarn"
 
 
 def _factor_example(block_path: str) -> str:
@@ -282,6 +286,8 @@ def validate_long_context(
     block, errors = _rope_block(overrides)
     if block is None or errors:
         return None, errors, []
+    if block.rope_type == DYNAMIC_YARN:
+        return None, _dynamic_yarn_errors(block), []
     errors = _rope_type_value_errors(block)
     if errors or block.rope_type != YARN:
         return None, errors + _factor_only_errors(block), []
@@ -296,6 +302,15 @@ def validate_long_context(
     if errors:
         return None, errors, []
     return yarn, [], []
+
+
+def _dynamic_yarn_errors(block: RopeBlock) -> list[str]:
+    """No installed engine rescales YaRN per sequence length, so trainer and generator cannot agree on it."""
+    return [
+        f"{block.path}.rope_type: {DYNAMIC_YARN} (YaRN rescaled to each running length) is implemented by none of "
+        "the engines a run uses (megatron-core 0.16 and vLLM 0.32 build one fixed RoPE table; transformers 5 has no "
+        f"such rope type); use rope_type: {YARN} with factor: {_factor_example(block.path)}"
+    ]
 
 
 def _rope_type_value_errors(block: RopeBlock) -> list[str]:
@@ -474,10 +489,10 @@ def vllm_engine_kwargs(
     is why the extended window travels in the overrides too.
     """
     patched_config = apply_hf_config_overrides(hf_config, overrides, max_total_sequence_length)
-    if hf_rope_parameters(patched_config).get("rope_type") == "dynamic":
+    if hf_rope_parameters(patched_config).get("rope_type") in ("dynamic", DYNAMIC_YARN):
         # vLLM builds one table for its max length instead of rescaling the base per sequence length.
         raise ValueError(
-            f"{OVERRIDES_PATH}.rope_scaling.rope_type=dynamic: vLLM computes dynamic NTK with a fixed base "
+            f"{OVERRIDES_PATH}.rope_scaling.rope_type: vLLM computes dynamic scaling with a fixed base "
             "(its table length), transformers per sequence length; use rope_type=yarn or linear for generation"
         )
     patched = patched_config.to_dict()
@@ -677,10 +692,20 @@ def rope_frequencies(params: Mapping[str, Any], head_dim: int, seq_len: int | No
                 f"rope_type=dynamic: original_max_position_embeddings must be an integer > 0, got {original!r}"
             )
         return _default_inv_freq(dynamic_ntk_theta(theta, _positive_factor(params), dim, original, seq_len), dim), 1.0
-    if rope_type == YARN:
-        yarn = YarnScaling.from_dict({k: v for k, v in params.items() if k != "partial_rotary_factor"})
+    if rope_type in (YARN, DYNAMIC_YARN):
+        fields = {k: v for k, v in params.items() if k != "partial_rotary_factor"} | {"rope_type": YARN}
+        yarn = YarnScaling.from_dict(fields)
+        if rope_type == DYNAMIC_YARN:
+            if seq_len is None:
+                raise ValueError(f"rope_type={DYNAMIC_YARN} needs the running sequence length (seq_len)")
+            scale = seq_len / yarn.original_max_position_embeddings
+            if scale <= 1:
+                return _default_inv_freq(theta, dim), 1.0
+            yarn = dataclasses.replace(yarn, factor=min(scale, yarn.factor))
         return yarn_inv_freq(yarn, dim), yarn.attention_factor
-    raise ValueError(f"rope_type {rope_type!r}: no reference math (known: default, linear, dynamic, {YARN})")
+    raise ValueError(
+        f"rope_type {rope_type!r}: no reference math (known: default, linear, dynamic, {YARN}, {DYNAMIC_YARN})"
+    )
 
 
 def rope_cos_sin(inv_freq: Any, attention_factor: float, positions: Any) -> tuple[Any, Any]:

@@ -578,9 +578,37 @@ def test_vllm_translation_refuses_dynamic_ntk():
     from nemo_rl.models.rope_scaling import vllm_engine_kwargs
 
     config = Qwen2Config(hidden_size=128, num_attention_heads=2, head_dim=64, max_position_embeddings=256)
-    with pytest.raises(ValueError, match="rope_type=dynamic: vLLM"):
+    with pytest.raises(ValueError, match="rope_type: vLLM computes dynamic scaling"):
         vllm_engine_kwargs(config, {"rope_scaling": {"rope_type": "dynamic", "rope_theta": 10000, "factor": 2.0}}, 512)
     kwargs = vllm_engine_kwargs(config, {"rope_scaling": shared_yarn_block()}, 1024)
     assert kwargs["max_model_len"] == 1024
     assert kwargs["hf_overrides"]["max_position_embeddings"] == 1024
     assert kwargs["hf_overrides"]["rope_parameters"]["rope_theta"] == 10000  # whole block, base included
+
+
+def test_dynamic_yarn_reference_math_follows_the_running_length():
+    """Dynamic-YaRN: plain RoPE inside the window, YaRN with s = L / original beyond it, capped at factor."""
+    from nemo_rl.models.rope_scaling import DYNAMIC_YARN, rope_frequencies
+
+    block = shared_yarn_block(rope_type=DYNAMIC_YARN)  # factor 4, original 256
+    plain, _ = rope_frequencies({"rope_type": "default", "rope_theta": 10000}, 64)
+    inside, factor_inside = rope_frequencies(block, 64, seq_len=200)
+    torch.testing.assert_close(inside, plain)
+    assert factor_inside == 1.0
+    at_2x, factor_2x = rope_frequencies(block, 64, seq_len=512)
+    static_2x, static_factor = rope_frequencies(shared_yarn_block(factor=2.0), 64)
+    torch.testing.assert_close(at_2x, static_2x)
+    assert factor_2x == static_factor == pytest.approx(0.1 * math.log(2) + 1)
+    beyond, _ = rope_frequencies(block, 64, seq_len=4096)
+    torch.testing.assert_close(beyond, rope_frequencies(shared_yarn_block(), 64)[0])
+    with pytest.raises(ValueError, match="seq_len"):
+        rope_frequencies(block, 64)
+
+
+def test_dynamic_yarn_is_refused_for_runs_with_the_engines_named():
+    from nemo_rl.models.rope_scaling import DYNAMIC_YARN, validate_long_context
+
+    _, errors, _ = validate_long_context({"rope_scaling": shared_yarn_block(rope_type=DYNAMIC_YARN)}, 1024, True, False)
+    assert len(errors) == 1
+    assert "megatron-core" in errors[0] and "vLLM" in errors[0] and "transformers" in errors[0]
+    assert "use rope_type: yarn" in errors[0]
