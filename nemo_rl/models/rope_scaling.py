@@ -526,13 +526,13 @@ def megatron_rope_fields(hf_config: Any) -> dict[str, Any]:
     """
     params = hf_rope_parameters(hf_config)
     rope_type = params.get("rope_type", "default")
-    if rope_type == "default":
-        return {}
-    if rope_type != YARN:
+    if rope_type not in ("default", "linear", YARN):
         raise ValueError(
-            f"rope_type {rope_type!r}: the Megatron backend supports RoPE scaling only as rope_type=yarn "
-            f"(set {OVERRIDES_PATH}.{CANONICAL_BLOCK_KEY}.rope_type=yarn)"
+            f"rope_type {rope_type!r}: the Megatron backend supports RoPE scaling as rope_type=yarn or linear "
+            f"(set {OVERRIDES_PATH}.{CANONICAL_BLOCK_KEY}.rope_type)"
         )
+    if rope_type != YARN:
+        return {}  # plain and linear RoPE are GPTModel arguments, see megatron_gpt_rope_kwargs
     partial = params.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", None))
     if partial is not None and partial != 1.0:
         # YarnRotaryEmbedding sizes its frequencies by kv_channels and ignores rotary_percent, so it
@@ -552,6 +552,22 @@ def megatron_rope_fields(hf_config: Any) -> dict[str, Any]:
         "yarn_mscale": (yarn.attention_factor - 1.0) / (0.1 * math.log(yarn.factor)),
         "yarn_mscale_all_dim": 0.0,
         "yarn_correction_range_round_to_int": yarn.truncate,
+    }
+
+
+def megatron_gpt_rope_kwargs(hf_config: Any) -> dict[str, Any]:
+    """megatron-core ``GPTModel`` constructor arguments for the HF config's RoPE block.
+
+    Linear position interpolation is megatron's ``seq_len_interpolation_factor``
+    (positions divided by the factor, i.e. ``inv_freq / factor``).
+    """
+    params = hf_rope_parameters(hf_config)
+    fields = megatron_rope_fields(hf_config)  # validates the block for Megatron
+    return {
+        "position_embedding_type": "yarn" if fields else "rope",
+        "rotary_base": rope_theta_of(hf_config),
+        "rotary_percent": params.get("partial_rotary_factor", 1.0),
+        "seq_len_interpolation_factor": params["factor"] if params.get("rope_type") == "linear" else None,
     }
 
 

@@ -71,7 +71,15 @@ def test_round_trip_is_bit_exact(name):
 
 
 @pytest.mark.parametrize("name", ["qwen2-tied", "qwen3-untied", "llama-untied"])
-@pytest.mark.parametrize("rope", [YARN, {"rope_type": "default", "rope_theta": 10000.0}], ids=["yarn", "plain"])
+@pytest.mark.parametrize(
+    "rope",
+    [
+        YARN,
+        {"rope_type": "default", "rope_theta": 10000.0},
+        {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    ],
+    ids=["yarn", "plain", "linear"],
+)
 def test_megatron_logits_equal_hf(megatron_single_process, name, rope):
     from nemo_rl.models.megatron.cpu_compat import causal_attention_mask
     from nemo_rl.models.megatron.model_builder import ParallelLayout, build_gpt_model, transformer_config_from_hf

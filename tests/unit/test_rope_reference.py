@@ -387,11 +387,17 @@ def test_megatron_refuses_partial_rotary_yarn(hf, megatron):
     assert emb.shape[-1] == 128 != rotary_dim(128, 0.5)
 
 
-def test_megatron_refuses_non_yarn_scaling(hf):
-    for rope_type in ("linear", "dynamic"):
-        block = {"rope_type": rope_type, "rope_theta": 1e4, "factor": 2.0}
-        with pytest.raises(ValueError, match=f"rope_type '{rope_type}'"):
-            megatron_rope_fields(hf.config(128, 1.0, block, 4096))
+def test_megatron_refuses_dynamic_and_maps_linear_to_interpolation(hf):
+    """Megatron builds one RoPE table, so per-length (dynamic) scaling is refused; linear is its interpolation."""
+    from nemo_rl.models.rope_scaling import megatron_gpt_rope_kwargs
+
+    dynamic = {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}
+    with pytest.raises(ValueError, match="rope_type 'dynamic'"):
+        megatron_rope_fields(hf.config(128, 1.0, dynamic, 4096))
+    linear = hf.config(128, 1.0, {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}, 4096)
+    assert megatron_rope_fields(linear) == {}
+    assert megatron_gpt_rope_kwargs(linear)["seq_len_interpolation_factor"] == 2.0
+    assert megatron_gpt_rope_kwargs(linear)["position_embedding_type"] == "rope"
 
 
 @pytest.mark.parametrize(("head_dim", "partial"), HEAD_DIMS)

@@ -86,7 +86,6 @@ def transformer_config_from_hf(
 def build_gpt_model(
     hf_config, config: TransformerConfig, pre_process: bool = True, post_process: bool = True
 ) -> GPTModel:
-    position_embedding_type = "yarn" if getattr(config, "yarn_rotary_scaling_factor", None) else "rope"
     return GPTModel(
         config=config,
         transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm),
@@ -95,7 +94,5 @@ def build_gpt_model(
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=hf_config.tie_word_embeddings,
-        position_embedding_type=position_embedding_type,
-        rotary_percent=rope_scaling.hf_rope_parameters(hf_config).get("partial_rotary_factor", 1.0),
-        rotary_base=rope_scaling.rope_theta_of(hf_config),
+        **rope_scaling.megatron_gpt_rope_kwargs(hf_config),
     )
