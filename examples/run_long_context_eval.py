@@ -1,4 +1,5 @@
-"""Long-context evaluation (perplexity vs context length, passkey retrieval) of an HF directory.
+"""Long-context evaluation (perplexity vs context length, passkey retrieval) of an HF directory
+or of a run's ``step_N`` training checkpoint (exported to HF first).
 
 uv run examples/run_long_context_eval.py [--config examples/configs/long_context_eval.yaml] [key=value ...]
 """
@@ -25,10 +26,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from nemo_rl.data.builtin_assets import resolve_dataset_paths, resolve_model_path
     from nemo_rl.evals.long_context import format_table, run_long_context_eval
+    from nemo_rl.models.megatron.hf_export import export_training_checkpoint, is_training_checkpoint
 
+    model_dir = Path(cfg.model_dir)
+    if is_training_checkpoint(model_dir):  # a step_N directory of a run: export it to HF first
+        model_dir = export_training_checkpoint(model_dir, Path(cfg.output_dir) / f"hf_{model_dir.name}")
     _, default_data = resolve_dataset_paths("tiny-chat", None, None)
     perplexity, passkey, report = run_long_context_eval(
-        resolve_model_path(cfg.model_dir),
+        resolve_model_path(str(model_dir)),
         cfg.hf_config_overrides,
         cfg.max_total_sequence_length,
         cfg.long_context_eval,

@@ -124,6 +124,7 @@ class SFTRun:
     def save(self, step: int) -> Path:
         tmp = self.checkpoints.begin(step)
         self.policy.save_checkpoint(tmp)
+        self.tokenizer.save_pretrained(tmp)
         return self.checkpoints.commit(tmp, step, {"step": step, "dataloader": self.train_loader.state_dict()})
 
     def resume(self) -> int:

@@ -120,6 +120,40 @@ def test_sft_trains_caches_resumes_and_exports(ray_local, tmp_path):
     finally:
         run.close()
 
+    # The step_8 training checkpoint exports, on its own, to the same HF model as the end-of-run export.
+    from safetensors.torch import load_file
+
+    from nemo_rl.models.megatron.hf_export import export_training_checkpoint
+
+    exported = export_training_checkpoint(tmp_path / "a" / "ckpt" / "step_8", tmp_path / "from_ckpt")
+    final, again = (
+        load_file(str(tmp_path / "a" / "hf" / "model.safetensors")),
+        load_file(str(exported / "model.safetensors")),
+    )
+    assert set(final) == set(again) and all(torch.equal(final[k], again[k]) for k in final)
+    assert json.loads((exported / "config.json").read_text())["rope_parameters"]["rope_type"] == "yarn"
+
+    # ...and the evaluation command accepts the checkpoint directly.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_eval", BASE.parents[1] / "run_long_context_eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "eval"
+    assert (
+        module.main(
+            [
+                f"model_dir={tmp_path / 'a' / 'ckpt' / 'step_8'}",
+                f"output_dir={out}",
+                "long_context_eval.lengths=[300]",
+                "long_context_eval.passkey_lengths=[]",
+            ]
+        )
+        == 0
+    )
+    report = json.loads((out / "long_context_eval.json").read_text())
+    assert report["original_window"] == 256 and report["perplexity"][0]["num_documents"] > 0
+
     # 3) An uninterrupted 8-step run gives the same loss curve as the 4 + 4 resumed run.
     straight = _train(tmp_path / "b", "sft.max_num_steps=8", "checkpointing.enabled=false", "sft.val_period=4")
     assert straight.final_step == 8

@@ -285,6 +285,8 @@ class MegatronPolicyWorker:
             "rng": {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()},
         }
         torch.save(state, self._shard_file(Path(directory)))
+        if self.rank == 0:  # the RoPE-carrying config makes the checkpoint exportable on its own
+            self.hf_config.save_pretrained(directory)
 
     def load_checkpoint(self, directory: str) -> None:
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
@@ -304,25 +306,9 @@ class MegatronPolicyWorker:
         """
         if self.rank != 0:
             return
-        from safetensors.torch import save_file
-        from transformers import AutoTokenizer, GenerationConfig
+        from nemo_rl.models.megatron.hf_export import write_hf_directory
 
-        from nemo_rl.models.megatron.hf_weights import megatron_to_hf
-
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        mcore_state = {
-            k: v.detach().cpu() for k, v in self.model.module.state_dict().items() if not k.endswith("_extra_state")
-        }
-        hf_state = megatron_to_hf(mcore_state, self.hf_config)
-        save_file(
-            {k: v.contiguous() for k, v in hf_state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"}
-        )
-        self.hf_config.save_pretrained(out)
-        if tokenizer_dir:
-            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
-        if model_dir and (Path(model_dir) / "generation_config.json").exists():
-            GenerationConfig.from_pretrained(model_dir).save_pretrained(out)
+        write_hf_directory(self.model.module.state_dict(), self.hf_config, Path(directory), model_dir, tokenizer_dir)
 
     def info(self) -> dict[str, Any]:
         return {
