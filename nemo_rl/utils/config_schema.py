@@ -199,22 +199,14 @@ class LongContextEvalRunConfig(_Section):
 
 def validate_long_context_eval_config(resolved: Mapping[str, Any]) -> LongContextEvalRunConfig:
     errors: list[str] = []
-    cfg = None
-    try:
-        cfg = LongContextEvalRunConfig.model_validate(resolved)
-    except ValidationError as err:
-        errors += _field_errors(err, LongContextEvalRunConfig)
+    notes: list[str] = []
     max_len = _value(resolved, "max_total_sequence_length", int)
     if max_len is not None:
         # Evaluation runs in transformers, not on a training backend: only the block itself is checked.
         overrides = _value(resolved, "hf_config_overrides", Mapping)
         _, long_errors, notes = rope_scaling.validate_long_context(overrides, max_len, True, False)
-        errors += [e.replace(rope_scaling.OVERRIDES_PATH, "hf_config_overrides") for e in long_errors]
-        for note in notes:
-            logger.warning(note)
-    if errors or cfg is None:
-        raise ConfigError(errors)
-    return cfg
+        errors = [e.replace(rope_scaling.OVERRIDES_PATH, "hf_config_overrides") for e in long_errors]
+    return _validated(LongContextEvalRunConfig, resolved, errors, notes)
 
 
 def validate_sft_config(resolved: Mapping[str, Any]) -> SFTMasterConfig:
@@ -240,16 +232,23 @@ def validate_master(model: type[M], resolved: Mapping[str, Any], algorithm_error
     report) when an unrelated key has a typo; a rule whose own inputs are
     malformed stays silent, as the field error already covers it.
     """
+    long_context_errors, notes = _long_context_rules(resolved)
+    rule_errors = _policy_rules(resolved) + long_context_errors + list(algorithm_errors)
+    return _validated(model, resolved, rule_errors, notes)
+
+
+B = TypeVar("B", bound=BaseModel)
+
+
+def _validated(model: type[B], resolved: Mapping[str, Any], rule_errors: Sequence[str], notes: Sequence[str]) -> B:
+    """Field errors and rule errors raised together as one ConfigError; notes logged either way."""
     errors: list[str] = []
     cfg = None
     try:
         cfg = model.model_validate(resolved)
     except ValidationError as err:
         errors += _field_errors(err, model)
-    errors += _policy_rules(resolved)
-    long_context_errors, notes = _long_context_rules(resolved)
-    errors += long_context_errors
-    errors += algorithm_errors
+    errors += rule_errors
     for note in notes:
         logger.warning(note)
     if errors or cfg is None:

@@ -9,11 +9,12 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 
 from nemo_rl.models import rope_scaling
 from nemo_rl.models.megatron import checkpoint_cache
 from nemo_rl.models.megatron.hf_weights import hf_to_megatron
+from tests.helpers import tiny_qwen2_config
 
 
 def _yarn(factor=4.0):
@@ -36,17 +37,7 @@ def _yarn(factor=4.0):
 def hf_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
+    config = tiny_qwen2_config()
     Qwen2ForCausalLM(config).save_pretrained(path)
     return path
 

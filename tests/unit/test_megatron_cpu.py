@@ -7,22 +7,14 @@ would catch the layer changing what megatron computes, not just crashes.
 from __future__ import annotations
 
 import torch
-from transformers import Qwen2Config
 
 from nemo_rl.models.megatron.cpu_compat import causal_attention_mask
 from nemo_rl.models.megatron.model_builder import ParallelLayout, build_gpt_model, transformer_config_from_hf
-from tests.helpers import yarn_block
+from tests.helpers import tiny_qwen2_config, yarn_block
 
-HF = Qwen2Config(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
+HF = tiny_qwen2_config(
     num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=32,
     max_position_embeddings=128,
-    tie_word_embeddings=True,
     rope_parameters=yarn_block(original_max_position_embeddings=32),
 )
 
