@@ -32,12 +32,14 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from nemo_rl.models.rope_scaling import (
+    STRUCTURAL_ROPE_KEYS,
     YARN,
+    LinearScaling,
+    NTKAwareScaling,
     YarnScaling,
     apply_hf_config_overrides,
     canonical_overrides_json,
     hf_rope_parameters,
-    ntk_aware_rope_parameters,
     rope_theta_of,
     rotary_dim,
     validate_long_context,
@@ -54,9 +56,6 @@ YARN_STABLE_BAND = (4.0, 32.0)
 # Seed 002: vanilla (eager) attention is memory-quadratic and "unusable past 16k".
 QUADRATIC_ATTENTION = frozenset({"eager"})
 QUADRATIC_ATTENTION_MAX_TOKENS = 16384
-# Keys of a model's RoPE block that describe the architecture rather than the scaling
-# (Qwen2-VL's multimodal sections, partial rotary): they are kept when the block is replaced.
-STRUCTURAL_ROPE_KEYS = ("mrope_section", "mrope_interleaved", "partial_rotary_factor")
 _PATH = "LongContextConfig"
 
 
@@ -153,28 +152,26 @@ class LongContextConfig:
         original = int(original or model_config.max_position_embeddings)
         new_max = math.ceil(factor * original)
         if self.method == YARN:
-            block = {
-                "rope_type": YARN,
-                "rope_theta": theta,
-                "factor": factor,
-                "original_max_position_embeddings": original,
-                "truncate": self.truncate,
-                "beta_fast": self.beta_fast,
-                "beta_slow": self.beta_slow,
-                "mscale": self.mscale,
-                "mscale_all_dim": self.mscale_all_dim,
-            }
-            attention_factor = YarnScaling.from_dict(block, path=_PATH).attention_factor
+            scaling = YarnScaling(
+                rope_theta=theta,
+                factor=factor,
+                original_max_position_embeddings=original,
+                truncate=self.truncate,
+                beta_fast=self.beta_fast,
+                beta_slow=self.beta_slow,
+                mscale=self.mscale,
+                mscale_all_dim=self.mscale_all_dim,
+            )
+        elif self.method == "linear":
+            scaling = LinearScaling(rope_theta=theta, factor=factor)
         else:
-            if self.method == "linear":
-                block = {"rope_type": "linear", "rope_theta": theta, "factor": factor}
-            else:
-                block = ntk_aware_rope_parameters(theta, factor, _rotary_dim(model_config, params))
-            # Backend flags only matter for YaRN blocks; for these the call checks type and factor.
-            _, errors, _ = validate_long_context({"rope_scaling": block}, new_max, True, False)
-            _raise_if_any(errors)
-            attention_factor = 1.0
-        return _Plan(block, factor, original, new_max, attention_factor, existing)
+            scaling = NTKAwareScaling(theta, factor, _rotary_dim(model_config, params)).to_plain()
+        block = scaling.to_block()
+        # Re-parse the written block: the field rules (beta_fast > beta_slow, ...) live with the types.
+        # Backend flags only matter for YaRN blocks.
+        _, errors, _ = validate_long_context({"rope_scaling": block}, new_max, True, False)
+        _raise_if_any(errors)
+        return _Plan(block, factor, original, new_max, scaling.attention_factor, existing)
 
 
 _YARN_KNOBS = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")

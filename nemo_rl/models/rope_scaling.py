@@ -13,13 +13,14 @@ its canonical hash. Translations to each backend belong here too.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Self
 
 from nemo_rl.utils.config import ConfigError, nearest_key
 
@@ -28,11 +29,14 @@ CANONICAL_BLOCK_KEY = "rope_scaling"
 # Newer transformers call the block `rope_parameters`; both spellings mean the same thing.
 BLOCK_KEYS = (CANONICAL_BLOCK_KEY, "rope_parameters")
 YARN = "yarn"
-# Factor-scaled RoPE types whose only checked field (for now) is `factor`.
-FACTOR_ROPE_TYPES = ("linear", "dynamic")
 # Mirrors transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS (plus "default"), hardcoded to keep
 # transformers and torch out of config validation; a unit test checks that they agree.
-KNOWN_ROPE_TYPES = ("default", *FACTOR_ROPE_TYPES, YARN, "longrope", "llama3", "proportional")
+KNOWN_ROPE_TYPES = ("default", "linear", "dynamic", YARN, "longrope", "llama3", "proportional")
+# Keys of a RoPE block that describe the architecture rather than the scaling (Qwen2-VL's
+# multimodal sections, partial rotary): kept as they are when a block is parsed or replaced.
+STRUCTURAL_ROPE_KEYS = ("mrope_section", "mrope_interleaved", "partial_rotary_factor")
+# What megatron-core 0.16's GPTModel can build: plain and linear RoPE (GPTModel arguments) and YarnRotaryEmbedding.
+MEGATRON_ROPE_TYPES = ("default", "linear", YARN)
 # Dynamic-YaRN (arXiv:2309.00071 sec. 3.3): YaRN with s = max(1, L / original) for the running length L.
 # Only this project's reference math implements it; see `_dynamic_yarn_errors`.
 DYNAMIC_YARN = "dynamic_yarn"
@@ -43,14 +47,121 @@ def _factor_example(block_path: str) -> str:
     return f"${{div:${{policy.max_total_sequence_length}},${{{block_path}.original_max_position_embeddings}}}}"
 
 
-@dataclass(frozen=True)
-class YarnScaling:
-    """A validated YaRN block, typed, so no consumer re-parses (or re-validates) the raw dict.
+# ----------------------------------------------------------------------------
+# Typed RoPE blocks
+# ----------------------------------------------------------------------------
+# One frozen dataclass per scaling method. A block is parsed into one of them once
+# (``parse_rope_scaling``) and every consumer reads typed fields, so no engine
+# translation re-parses or re-validates the raw dict. Every field is required:
+# HF, Megatron and vLLM each have different defaults for fields a recipe leaves
+# out (transformers 5 and vLLM both fall back to rope_theta=10000 when a block
+# written over a Qwen config omits it), so an omitted field would silently give
+# the trainer and the generator different RoPE.
+class _TypedBlock:
+    """What every parsed block offers: its canonical dict and parsing from one."""
 
-    Every field is required: HF, Megatron and vLLM each have different defaults
-    for the ones a recipe leaves out, so an omitted field would silently give
-    the trainer and the generator different RoPE.
+    ROPE_TYPE: ClassVar[str]
+    LABEL: ClassVar[str]  # the method's name in error messages
+
+    def to_block(self) -> dict[str, Any]:
+        """The canonical block (``rope_type`` plus every field) that HF, vLLM and the hash see."""
+        return {"rope_type": self.ROPE_TYPE, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, params: Mapping[str, Any], path: str = f"{OVERRIDES_PATH}.{CANONICAL_BLOCK_KEY}") -> Self:
+        """Parse a raw block of this type; raises one ConfigError listing every problem in it."""
+        parsed, errors = _parse_fields(cls, params, path)
+        if errors:
+            raise ConfigError(errors)
+        return parsed
+
+
+@dataclass(frozen=True)
+class PlainRope(_TypedBlock):
+    """Unscaled RoPE (``rope_type: default``); also the canonical form of static NTK-aware scaling."""
+
+    ROPE_TYPE: ClassVar[str] = "default"
+    LABEL: ClassVar[str] = "default RoPE"
+
+    rope_theta: float
+
+    @property
+    def attention_factor(self) -> float:
+        return 1.0
+
+    def inv_freq(self, dim: int, seq_len: int | None = None) -> Any:
+        return _default_inv_freq(self.rope_theta, dim)
+
+
+@dataclass(frozen=True)
+class LinearScaling(PlainRope):
+    """Position interpolation (arXiv:2306.15595): every frequency divided by ``factor``."""
+
+    ROPE_TYPE: ClassVar[str] = "linear"
+    LABEL: ClassVar[str] = "linear"
+
+    factor: float
+
+    def inv_freq(self, dim: int, seq_len: int | None = None) -> Any:
+        return _default_inv_freq(self.rope_theta, dim) / self.factor
+
+
+@dataclass(frozen=True)
+class DynamicNTKScaling(PlainRope):
+    """Dynamic NTK: the base grows with the running length once it passes the original window.
+
+    ``original_max_position_embeddings`` is the window transformers reads from
+    ``config.max_position_embeddings`` (``apply_hf_config_overrides`` writes it
+    there) and vLLM from ``max_trained_positions``.
     """
+
+    ROPE_TYPE: ClassVar[str] = "dynamic"
+    LABEL: ClassVar[str] = "dynamic NTK"
+
+    factor: float
+    original_max_position_embeddings: int
+
+    def inv_freq(self, dim: int, seq_len: int | None = None) -> Any:
+        theta = dynamic_ntk_theta(self.rope_theta, self.factor, dim, self.original_max_position_embeddings, seq_len)
+        return _default_inv_freq(theta, dim)
+
+
+@dataclass(frozen=True)
+class NTKAwareScaling:
+    """Static NTK-aware base scaling: plain RoPE with base ``theta * s^(d/(d-2))``.
+
+    transformers has no rope_type for it (its ``dynamic`` type recomputes the
+    base from the sequence length) and vLLM's ``rope_type: ntk`` is a different
+    formula (base * s, then every frequency / s^(2/d), so even the fastest pair
+    is slowed). The only spelling every engine reads the same way is therefore a
+    ``default`` block whose base is already scaled: ``to_block`` writes that, and
+    a parsed block comes back as ``PlainRope``. ``rotary_dim`` is the number of
+    rotated channels (see ``rotary_dim``), on which the exponent depends.
+    """
+
+    rope_theta: float
+    factor: float
+    rotary_dim: int
+
+    def __post_init__(self) -> None:
+        if not self.factor > 0:
+            raise ValueError(f"factor must be > 0, got {self.factor}")
+        if not self.rotary_dim > 2:
+            raise ValueError(f"rotary_dim must be > 2, got {self.rotary_dim}")
+
+    def to_plain(self) -> PlainRope:
+        return PlainRope(self.rope_theta * self.factor ** (self.rotary_dim / (self.rotary_dim - 2)))
+
+    def to_block(self) -> dict[str, Any]:
+        return self.to_plain().to_block()
+
+
+@dataclass(frozen=True)
+class YarnScaling(_TypedBlock):
+    """YaRN (arXiv:2309.00071): NTK-by-parts frequencies plus an attention temperature."""
+
+    ROPE_TYPE: ClassVar[str] = YARN
+    LABEL: ClassVar[str] = "YaRN"
 
     rope_theta: float
     factor: float
@@ -74,18 +185,42 @@ class YarnScaling:
             return _yarn_mscale(self.factor, self.mscale) / _yarn_mscale(self.factor, self.mscale_all_dim)
         return _yarn_mscale(self.factor)
 
-    @classmethod
-    def from_dict(cls, params: Mapping[str, Any], path: str = f"{OVERRIDES_PATH}.{CANONICAL_BLOCK_KEY}") -> YarnScaling:
-        """Parse a raw YaRN block; raises one ConfigError listing every problem in it."""
-        yarn, errors = _parse_yarn(params, path)
-        if errors:
-            raise ConfigError(errors)
-        return yarn
+    def inv_freq(self, dim: int, seq_len: int | None = None) -> Any:
+        return yarn_inv_freq(self, dim)
 
 
-_YARN_TYPES: dict[str, type] = typing.get_type_hints(YarnScaling)
-# `factor` is missing on purpose: its example depends on the block's spelling (`_factor_example`).
-_YARN_EXAMPLES = {
+@dataclass(frozen=True)
+class DynamicYarnScaling(YarnScaling):
+    """Dynamic-YaRN (arXiv:2309.00071 sec. 3.3): YaRN with ``s = min(factor, L / original)`` for running length L.
+
+    Plain RoPE inside the original window. Only this project's reference math
+    implements it; runs refuse it (see ``_dynamic_yarn_errors``).
+    """
+
+    ROPE_TYPE: ClassVar[str] = DYNAMIC_YARN
+    LABEL: ClassVar[str] = "Dynamic-YaRN"
+
+    def at_length(self, seq_len: int | None) -> YarnScaling | PlainRope:
+        """The static scaling in force for a sequence of ``seq_len`` tokens."""
+        if seq_len is None:
+            raise ValueError(f"rope_type={DYNAMIC_YARN} needs the running sequence length (seq_len)")
+        scale = seq_len / self.original_max_position_embeddings
+        if scale <= 1:
+            return PlainRope(self.rope_theta)
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return YarnScaling(**(fields | {"factor": min(scale, self.factor)}))
+
+    @property
+    def attention_factor(self) -> float:
+        raise ValueError(f"rope_type={DYNAMIC_YARN}: the attention factor depends on the length, use at_length()")
+
+
+RopeScaling = PlainRope | LinearScaling | DynamicNTKScaling | YarnScaling | DynamicYarnScaling
+# The types a block can be parsed into, by rope_type (NTK-aware scaling is written as `default`).
+ROPE_SCALING_TYPES: dict[str, type] = {
+    cls.ROPE_TYPE: cls for cls in (PlainRope, LinearScaling, DynamicNTKScaling, YarnScaling, DynamicYarnScaling)
+}
+_EXAMPLES = {
     "rope_theta": "1000000 (the model's rope_theta, see its config.json)",
     "original_max_position_embeddings": "40960 (the model's pretraining context: max_position_embeddings in its config.json)",
     "truncate": "true",
@@ -94,6 +229,21 @@ _YARN_EXAMPLES = {
     "mscale": "1",
     "mscale_all_dim": "0",
 }
+
+
+def parse_rope_scaling(params: Mapping[str, Any], path: str = f"{OVERRIDES_PATH}.{CANONICAL_BLOCK_KEY}") -> RopeScaling:
+    """The typed form of a RoPE block (``type`` read as ``rope_type``); one ConfigError lists every problem."""
+    params, errors = _normalise_type_alias(params, path)
+    rope_type = params.get("rope_type", "default")
+    cls = ROPE_SCALING_TYPES.get(rope_type)
+    if cls is None:
+        match = nearest_key(str(rope_type), tuple(ROPE_SCALING_TYPES))
+        hint = f"did you mean {match}?" if match else f"this project defines: {', '.join(ROPE_SCALING_TYPES)}"
+        raise ConfigError(errors + [f"{path}.rope_type: no typed form for {rope_type!r} ({hint})"])
+    parsed, field_errors = _parse_fields(cls, params, path)
+    if errors or field_errors:
+        raise ConfigError(errors + field_errors)
+    return parsed
 
 
 # ----------------------------------------------------------------------------
@@ -157,7 +307,7 @@ def _normalise_type_alias(raw: Mapping[str, Any], path: str) -> tuple[dict[str, 
 
 
 # ----------------------------------------------------------------------------
-# YaRN fields
+# Parsing fields into the typed blocks
 # ----------------------------------------------------------------------------
 class _RangeRule(NamedTuple):
     field: str
@@ -166,8 +316,18 @@ class _RangeRule(NamedTuple):
     message: str  # formatted with the block's values
 
 
+_POSITIVE_THETA = _RangeRule(
+    "rope_theta", ("rope_theta",), lambda v: v["rope_theta"] > 0, "must be > 0, got {rope_theta}"
+)
+_POSITIVE_FACTOR = _RangeRule("factor", ("factor",), lambda v: v["factor"] > 0, "must be > 0, got {factor}")
+_POSITIVE_ORIGINAL = _RangeRule(
+    "original_max_position_embeddings",
+    ("original_max_position_embeddings",),
+    lambda v: v["original_max_position_embeddings"] > 0,
+    "must be > 0, got {original_max_position_embeddings}",
+)
 _YARN_RANGES = (
-    _RangeRule("rope_theta", ("rope_theta",), lambda v: v["rope_theta"] > 0, "must be > 0, got {rope_theta}"),
+    _POSITIVE_THETA,
     _RangeRule(
         "factor",
         ("factor",),
@@ -175,12 +335,7 @@ _YARN_RANGES = (
         "must be > 1, got {factor}; a factor <= 1 extends nothing (if max_total_sequence_length fits in "
         "original_max_position_embeddings, drop the block)",
     ),
-    _RangeRule(
-        "original_max_position_embeddings",
-        ("original_max_position_embeddings",),
-        lambda v: v["original_max_position_embeddings"] > 0,
-        "must be > 0, got {original_max_position_embeddings}",
-    ),
+    _POSITIVE_ORIGINAL,
     _RangeRule("beta_slow", ("beta_slow",), lambda v: v["beta_slow"] > 0, "must be > 0, got {beta_slow}"),
     _RangeRule(
         "beta_fast",
@@ -193,25 +348,44 @@ _YARN_RANGES = (
         "mscale_all_dim", ("mscale_all_dim",), lambda v: v["mscale_all_dim"] >= 0, "must be >= 0, got {mscale_all_dim}"
     ),
 )
+# A linear or dynamic factor below 1 compresses positions; unusual but well defined, so only > 0 is required.
+_RANGES: dict[type, tuple[_RangeRule, ...]] = {
+    PlainRope: (_POSITIVE_THETA,),
+    LinearScaling: (_POSITIVE_THETA, _POSITIVE_FACTOR),
+    DynamicNTKScaling: (_POSITIVE_THETA, _POSITIVE_FACTOR, _POSITIVE_ORIGINAL),
+    YarnScaling: _YARN_RANGES,
+    DynamicYarnScaling: _YARN_RANGES,
+}
 
 
-def _parse_yarn(params: Mapping[str, Any], path: str, extends: bool = True) -> tuple[YarnScaling | None, list[str]]:
-    """``extends=False`` (the block will not be applied, see ``effective_overrides``) skips ``factor > 1``."""
-    ranges = _YARN_RANGES if extends else tuple(rule for rule in _YARN_RANGES if rule.field != "factor")
-    errors = _unknown_key_errors(params, path) + _rope_type_errors(params, path)
-    present = {name: params[name] for name in _YARN_TYPES if params.get(name) is not None}
+@functools.cache
+def _field_types(cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _parse_fields(cls: type, params: Mapping[str, Any], path: str, extends: bool = True) -> tuple[Any, list[str]]:
+    """(typed block or None, every problem found). ``extends=False`` skips YaRN's ``factor > 1``.
+
+    The YaRN factor rule is skipped when the block will not be applied (see
+    ``effective_overrides``): a shortened test run must not fail on it.
+    """
+    types = _field_types(cls)
+    ranges = tuple(rule for rule in _RANGES[cls] if extends or rule.field != "factor")
+    errors = _unknown_key_errors(cls, params, path) + _rope_type_errors(cls, params, path)
+    present = {name: params[name] for name in types if params.get(name) is not None}
     errors += [
-        f"{path}.{name}: required for rope_type=yarn (e.g. {name}: {_example(name, path)})"
-        for name in _YARN_TYPES
+        f"{path}.{name}: required for rope_type={cls.ROPE_TYPE} (e.g. {name}: {_example(cls, name, path)})"
+        for name in types
         if name not in present
     ]
     typed = {}
     for name, value in present.items():
-        problem = _type_problem(value, _YARN_TYPES[name])
+        problem = _type_problem(value, types[name])
         if problem:
             errors.append(f"{path}.{name}: must be {problem}, got {value!r}")
         else:
-            typed[name] = _YARN_TYPES[name](value)
+            typed[name] = types[name](value)
     errors += [
         f"{path}.{rule.field}: {rule.message.format(**typed)}"
         for rule in ranges
@@ -219,28 +393,30 @@ def _parse_yarn(params: Mapping[str, Any], path: str, extends: bool = True) -> t
     ]
     if errors:
         return None, errors
-    return YarnScaling(**typed), []
+    return cls(**typed), []
 
 
-def _example(name: str, path: str) -> str:
-    return _factor_example(path) if name == "factor" else _YARN_EXAMPLES[name]
+def _example(cls: type, name: str, path: str) -> str:
+    if name == "factor":
+        return _factor_example(path) if issubclass(cls, YarnScaling) else "2.0"
+    return _EXAMPLES[name]
 
 
-def _unknown_key_errors(params: Mapping[str, Any], path: str) -> list[str]:
-    """Fields outside the YaRN set would reach some backends and not others, so they are refused."""
-    valid = ("rope_type", *_YARN_TYPES)
+def _unknown_key_errors(cls: type, params: Mapping[str, Any], path: str) -> list[str]:
+    """Fields outside the type's set would reach some engines and not others, so they are refused."""
+    valid = ("rope_type", *_field_types(cls))
     errors = []
     for key in params:
         if key not in valid and key != "type":
             match = nearest_key(str(key), valid)
             hint = f"did you mean {match}?" if match else f"valid keys: {', '.join(valid)}"
-            errors.append(f"{path}.{key}: unknown YaRN field ({hint})")
+            errors.append(f"{path}.{key}: unknown {cls.LABEL} field ({hint})")
     return errors
 
 
-def _rope_type_errors(params: Mapping[str, Any], path: str) -> list[str]:
-    rope_type = params.get("rope_type", params.get("type", YARN))
-    return [] if rope_type == YARN else [f"{path}.rope_type: expected {YARN!r}, got {rope_type!r}"]
+def _rope_type_errors(cls: type, params: Mapping[str, Any], path: str) -> list[str]:
+    rope_type = params.get("rope_type", params.get("type", cls.ROPE_TYPE))
+    return [] if rope_type == cls.ROPE_TYPE else [f"{path}.rope_type: expected {cls.ROPE_TYPE!r}, got {rope_type!r}"]
 
 
 def _type_problem(value: Any, expected: type) -> str | None:
@@ -289,11 +465,13 @@ def validate_long_context(
     if block.rope_type == DYNAMIC_YARN:
         return None, _dynamic_yarn_errors(block), []
     errors = _rope_type_value_errors(block)
-    if errors or block.rope_type != YARN:
-        return None, errors + _factor_only_errors(block), []
+    if errors:
+        return None, errors, []
+    if block.rope_type != YARN:
+        return None, _typed_errors(block), []
     errors = _backend_errors(block, megatron_enabled, dtensor_enabled)
     extends = _extends(block.params, max_total_sequence_length)
-    yarn, field_errors = _parse_yarn(block.params, block.path, extends)
+    yarn, field_errors = _parse_fields(YarnScaling, block.params, block.path, extends)
     if yarn is None:
         return None, errors + field_errors, []
     if not extends:
@@ -324,17 +502,26 @@ def _rope_type_value_errors(block: RopeBlock) -> list[str]:
     return [f"{block.path}.rope_type: unknown RoPE type {block.rope_type!r} ({hint})"]
 
 
-def _factor_only_errors(block: RopeBlock) -> list[str]:
-    """Non-YaRN types get only a `factor` check until they are fully supported; never blocked otherwise."""
-    if block.rope_type not in FACTOR_ROPE_TYPES:
-        return []
-    factor = block.params.get("factor")
-    if factor is None:
-        return [f"{block.path}.factor: required for rope_type={block.rope_type}"]
-    problem = _type_problem(factor, float)
-    if problem:
-        return [f"{block.path}.factor: must be {problem}, got {factor!r}"]
-    return [] if factor > 0 else [f"{block.path}.factor: must be > 0, got {factor}"]
+def _typed_errors(block: RopeBlock) -> list[str]:
+    """Every field of a block with a typed form is checked; types without one (llama3, longrope) pass as is."""
+    cls = ROPE_SCALING_TYPES.get(block.rope_type)
+    return [] if cls is None else _parse_fields(cls, block.params, block.path)[1]
+
+
+def megatron_rope_type_errors(overrides: Mapping[str, Any] | None) -> list[str]:
+    """Run-time refusal, at config time, of RoPE types megatron-core cannot build (see ``megatron_rope_fields``)."""
+    block, errors = _rope_block(overrides)
+    if errors or block is None or block.rope_type in MEGATRON_ROPE_TYPES or block.rope_type == DYNAMIC_YARN:
+        return []  # spelling errors and Dynamic-YaRN are reported by validate_long_context
+    return [_megatron_type_error(block.rope_type, block.path)]
+
+
+def _megatron_type_error(rope_type: Any, path: str) -> str:
+    return (
+        f"{path}.rope_type: {rope_type!r} cannot be built by megatron-core 0.16 (it builds one fixed RoPE table: "
+        f"rope_type {', '.join(MEGATRON_ROPE_TYPES)}); the trainer would compute different RoPE from HF and vLLM. "
+        f"Use rope_type: {YARN} (or linear)"
+    )
 
 
 def _backend_errors(block: RopeBlock, megatron_enabled: bool, dtensor_enabled: bool) -> list[str]:
@@ -462,18 +649,45 @@ def apply_hf_config_overrides(
     data = hf_config.to_dict()
     data.update({k: v for k, v in effective.items() if k not in BLOCK_KEYS})
     if block is not None:
-        params = dict(block.params)
+        params = _typed_params(block)
         if "rope_parameters" in data:  # transformers >= 5
             data.pop("rope_scaling", None)
             data["rope_parameters"] = params
         else:
             data["rope_theta"] = params.pop("rope_theta", data.get("rope_theta"))
             data["rope_scaling"] = params
-        if block.rope_type == YARN and "max_position_embeddings" not in effective:
-            yarn = YarnScaling.from_dict(block.params, block.path)
-            extended = math.ceil(yarn.factor * yarn.original_max_position_embeddings)
-            data["max_position_embeddings"] = max(extended, max_total_sequence_length)
+        if "max_position_embeddings" not in effective:
+            data["max_position_embeddings"] = _hf_max_position_embeddings(block, max_total_sequence_length, data)
     return type(hf_config).from_dict(data)
+
+
+def _typed_params(block: RopeBlock) -> dict[str, Any]:
+    """The block with every field in its declared type (transformers 4 warns on ``beta_fast: 32``, an int)."""
+    if block.rope_type not in ROPE_SCALING_TYPES:
+        return dict(block.params)
+    scaling, structural = split_structural(block.params)
+    return parse_rope_scaling(scaling, block.path).to_block() | structural
+
+
+def split_structural(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(scaling fields, architecture fields) of a RoPE block; see ``STRUCTURAL_ROPE_KEYS``."""
+    scaling = {k: v for k, v in params.items() if k not in STRUCTURAL_ROPE_KEYS}
+    return scaling, {k: v for k, v in params.items() if k in STRUCTURAL_ROPE_KEYS}
+
+
+def _hf_max_position_embeddings(block: RopeBlock, max_total_sequence_length: int, data: Mapping[str, Any]) -> int:
+    """What ``max_position_embeddings`` must say for HF to compute the block's RoPE.
+
+    YaRN: the extended window (as YaRN checkpoints such as DeepSeek-V3 ship it).
+    Dynamic NTK: transformers reads the original window from this field, so it
+    must be the block's ``original_max_position_embeddings``.
+    """
+    if block.rope_type == YARN:
+        yarn = YarnScaling.from_dict(block.params, block.path)
+        return max(math.ceil(yarn.factor * yarn.original_max_position_embeddings), max_total_sequence_length)
+    if block.rope_type == DynamicNTKScaling.ROPE_TYPE:
+        return DynamicNTKScaling.from_dict(block.params, block.path).original_max_position_embeddings
+    return data["max_position_embeddings"]
 
 
 def vllm_engine_kwargs(
@@ -526,11 +740,8 @@ def megatron_rope_fields(hf_config: Any) -> dict[str, Any]:
     """
     params = hf_rope_parameters(hf_config)
     rope_type = params.get("rope_type", "default")
-    if rope_type not in ("default", "linear", YARN):
-        raise ValueError(
-            f"rope_type {rope_type!r}: the Megatron backend supports RoPE scaling as rope_type=yarn or linear "
-            f"(set {OVERRIDES_PATH}.{CANONICAL_BLOCK_KEY}.rope_type)"
-        )
+    if rope_type not in MEGATRON_ROPE_TYPES:
+        raise ValueError(_megatron_type_error(rope_type, "config.json rope_parameters"))
     if rope_type != YARN:
         return {}  # plain and linear RoPE are GPTModel arguments, see megatron_gpt_rope_kwargs
     partial = params.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", None))
@@ -542,8 +753,7 @@ def megatron_rope_fields(hf_config: Any) -> dict[str, Any]:
             "(it ignores rotary_percent), so the Megatron backend cannot run rope_type=yarn with partial "
             "rotary embeddings; HF and vLLM would rotate a different set of channels"
         )
-    fields = {k: v for k, v in params.items() if k != "partial_rotary_factor"}
-    yarn = YarnScaling.from_dict(fields, path="config.json rope_parameters")
+    yarn = YarnScaling.from_dict(split_structural(params)[0], path="config.json rope_parameters")
     return {
         "yarn_rotary_scaling_factor": yarn.factor,
         "yarn_original_max_position_embeddings": yarn.original_max_position_embeddings,
@@ -595,21 +805,6 @@ def _default_inv_freq(rope_theta: float, dim: int) -> Any:
     import torch
 
     return 1.0 / (rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-
-
-def ntk_aware_rope_parameters(rope_theta: float, factor: float, dim: int) -> dict[str, Any]:
-    """Static NTK-aware scaling written as a canonical block: ``default`` RoPE with ``theta * s^(d/(d-2))``.
-
-    transformers has no rope_type for static NTK (its ``dynamic`` type recomputes
-    the base from the sequence length), so the only spelling that every engine
-    reads the same way is a plain block whose ``rope_theta`` is already scaled.
-    vLLM's own ``rope_type: ntk`` is a different formula (base * s, then every
-    frequency / s^(2/d), so even the fastest pair is slowed) and is not a spelling
-    of this. ``dim`` is the rotary dimension (see ``rotary_dim``).
-    """
-    if factor <= 0:
-        raise ValueError(f"factor must be > 0, got {factor}")
-    return {"rope_type": "default", "rope_theta": rope_theta * factor ** (dim / (dim - 2))}
 
 
 def dynamic_ntk_theta(
@@ -672,56 +867,24 @@ def yarn_inv_freq(yarn: YarnScaling, dim: int) -> Any:
     return extrapolation / yarn.factor * interpolated + extrapolation * (1 - interpolated)
 
 
-def _positive_factor(params: Mapping[str, Any]) -> float:
-    factor = params.get("factor")
-    if _type_problem(factor, float) or factor <= 0:
-        raise ValueError(f"rope_type={params.get('rope_type')}: factor must be a number > 0, got {factor!r}")
-    return float(factor)
-
-
 def rope_frequencies(params: Mapping[str, Any], head_dim: int, seq_len: int | None = None) -> tuple[Any, float]:
     """(inverse frequencies (float64, one per rotated pair), attention factor) of a canonical RoPE block.
 
     ``params`` is the block as this project writes it (``rope_type``,
-    ``rope_theta``, ``factor``, ..., optionally ``partial_rotary_factor``). The
-    attention factor multiplies cos and sin. Types: ``default``; ``linear``
-    (position interpolation, ``f / factor``); ``dynamic`` (dynamic NTK for
-    ``seq_len``; the block's ``original_max_position_embeddings`` is the window
-    transformers reads from ``config.max_position_embeddings`` and vLLM from
-    ``max_trained_positions``); ``yarn`` (validated as ``YarnScaling``, attention
-    factor with the HF/vLLM meaning of the mscale pair). Static NTK-aware scaling
-    is a ``default`` block, see ``ntk_aware_rope_parameters``.
+    ``rope_theta``, ``factor``, ..., optionally ``partial_rotary_factor``),
+    parsed by ``parse_rope_scaling``. The attention factor multiplies cos and
+    sin. ``seq_len`` is the running length, which only the dynamic types read
+    (``None``: the original window, as at model init). Static NTK-aware scaling
+    is a ``default`` block, see ``NTKAwareScaling``.
     """
-    rope_type = params.get("rope_type", "default")
     dim = rotary_dim(head_dim, params.get("partial_rotary_factor", 1.0))
-    theta = params.get("rope_theta")
-    if _type_problem(theta, float) or theta <= 0:
-        raise ValueError(f"rope_theta must be a number > 0, got {theta!r}")
-    if rope_type == "default":
-        return _default_inv_freq(theta, dim), 1.0
-    if rope_type == "linear":
-        return _default_inv_freq(theta, dim) / _positive_factor(params), 1.0
-    if rope_type == "dynamic":
-        original = params.get("original_max_position_embeddings")
-        if _type_problem(original, int) or original <= 0:
-            raise ValueError(
-                f"rope_type=dynamic: original_max_position_embeddings must be an integer > 0, got {original!r}"
-            )
-        return _default_inv_freq(dynamic_ntk_theta(theta, _positive_factor(params), dim, original, seq_len), dim), 1.0
-    if rope_type in (YARN, DYNAMIC_YARN):
-        fields = {k: v for k, v in params.items() if k != "partial_rotary_factor"} | {"rope_type": YARN}
-        yarn = YarnScaling.from_dict(fields)
-        if rope_type == DYNAMIC_YARN:
-            if seq_len is None:
-                raise ValueError(f"rope_type={DYNAMIC_YARN} needs the running sequence length (seq_len)")
-            scale = seq_len / yarn.original_max_position_embeddings
-            if scale <= 1:
-                return _default_inv_freq(theta, dim), 1.0
-            yarn = dataclasses.replace(yarn, factor=min(scale, yarn.factor))
-        return yarn_inv_freq(yarn, dim), yarn.attention_factor
-    raise ValueError(
-        f"rope_type {rope_type!r}: no reference math (known: default, linear, dynamic, {YARN}, {DYNAMIC_YARN})"
-    )
+    try:
+        scaling = parse_rope_scaling(split_structural(params)[0], path="rope_parameters")
+    except ConfigError as error:
+        raise ValueError(str(error)) from None
+    if isinstance(scaling, DynamicYarnScaling):
+        scaling = scaling.at_length(seq_len)
+    return scaling.inv_freq(dim, seq_len), scaling.attention_factor
 
 
 def rope_cos_sin(inv_freq: Any, attention_factor: float, positions: Any) -> tuple[Any, Any]:

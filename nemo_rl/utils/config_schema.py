@@ -332,6 +332,8 @@ def _long_context_rules(raw: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     if overrides is None or max_len is None or megatron is None or dtensor is None:
         return [], []
     _, errors, notes = rope_scaling.validate_long_context(overrides, max_len, megatron, dtensor)
+    if megatron and not dtensor:
+        errors += rope_scaling.megatron_rope_type_errors(overrides)
     return errors, notes
 
 

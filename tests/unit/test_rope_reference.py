@@ -36,10 +36,10 @@ import pytest
 import torch
 
 from nemo_rl.models.rope_scaling import (
+    NTKAwareScaling,
     YarnScaling,
     dynamic_ntk_theta,
     megatron_rope_fields,
-    ntk_aware_rope_parameters,
     rope_cos_sin,
     rope_frequencies,
     rotary_dim,
@@ -181,7 +181,7 @@ def test_yarn_inv_freq_endpoints():
 
 
 def test_ntk_aware_is_default_with_scaled_theta():
-    params = ntk_aware_rope_parameters(1e4, 4.0, 128)
+    params = NTKAwareScaling(1e4, 4.0, 128).to_block()
     assert params == {"rope_type": "default", "rope_theta": 1e4 * 4.0 ** (128 / 126)}
     # dynamic NTK at L = (s_ntk + s - 1) / s * L_orig uses the same base as static NTK with s_ntk
     theta = dynamic_ntk_theta(1e4, 2.0, 128, 4096, seq_len=int(4096 * (4.0 + 1.0) / 2.0))
@@ -251,7 +251,7 @@ def test_transformers_yarn(hf, head_dim, partial, base, original):
 def test_transformers_default_linear_ntk(hf, head_dim, partial, base):
     params = {"rope_type": "default", "rope_theta": base}
     blocks = [params] + [{"rope_type": "linear", "rope_theta": base, "factor": f} for f in FACTORS]
-    blocks += [ntk_aware_rope_parameters(base, f, rotary_dim(head_dim, partial)) for f in FACTORS]
+    blocks += [NTKAwareScaling(base, f, rotary_dim(head_dim, partial)).to_block() for f in FACTORS]
     for block in blocks:
         what = f"{block} head_dim={head_dim} partial={partial}"
         got_inv, got_factor = hf.init(head_dim, partial, block, 4096)
@@ -392,7 +392,7 @@ def test_megatron_refuses_dynamic_and_maps_linear_to_interpolation(hf):
     from nemo_rl.models.rope_scaling import megatron_gpt_rope_kwargs
 
     dynamic = {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}
-    with pytest.raises(ValueError, match="rope_type 'dynamic'"):
+    with pytest.raises(ValueError, match="'dynamic' cannot be built by megatron-core"):
         megatron_rope_fields(hf.config(128, 1.0, dynamic, 4096))
     linear = hf.config(128, 1.0, {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}, 4096)
     assert megatron_rope_fields(linear) == {}
@@ -407,7 +407,7 @@ def test_megatron_default_linear_ntk(megatron, head_dim, partial, base):
     pairs = rotary_dim(head_dim, partial) // 2
     cases = [({"rope_type": "default", "rope_theta": base}, None)]
     cases += [({"rope_type": "linear", "rope_theta": base, "factor": f}, f) for f in FACTORS]
-    cases += [(ntk_aware_rope_parameters(base, f, rotary_dim(head_dim, partial)), None) for f in FACTORS]
+    cases += [(NTKAwareScaling(base, f, rotary_dim(head_dim, partial)).to_block(), None) for f in FACTORS]
     for block, interpolation in cases:
         what = f"{block} kv_channels={head_dim} rotary_percent={partial}"
         rope = megatron.RotaryEmbedding(
@@ -492,7 +492,7 @@ def test_vllm_default_linear_ntk(vllm_rope, head_dim, partial, base):
     pairs = rotary_dim(head_dim, partial) // 2
     blocks = [{"rope_type": "default", "rope_theta": base}]
     blocks += [{"rope_type": "linear", "rope_theta": base, "factor": f} for f in FACTORS]
-    blocks += [ntk_aware_rope_parameters(base, f, rotary_dim(head_dim, partial)) for f in FACTORS]
+    blocks += [NTKAwareScaling(base, f, rotary_dim(head_dim, partial)).to_block() for f in FACTORS]
     for block in blocks:
         params = {**block, "partial_rotary_factor": partial}
         what = f"{params} head_dim={head_dim}"
@@ -571,7 +571,7 @@ def test_range_clamped_past_last_pair(hf, megatron, vllm_rope):
 def test_vllm_ntk_type_is_not_ntk_aware(vllm_rope):
     """vLLM's rope_type=ntk slows even the fastest pair, so NTK-aware is sent as default + scaled theta."""
     rope = vllm_rope(128, 4096, {"rope_type": "ntk", "rope_theta": 1e4, "factor": 4.0})
-    ntk_aware, _ = rope_frequencies(ntk_aware_rope_parameters(1e4, 4.0, 128), 128)
+    ntk_aware, _ = rope_frequencies(NTKAwareScaling(1e4, 4.0, 128).to_block(), 128)
     vllm_ntk = rope._compute_inv_freq(rope.base).double()
     assert ntk_aware[0].item() == 1.0
     assert vllm_ntk[0].item() == pytest.approx(4.0 ** (-2 / 128), rel=1e-6)
@@ -585,7 +585,8 @@ def test_vllm_translation_refuses_dynamic_ntk():
 
     config = Qwen2Config(hidden_size=128, num_attention_heads=2, head_dim=64, max_position_embeddings=256)
     with pytest.raises(ValueError, match="rope_type: vLLM computes dynamic scaling"):
-        vllm_engine_kwargs(config, {"rope_scaling": {"rope_type": "dynamic", "rope_theta": 10000, "factor": 2.0}}, 512)
+        dynamic = {"rope_type": "dynamic", "rope_theta": 10000, "factor": 2.0, "original_max_position_embeddings": 256}
+        vllm_engine_kwargs(config, {"rope_scaling": dynamic}, 512)
     kwargs = vllm_engine_kwargs(config, {"rope_scaling": shared_yarn_block()}, 1024)
     assert kwargs["max_model_len"] == 1024
     assert kwargs["hf_overrides"]["max_position_embeddings"] == 1024
@@ -618,3 +619,21 @@ def test_dynamic_yarn_is_refused_for_runs_with_the_engines_named():
     assert len(errors) == 1
     assert "megatron-core" in errors[0] and "vLLM" in errors[0] and "transformers" in errors[0]
     assert "use rope_type: yarn" in errors[0]
+
+
+def test_hf_dynamic_ntk_reads_the_blocks_original_window():
+    """transformers takes dynamic NTK's original window from max_position_embeddings; the translation sets it."""
+    from transformers import Qwen2Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from nemo_rl.models.rope_scaling import apply_hf_config_overrides
+
+    config = Qwen2Config(hidden_size=128, num_attention_heads=2, head_dim=64, max_position_embeddings=4096)
+    block = {"rope_type": "dynamic", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 256}
+    patched = apply_hf_config_overrides(config, {"rope_scaling": block}, 1024)
+    assert patched.max_position_embeddings == 256
+    assert patched.rope_parameters["rope_theta"] == 1e6
+    for seq_len in (None, 200, 700, 1024):
+        got, _ = ROPE_INIT_FUNCTIONS["dynamic"](patched, "cpu", seq_len=seq_len)
+        want, _ = rope_frequencies(block, 64, seq_len=seq_len)
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)

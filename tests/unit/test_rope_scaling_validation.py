@@ -303,11 +303,11 @@ def test_missing_rope_type_is_an_error():
 @pytest.mark.parametrize(
     "block",
     [
-        {"rope_type": "linear", "factor": 2.0},
-        {"rope_type": "dynamic", "factor": 0.5},
-        {"rope_type": "default"},
+        {"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0},
+        {"rope_type": "dynamic", "rope_theta": 1e6, "factor": 0.5, "original_max_position_embeddings": 4096},
+        {"rope_type": "default", "rope_theta": 1e6},
         {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
-        {"type": "linear", "factor": 2},
+        {"type": "linear", "rope_theta": 10000, "factor": 2},
     ],
 )
 def test_other_rope_types_are_not_blocked(block):
@@ -317,14 +317,45 @@ def test_other_rope_types_are_not_blocked(block):
 @pytest.mark.parametrize(
     ("block", "expected"),
     [
-        ({"rope_type": "linear", "factor": 0}, "factor: must be > 0"),
-        ({"rope_type": "dynamic", "factor": -2.0}, "factor: must be > 0"),
-        ({"rope_type": "linear"}, "factor: required for rope_type=linear"),
-        ({"rope_type": "dynamic", "factor": True}, "factor: must be a number"),
+        ({"rope_type": "linear", "rope_theta": 1e4, "factor": 0}, "factor: must be > 0"),
+        (
+            {"rope_type": "dynamic", "rope_theta": 1e4, "factor": -2.0, "original_max_position_embeddings": 64},
+            "factor: must be > 0",
+        ),
+        ({"rope_type": "linear", "rope_theta": 1e4}, "factor: required for rope_type=linear (e.g. factor: 2.0)"),
+        (
+            {"rope_type": "dynamic", "rope_theta": 1e4, "factor": True, "original_max_position_embeddings": 64},
+            "factor: must be a number",
+        ),
+        ({"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}, "original_max_position_embeddings: required"),
+        ({"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0, "beta_fast": 32}, "beta_fast: unknown linear field"),
     ],
 )
-def test_linear_and_dynamic_check_factor(block, expected):
+def test_linear_and_dynamic_fields_are_checked(block, expected):
     assert only_error({"rope_scaling": block}).startswith(f"{PREFIX}.{expected}")
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "default"])
+def test_a_block_without_rope_theta_is_refused_because_engines_would_reset_it(rope_type):
+    """transformers 5 and vLLM replace the whole block: a missing rope_theta silently becomes 10000."""
+    block = {"rope_type": rope_type} | ({"factor": 2.0} if rope_type == "linear" else {})
+    message = only_error({"rope_scaling": block})
+    assert message.startswith(f"{PREFIX}.rope_theta: required for rope_type={rope_type} (e.g. rope_theta: 1000000")
+
+
+@pytest.mark.parametrize(
+    ("rope_type", "extra"),
+    [("dynamic", {"factor": 2.0, "original_max_position_embeddings": 256}), ("llama3", {"factor": 8.0})],
+)
+def test_a_run_refuses_rope_types_megatron_cannot_build_before_anything_starts(rope_type, extra):
+    from nemo_rl.models.rope_scaling import megatron_rope_type_errors
+
+    overrides = {"rope_scaling": {"rope_type": rope_type, "rope_theta": 1e4, **extra}}
+    (message,) = megatron_rope_type_errors(overrides)
+    assert message.startswith(f"{PREFIX}.rope_type: {rope_type!r} cannot be built by megatron-core 0.16")
+    assert "Use rope_type: yarn" in message
+    assert megatron_rope_type_errors({"rope_scaling": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2}}) == []
+    assert megatron_rope_type_errors({"rope_scaling": yarn()}) == []
 
 
 def test_yarn_scaling_reads_a_valid_block_and_raises_on_an_invalid_one():
@@ -343,3 +374,65 @@ def test_known_rope_types_match_the_installed_transformers():
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     assert set(KNOWN_ROPE_TYPES) == {"default", *ROPE_INIT_FUNCTIONS}
+
+
+def test_every_method_has_a_typed_form_that_round_trips():
+    from nemo_rl.models.rope_scaling import (
+        DynamicNTKScaling,
+        DynamicYarnScaling,
+        LinearScaling,
+        NTKAwareScaling,
+        PlainRope,
+        overrides_hash,
+        parse_rope_scaling,
+    )
+
+    blocks = {
+        PlainRope: {"rope_type": "default", "rope_theta": 1e6},
+        LinearScaling: {"rope_type": "linear", "rope_theta": 1e6, "factor": 2.5},
+        DynamicNTKScaling: {
+            "rope_type": "dynamic",
+            "rope_theta": 1e6,
+            "factor": 2.0,
+            "original_max_position_embeddings": 4096,
+        },
+        YarnScaling: yarn(),
+        DynamicYarnScaling: yarn(rope_type="dynamic_yarn"),
+    }
+    for cls, block in blocks.items():
+        parsed = parse_rope_scaling(block)
+        assert type(parsed) is cls
+        assert parsed.to_block() == block
+        assert overrides_hash({"rope_scaling": parsed.to_block()}) == overrides_hash({"rope_scaling": block})
+    assert parse_rope_scaling({"type": "linear", "rope_theta": 1e6, "factor": 2}) == LinearScaling(1e6, 2.0)
+    # static NTK is written as plain RoPE with the base already scaled, the one spelling every engine shares
+    ntk = NTKAwareScaling(1e4, 4.0, 128)
+    assert parse_rope_scaling(ntk.to_block()) == PlainRope(1e4 * 4.0 ** (128 / 126))
+    with pytest.raises(ValueError, match="factor must be > 0"):
+        NTKAwareScaling(1e4, 0.0, 128)
+
+
+def test_parse_rope_scaling_lists_every_problem_and_names_types_without_a_typed_form():
+    from nemo_rl.models.rope_scaling import parse_rope_scaling
+
+    with pytest.raises(ConfigError) as raised:
+        parse_rope_scaling({"rope_type": "linear", "factor": -1, "beta_fast": 32})
+    assert [line.split(":")[0] for line in str(raised.value).splitlines() if line.startswith(PREFIX)] == [
+        f"{PREFIX}.beta_fast",
+        f"{PREFIX}.rope_theta",
+        f"{PREFIX}.factor",
+    ]
+    with pytest.raises(ConfigError, match="no typed form for 'llama3'"):
+        parse_rope_scaling({"rope_type": "llama3", "factor": 8.0})
+
+
+def test_dynamic_yarn_is_static_yarn_at_each_length():
+    from nemo_rl.models.rope_scaling import DynamicYarnScaling, PlainRope, parse_rope_scaling
+
+    dynamic = parse_rope_scaling(yarn(rope_type="dynamic_yarn", factor=4.0, original_max_position_embeddings=256))
+    assert isinstance(dynamic, DynamicYarnScaling)
+    assert dynamic.at_length(256) == PlainRope(dynamic.rope_theta)
+    assert dynamic.at_length(512) == YarnScaling.from_dict(yarn(factor=2.0, original_max_position_embeddings=256))
+    assert dynamic.at_length(10**6).factor == 4.0
+    with pytest.raises(ValueError, match="at_length"):
+        _ = dynamic.attention_factor
