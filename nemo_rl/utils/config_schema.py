@@ -261,6 +261,7 @@ def _policy_rules(raw: Mapping[str, Any]) -> list[str]:
     errors = batch_errors(raw, "policy.train_global_batch_size", "policy.train_micro_batch_size", dp)
     errors += _divisible_errors(raw, "policy.max_total_sequence_length", "policy.make_sequence_length_divisible_by")
     errors += _world_size_errors(raw)
+    errors += _sequence_layout_errors(raw)
     errors += _unavailable_feature_errors(raw)
     lr = _value(raw, "policy.megatron_cfg.optimizer.lr", float)
     min_lr = _value(raw, "policy.megatron_cfg.optimizer.min_lr", float)
@@ -275,24 +276,9 @@ def _policy_rules(raw: Mapping[str, Any]) -> list[str]:
 # refusing them beats silently training without them.
 _UNAVAILABLE = (
     (
-        "policy.megatron_cfg.tensor_model_parallel_size",
-        lambda v: v != 1,
-        "1 (TP/PP/CP sharding is not available yet; scale with data parallelism via cluster.gpus_per_node)",
-    ),
-    (
-        "policy.megatron_cfg.pipeline_model_parallel_size",
-        lambda v: v != 1,
-        "1 (TP/PP/CP sharding is not available yet; scale with data parallelism via cluster.gpus_per_node)",
-    ),
-    (
         "policy.megatron_cfg.context_parallel_size",
         lambda v: v != 1,
-        "1 (TP/PP/CP sharding is not available yet; scale with data parallelism via cluster.gpus_per_node)",
-    ),
-    (
-        "policy.megatron_cfg.sequence_parallel",
-        lambda v: v is True,
-        "false (needs tensor parallelism, not available yet)",
+        "1 (context parallelism is not available yet; use tensor/pipeline parallelism or data parallelism)",
     ),
     ("policy.sequence_packing.enabled", lambda v: v is True, "false (sequence packing is not available yet)"),
     (
@@ -374,6 +360,46 @@ def _world_size_errors(raw: Mapping[str, Any]) -> list[str]:
         f"cluster: gpus_per_node * num_nodes = {world} is not divisible by tensor * pipeline * context "
         f"parallel size = {model_parallel} ({', '.join(_PARALLEL_KEYS)})"
     ]
+
+
+def sequence_multiple(tp: int, cp: int, sequence_parallel: bool) -> int:
+    """What every sequence length must be a multiple of for the layout.
+
+    Context parallelism splits each sequence into 2 x CP chunks (each rank takes
+    one early and one late chunk, balancing causal attention); sequence
+    parallelism splits the sequence dimension over the TP ranks on top of that.
+    """
+    return (2 * cp if cp > 1 else 1) * (tp if sequence_parallel else 1)
+
+
+def _sequence_layout_errors(raw: Mapping[str, Any]) -> list[str]:
+    tp = _value(raw, "policy.megatron_cfg.tensor_model_parallel_size", int)
+    cp = _value(raw, "policy.megatron_cfg.context_parallel_size", int)
+    sp = _value(raw, "policy.megatron_cfg.sequence_parallel", bool)
+    divisible_by = _value(raw, "policy.make_sequence_length_divisible_by", int)
+    if tp is None or cp is None or sp is None or tp <= 0 or cp <= 0:
+        return []
+    errors = []
+    if sp and tp == 1:
+        errors.append(
+            "policy.megatron_cfg.sequence_parallel: true needs policy.megatron_cfg.tensor_model_parallel_size > 1 "
+            "(it splits activations over the TP ranks); set it to false or raise tensor_model_parallel_size"
+        )
+    need = sequence_multiple(tp, cp, sp)
+    if divisible_by is not None and divisible_by > 0 and divisible_by % need:
+        why = " x ".join(
+            part
+            for part, used in (
+                (f"2 x context_parallel_size ({cp})", cp > 1),
+                (f"tensor_model_parallel_size ({tp}) with sequence_parallel", sp),
+            )
+            if used
+        )
+        errors.append(
+            f"policy.make_sequence_length_divisible_by: {divisible_by} must be a multiple of {need} ({why}); "
+            f"the smallest valid value is {need}, the nearest above yours {-(-divisible_by // need) * need}"
+        )
+    return errors
 
 
 def batch_errors(raw: Mapping[str, Any], global_key: str, micro_key: str, dp: int | None) -> list[str]:

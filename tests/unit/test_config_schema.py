@@ -152,6 +152,39 @@ def test_model_parallel_must_divide_the_world(raw):
     assert errors[0].startswith("cluster: gpus_per_node * num_nodes = 3 is not divisible by tensor * pipeline")
 
 
+@pytest.mark.parametrize(
+    ("tp", "pp", "sp", "gpus"),
+    [(2, 1, False, 2), (2, 1, True, 2), (1, 2, False, 2), (2, 2, True, 4), (2, 1, False, 4)],
+)
+def test_tensor_and_pipeline_layouts_are_accepted(raw, tp, pp, sp, gpus):
+    raw["cluster"]["gpus_per_node"] = gpus
+    raw["policy"]["megatron_cfg"].update(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp
+    )
+    raw["policy"]["train_micro_batch_size"] = raw["sft"]["val_micro_batch_size"] = 1
+    raw["policy"]["make_sequence_length_divisible_by"] = 8
+    cfg = validate_sft_config(raw)
+    assert cfg.policy.megatron_cfg.tensor_model_parallel_size == tp
+    assert cfg.policy.megatron_cfg.pipeline_model_parallel_size == pp
+
+
+def test_sequence_parallel_needs_tensor_parallelism(raw):
+    raw["policy"]["megatron_cfg"]["sequence_parallel"] = True
+    (error,) = errors_of(raw)
+    assert error.startswith("policy.megatron_cfg.sequence_parallel: true needs policy.megatron_cfg.tensor_model")
+
+
+def test_divisible_by_must_fit_sequence_parallel_and_names_the_smallest_value(raw):
+    raw["cluster"]["gpus_per_node"] = 4
+    raw["policy"]["megatron_cfg"].update(tensor_model_parallel_size=4, sequence_parallel=True)
+    raw["policy"]["make_sequence_length_divisible_by"] = 2
+    assert errors_of(raw) == [
+        "policy.make_sequence_length_divisible_by: 2 must be a multiple of 4 "
+        "(tensor_model_parallel_size (4) with sequence_parallel); the smallest valid value is 4, "
+        "the nearest above yours 4"
+    ]
+
+
 def test_sequence_length_must_be_divisible(raw):
     raw["policy"]["make_sequence_length_divisible_by"] = 48
     assert errors_of(raw) == [
@@ -222,7 +255,6 @@ def test_multiple_errors_from_every_source_are_reported_together(raw):
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("policy.megatron_cfg.tensor_model_parallel_size", 2),
         ("policy.megatron_cfg.context_parallel_size", 2),
         ("policy.sequence_packing.enabled", True),
     ],

@@ -3,7 +3,8 @@
 megatron-core assumes CUDA in a few places that have nothing to do with the maths
 it computes: it asks ``torch.cuda.current_device()`` where to put rotary tables
 and masks, its RNG tracker and activation recomputation snapshot CUDA generator
-states, and its schedules/optimizer allocate bookkeeping tensors on "cuda".
+states, its schedules/optimizer allocate bookkeeping tensors on "cuda", and its
+pipeline p2p synchronises CUDA streams.
 Replacing those touch points (and passing an explicit causal mask, see
 ``causal_attention_mask``) is enough for the real GPTModel, DDP, optimizer,
 schedules and gloo collectives to run on CPU, so CI exercises the same code that
@@ -83,6 +84,8 @@ def enable_cpu_compat() -> bool:
     from megatron.core.tensor_parallel import random as mcore_random
 
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    # Pipeline p2p waits for CUDA streams after its (here: gloo, already blocking) sends and receives.
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
     # Activation recomputation snapshots and restores "the CUDA generator"; the CPU one plays that role.
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)

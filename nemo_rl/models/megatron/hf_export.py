@@ -1,4 +1,4 @@
-"""Writing Megatron weights as an HF directory, from a live model or a training checkpoint.
+"""Writing Megatron weights as an HF directory, from a live model or a training checkpoint (any TP x PP layout).
 
 Both paths go through one function so an exported model is the same whether it
 came from the end of a run or from a ``step_N`` checkpoint evaluated later. The
@@ -17,8 +17,9 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from nemo_rl.models.megatron.hf_weights import megatron_to_hf
+from nemo_rl.models.megatron.parallel_weights import merge_shards, read_checkpoint_model_shards, shard_file_name
 
-POLICY_SHARD = "policy_tp00_pp00.pt"  # the single model-parallel shard (TP = PP = 1)
+FIRST_SHARD = shard_file_name(0, 0)  # present in every training checkpoint, whatever its layout
 
 
 def write_hf_directory(
@@ -45,19 +46,22 @@ def write_hf_directory(
 
 
 def is_training_checkpoint(path: Path) -> bool:
-    return (Path(path) / POLICY_SHARD).is_file() and (Path(path) / "config.json").is_file()
+    return (Path(path) / FIRST_SHARD).is_file() and (Path(path) / "config.json").is_file()
 
 
 def export_training_checkpoint(step_dir: Path, out: Path) -> Path:
     """HF directory from a ``step_N`` training checkpoint (which carries its config and tokenizer)."""
     step_dir = Path(step_dir)
     if not is_training_checkpoint(step_dir):
-        raise FileNotFoundError(f"{step_dir} is not a training checkpoint ({POLICY_SHARD} and config.json expected)")
-    state = torch.load(step_dir / POLICY_SHARD, map_location="cpu", weights_only=False)["model"]
+        raise FileNotFoundError(f"{step_dir} is not a training checkpoint ({FIRST_SHARD} and config.json expected)")
+    hf_config = AutoConfig.from_pretrained(step_dir)
+    state = merge_shards(
+        read_checkpoint_model_shards(step_dir), hf_config.num_hidden_layers, hf_config.tie_word_embeddings
+    )
     has_tokenizer = (step_dir / "tokenizer_config.json").is_file()
     return write_hf_directory(
         state,
-        AutoConfig.from_pretrained(step_dir),
+        hf_config,
         out,
         model_dir=step_dir,
         tokenizer_dir=step_dir if has_tokenizer else None,

@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from nemo_rl.models import rope_scaling
 from nemo_rl.models.megatron.hf_weights import AttentionShape, check_supported
+from nemo_rl.models.megatron.norms import SequenceParallelRMSNorm, with_rms_norm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -86,9 +88,13 @@ def transformer_config_from_hf(
 def build_gpt_model(
     hf_config, config: TransformerConfig, pre_process: bool = True, post_process: bool = True
 ) -> GPTModel:
+    layer = with_rms_norm(get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm))
+    block = TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=SequenceParallelRMSNorm
+    )
     return GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm),
+        transformer_layer_spec=block,
         vocab_size=hf_config.vocab_size,
         max_sequence_length=hf_config.max_position_embeddings,
         pre_process=pre_process,

@@ -71,7 +71,12 @@ class Policy:
         return self._reduce(self.worker_group.run_each("evaluate", self._shard_args(batch, micro_batch_size, loss_fn)))
 
     def get_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.worker_group.run_all("get_logits", input_ids)[0]
+        """Full-vocabulary logits from the last pipeline stage (every rank runs the forward pass)."""
+        return self.worker_group.run_all("get_logits", input_ids)[self._reporters[0]]
+
+    def gathered_state(self, what: str = "params") -> dict[str, torch.Tensor]:
+        """Full Megatron-named tensors of the parameters or gradients, merged over every TP x PP shard."""
+        return self.worker_group.run_all("gathered_state", what)[0]
 
     def save_checkpoint(self, directory: Path) -> None:
         self.worker_group.run_all("save_checkpoint", str(directory))

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from nemo_rl.models.megatron.cpu_compat import causal_attention_mask, enable_cpu_compat
+from nemo_rl.models.megatron.parallel_weights import ShardLayout, merge_shards, shard_file_name
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,9 @@ class MegatronPolicyWorker:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        self.layout = ShardLayout(
+            mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size, self.tp_rank, self.pp_rank
+        )
 
     def _ensure_converted(self, model_path: Path) -> tuple[Path, bool]:
         """Global rank 0 converts (under the cache's file lock); everyone else waits, then loads."""
@@ -111,16 +115,18 @@ class MegatronPolicyWorker:
         return checkpoint_cache.converted_checkpoint_dir(self.cfg.model_name, overrides), converted_now
 
     def _build_model(self) -> None:
+        from megatron.core import parallel_state
         from megatron.core.distributed import (
             DistributedDataParallel,
             DistributedDataParallelConfig,
             finalize_model_grads,
         )
-        from safetensors.torch import load_file
+        from safetensors import safe_open
         from transformers import AutoConfig
 
         from nemo_rl.models.megatron.checkpoint_cache import WEIGHTS_FILE
         from nemo_rl.models.megatron.model_builder import ParallelLayout, build_gpt_model, transformer_config_from_hf
+        from nemo_rl.models.megatron.parallel_weights import shard_state
 
         mcfg = self.cfg.megatron_cfg
         self.hf_config = AutoConfig.from_pretrained(self.checkpoint_dir)
@@ -136,10 +142,24 @@ class MegatronPolicyWorker:
             activation_checkpointing=mcfg.activation_checkpointing,
         )
         self.tf_config.finalize_model_grads_func = finalize_model_grads
-        model = build_gpt_model(self.hf_config, self.tf_config)
-        state = load_file(str(self.checkpoint_dir / WEIGHTS_FILE))
+        model = build_gpt_model(
+            self.hf_config,
+            self.tf_config,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+        )
+        local_names = [k for k in model.state_dict() if not k.endswith("_extra_state")]
         dtype = self.tf_config.params_dtype
-        missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+        with safe_open(str(self.checkpoint_dir / WEIGHTS_FILE), framework="pt") as weights:
+            available = set(weights.keys())
+
+            def read_full(name: str) -> torch.Tensor:
+                if name not in available:
+                    raise KeyError(name)
+                return weights.get_tensor(name).to(dtype)
+
+            state = shard_state(local_names, read_full, self.layout, self.hf_config.num_hidden_layers)
+        missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
             raise RuntimeError(
@@ -192,7 +212,12 @@ class MegatronPolicyWorker:
         )
 
     # -------------------------------------------------------------- compute
-    def _forward(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _forward(self, model, batch: dict[str, torch.Tensor], with_labels: bool = True) -> torch.Tensor:
+        """Per-token cross-entropy of each next token (``with_labels``), else vocab-parallel logits.
+
+        On pipeline stages after the first, GPTModel ignores ``input_ids`` and
+        reads the previous stage's activations, which the schedule sets.
+        """
         input_ids = batch["input_ids"].to(self.device)
         b, length = input_ids.shape
         position_ids = torch.arange(length, device=self.device).unsqueeze(0).expand(b, -1)
@@ -200,20 +225,27 @@ class MegatronPolicyWorker:
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=causal_attention_mask(length, self.device),
-            labels=_next_token_labels(input_ids),
+            labels=_next_token_labels(input_ids) if with_labels else None,
         )
 
     def _run_schedule(
-        self, microbatches: list[dict[str, torch.Tensor]], loss_fn: LossFn, forward_only: bool
-    ) -> list[dict[str, torch.Tensor]]:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
+        self,
+        microbatches: list[dict[str, torch.Tensor]],
+        consume: Callable[[dict[str, torch.Tensor], torch.Tensor], tuple],
+        forward_only: bool,
+        with_labels: bool = True,
+    ) -> list[dict[str, Any]]:
+        """megatron-core's forward/backward schedule (pipelined when PP > 1) over the micro-batches.
 
-        def wrapped_loss(batch, per_token_ce):
-            return loss_fn(token_logprobs_from_megatron_loss(per_token_ce), batch)
+        ``consume(batch, output)`` runs on the last pipeline stage and returns
+        megatron's ``(loss, num_tokens, reported)``; the ``reported`` dicts come
+        back (empty on other stages).
+        """
+        from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model):
             batch = next(data_iterator)
-            return self._forward(model, batch), partial(wrapped_loss, batch)
+            return self._forward(model, batch, with_labels), partial(consume, batch)
 
         max_len = max(mb["input_ids"].shape[1] for mb in microbatches)
         return get_forward_backward_func()(
@@ -227,6 +259,14 @@ class MegatronPolicyWorker:
             forward_only=forward_only,
         )
 
+    def _loss_schedule(
+        self, microbatches: list[dict[str, torch.Tensor]], loss_fn: LossFn, forward_only: bool
+    ) -> list[dict[str, Any]]:
+        def consume(batch, per_token_ce):
+            return loss_fn(token_logprobs_from_megatron_loss(per_token_ce), batch)
+
+        return self._run_schedule(microbatches, consume, forward_only)
+
     def train_step(self, microbatches: list[dict[str, torch.Tensor]], loss_fn: LossFn) -> dict[str, Any]:
         """One optimizer step over this data-parallel rank's share of the global batch.
 
@@ -236,7 +276,7 @@ class MegatronPolicyWorker:
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self._run_schedule(microbatches, loss_fn, forward_only=False)
+        outputs = self._loss_schedule(microbatches, loss_fn, forward_only=False)
         success, grad_norm, _ = self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
         if success:
@@ -251,26 +291,51 @@ class MegatronPolicyWorker:
     @torch.no_grad()
     def evaluate(self, microbatches: list[dict[str, torch.Tensor]], loss_fn: LossFn) -> dict[str, Any]:
         self.model.eval()
-        return {"metrics": _sum_metrics(self._run_schedule(microbatches, loss_fn, forward_only=True))}
+        return {"metrics": _sum_metrics(self._loss_schedule(microbatches, loss_fn, forward_only=True))}
 
     @torch.no_grad()
-    def get_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Full-vocabulary logits [B, L, V] (gathered across TP), for parity checks against other engines."""
+    def get_logits(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Full-vocabulary logits [B, L, V] (gathered across TP) on the last pipeline stage, else None."""
+        from megatron.core import parallel_state
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+        def consume(batch, logits):
+            full = gather_from_tensor_model_parallel_region(logits).float().cpu()
+            one = torch.ones((), dtype=torch.int, device=self.device)
+            return torch.zeros((), device=self.device), one, {"logits": full}
+
         self.model.eval()
-        input_ids = input_ids.to(self.device)
-        b, length = input_ids.shape
-        logits = self.model(
-            input_ids=input_ids,
-            position_ids=torch.arange(length, device=self.device).unsqueeze(0).expand(b, -1),
-            attention_mask=causal_attention_mask(length, self.device),
-        )
-        return gather_from_tensor_model_parallel_region(logits).float().cpu()
+        outputs = self._run_schedule([{"input_ids": input_ids}], consume, forward_only=True, with_labels=False)
+        return outputs[0]["logits"] if parallel_state.is_pipeline_last_stage() else None
+
+    def gathered_state(self, what: str = "params") -> dict[str, torch.Tensor] | None:
+        """Full Megatron tensors (global names) of the parameters or their reduced gradients, on global rank 0.
+
+        Gradients are DDP's ``main_grad`` after the last ``train_step`` (reduced over
+        DP and divided by the global token count; clipping scales them in place).
+        """
+        module = self.model.module
+        if what == "params":
+            local = {k: v.detach().cpu() for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
+        elif what == "grads":
+            local = {name: p.main_grad.detach().float().cpu() for name, p in module.named_parameters()}
+        else:
+            raise ValueError(f"what must be 'params' or 'grads', got {what!r}")
+        return self._gather_full(local)
+
+    def _gather_full(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Every model-parallel shard (from DP rank 0) merged into full tensors on global rank 0."""
+        mine = (self.tp_rank, self.pp_rank, local) if self.dp_rank == 0 else None
+        gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+        torch.distributed.gather_object(mine, gathered, dst=0)
+        if self.rank != 0:
+            return None
+        shards = {(tp, pp): state for tp, pp, state in filter(None, gathered)}
+        return merge_shards(shards, self.hf_config.num_hidden_layers, self.hf_config.tie_word_embeddings)
 
     # ---------------------------------------------------------- persistence
     def _shard_file(self, directory: Path) -> Path:
-        return directory / f"policy_tp{self.tp_rank:02d}_pp{self.pp_rank:02d}.pt"
+        return directory / shard_file_name(self.tp_rank, self.pp_rank)
 
     def save_checkpoint(self, directory: str) -> None:
         """Model, optimizer, scheduler and RNG of this model-parallel shard (written by DP rank 0)."""
@@ -304,11 +369,11 @@ class MegatronPolicyWorker:
         The generation config (stop tokens) comes from ``model_dir``, the HF model
         the run started from, and the tokenizer from ``tokenizer_dir``.
         """
-        if self.rank != 0:
-            return
         from nemo_rl.models.megatron.hf_export import write_hf_directory
 
-        write_hf_directory(self.model.module.state_dict(), self.hf_config, Path(directory), model_dir, tokenizer_dir)
+        full = self.gathered_state("params")
+        if full is not None:
+            write_hf_directory(full, self.hf_config, Path(directory), model_dir, tokenizer_dir)
 
     def info(self) -> dict[str, Any]:
         return {

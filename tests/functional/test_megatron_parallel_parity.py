@@ -1,0 +1,136 @@
+"""Tensor, pipeline, sequence and data parallel Megatron runs compute what one process computes.
+
+Each layout runs the real Policy / Ray worker group / megatron-core code over
+gloo, on the tiny YaRN model at up to 2x its original window: logits, the
+training loss, the gradients (gathered to full tensors), the gradient norm and
+the parameters after one optimizer step are compared with the single-process
+run. Everything is float32; the layouts differ only in summation order (a TP
+rank sums half a matmul's products, then the halves are all-reduced), so they
+agree to float32 rounding. Parameters get a looser bound than gradients: Adam's
+first update is lr * g / (|g| + eps), so for the few entries whose gradient is
+near eps (1e-8; rarely seen embedding rows) a rounding-sized change of g moves
+the update by a visible fraction of lr (3e-3). Measured: 1.2e-5 on one of 74k
+embedding entries with TP=2; the bound, 1e-4, is lr / 30, and the test checks
+that the step moved the parameters by far more than that.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from nemo_rl.algorithms.loss_functions import NLLLoss
+
+pytestmark = [pytest.mark.functional, pytest.mark.slow]
+
+SEQ_LEN = 512  # 2x the tiny model's original window of 256
+BATCH = 4
+LAYOUTS = {  # name: (tp, pp, sequence_parallel, workers)
+    "tp2": (2, 1, False, 2),
+    "tp2_sp": (2, 1, True, 2),
+    "pp2": (1, 2, False, 2),
+    "dp2": (1, 1, False, 2),
+    "tp2_pp2_sp": (2, 2, True, 4),
+}
+
+
+@pytest.fixture(scope="module")
+def ray_four_workers(tmp_path_factory):
+    import ray
+
+    from nemo_rl.distributed.ray_init import init_ray
+
+    os.environ["NRL_MEGATRON_CHECKPOINT_DIR"] = str(tmp_path_factory.mktemp("mcore"))
+    init_ray(num_cpus=4)  # one CPU "device" per worker; 2 physical cores are shared
+    yield
+    ray.shutdown()
+    del os.environ["NRL_MEGATRON_CHECKPOINT_DIR"]
+
+
+@pytest.fixture(scope="module")
+def batch() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, 550, (BATCH, SEQ_LEN), generator=generator)
+    loss_mask = torch.zeros_like(input_ids)
+    for row, start in enumerate((10, 100, 200, 300)):
+        loss_mask[row, start:] = 1  # responses of different lengths, some beyond the original window
+    return {"input_ids": input_ids, "loss_mask": loss_mask}
+
+
+def _run(tp: int, pp: int, sp: bool, workers: int, batch, export_dir: Path | None = None) -> dict:
+    from nemo_rl.data.builtin_assets import resolve_model_path
+    from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
+    from nemo_rl.models.policy.lm_policy import Policy
+    from nemo_rl.utils.config import load_config, resolve_config
+    from nemo_rl.utils.config_schema import validate_sft_config
+
+    base = Path(__file__).resolve().parents[2] / "examples" / "configs" / "sft.yaml"
+    overrides = [
+        f"cluster.gpus_per_node={workers}",
+        f"policy.megatron_cfg.tensor_model_parallel_size={tp}",
+        f"policy.megatron_cfg.pipeline_model_parallel_size={pp}",
+        f"policy.megatron_cfg.sequence_parallel={str(sp).lower()}",
+        "policy.max_grad_norm=1e9",  # no clipping: the gathered gradients are the raw ones
+        "policy.train_micro_batch_size=2",
+        "sft.val_micro_batch_size=2",
+        "policy.megatron_cfg.scheduler.lr_warmup_iters=0",
+    ]
+    cfg = validate_sft_config(resolve_config(load_config(base, overrides)))
+    cluster = RayVirtualCluster(workers)
+    policy = Policy(cluster, cfg.policy, resolve_model_path("tiny-qwen2"), seed=0)
+    try:
+        logits = policy.get_logits(batch["input_ids"][:1])
+        initial = policy.gathered_state("params")
+        result = policy.train(batch, NLLLoss(), micro_batch_size=2)
+        grads = policy.gathered_state("grads")
+        params = policy.gathered_state("params")
+        if export_dir is not None:
+            policy.export_hf(export_dir)
+            trained_logits = policy.get_logits(batch["input_ids"][:1])
+    finally:
+        policy.shutdown()
+        cluster.shutdown()
+    out = {"logits": logits, "result": result, "grads": grads, "params": params, "initial": initial}
+    if export_dir is not None:
+        out["trained_logits"] = trained_logits
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(ray_four_workers, batch) -> dict:
+    return _run(1, 1, False, 1, batch)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_equals_single_process(reference, batch, layout):
+    got = _run(*LAYOUTS[layout], batch)
+    torch.testing.assert_close(got["logits"], reference["logits"], rtol=0, atol=5e-5)
+    want_metrics, got_metrics = reference["result"]["metrics"], got["result"]["metrics"]
+    assert got_metrics["num_tokens"] == want_metrics["num_tokens"]
+    assert got_metrics["nll_sum"] == pytest.approx(want_metrics["nll_sum"], rel=1e-5)
+    assert got["result"]["grad_norm"] == pytest.approx(reference["result"]["grad_norm"], rel=1e-4)
+    assert set(got["grads"]) == set(reference["grads"])
+    for name, want in reference["grads"].items():
+        torch.testing.assert_close(got["grads"][name], want, rtol=1e-3, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert set(got["params"]) == set(reference["params"])
+    for name, want in reference["params"].items():
+        torch.testing.assert_close(got["params"][name], want, rtol=0, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    # the step moved every parameter well beyond the tolerance, so agreement after it is not trivial
+    for name, before in reference["initial"].items():
+        torch.testing.assert_close(got["initial"][name], before, rtol=0, atol=0)
+        assert (reference["params"][name] - before).abs().max() > 1e-3, name
+
+
+def test_export_of_a_sharded_model_reloads_in_transformers_with_the_workers_logits(ray_four_workers, batch, tmp_path):
+    """TP=2 x PP=2 shards are gathered into one HF directory carrying the YaRN config."""
+    from transformers import AutoModelForCausalLM
+
+    got = _run(*LAYOUTS["tp2_pp2_sp"], batch, export_dir=tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert model.config.rope_parameters["rope_type"] == "yarn"
+    with torch.no_grad():
+        hf_logits = model(batch["input_ids"][:1]).logits
+    torch.testing.assert_close(hf_logits, got["trained_logits"], rtol=0, atol=1e-4)
