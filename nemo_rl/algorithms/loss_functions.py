@@ -1,7 +1,11 @@
 """Losses computed inside policy workers from per-token log-probabilities.
 
 Workers hand a loss the log-probability of every position's next token
-(``token_logprobs[:, t] = log p(x[t+1] | x[:t+1])``) and the micro-batch. A loss
+(``token_logprobs[:, t] = log p(x[t+1] | x[:t+1])``) and the micro-batch with
+``token_mask``: the batch's ``loss_mask`` already aligned with those positions
+(``next_token_mask``). The worker aligns it because only the worker knows the
+layout: with sequence packing and context parallelism a rank holds pieces of
+several samples, and the shift must happen before the sequence is split. A loss
 returns ``(numerator, count, metrics)`` in megatron-core's per-token-loss
 convention: megatron sums the numerators' gradients over micro-batches and
 data-parallel ranks and divides by the summed counts (``finalize_model_grads``),
@@ -34,7 +38,7 @@ class NLLLoss:
     def __call__(
         self, token_logprobs: torch.Tensor, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        mask = next_token_mask(batch["loss_mask"]).to(token_logprobs.device)
+        mask = batch["token_mask"].to(token_logprobs.device)
         nll_sum = -(token_logprobs * mask).sum()
         num_tokens = mask.sum().to(torch.int)
         return nll_sum, num_tokens, {"nll_sum": nll_sum.detach(), "num_tokens": num_tokens.detach()}

@@ -70,7 +70,7 @@ class SFTRun:
         )
         self.checkpoints = CheckpointManager(Path(cfg.checkpointing.checkpoint_dir), cfg.checkpointing.keep_top_k)
 
-        init_ray()
+        init_ray(workers=cfg.cluster.gpus_per_node * cfg.cluster.num_nodes)
         self.cluster = RayVirtualCluster(cfg.cluster.gpus_per_node, cfg.cluster.num_nodes)
         self.policy = Policy(self.cluster, pcfg, self.model_path, seed=cfg.sft.seed)
         cache_note = "converted now" if self.policy.converted_now else "reused from cache"
@@ -95,7 +95,8 @@ class SFTRun:
         result = self.policy.train(batch, NLLLoss(), self.cfg.policy.train_micro_batch_size)
         elapsed = time.perf_counter() - start
         m = result["metrics"]
-        return {
+        layout = {"packing_efficiency": m["packing_efficiency"]} if "packing_efficiency" in m else {}
+        return layout | {
             "loss": m["nll_sum"] / max(m["num_tokens"], 1),
             "grad_norm": result["grad_norm"],
             "lr": result["lr"],
@@ -131,10 +132,12 @@ class SFTRun:
         self.checkpoints.clean_incomplete()
         latest = self.checkpoints.latest()
         if latest is None:
+            self.metrics.rewind(0)
             return 0
         info = CheckpointManager.training_info(latest)
         self.policy.load_checkpoint(latest)
         self.train_loader.load_state_dict(info["dataloader"])
+        self.metrics.rewind(int(info["step"]))
         logger.info("Resumed from %s (step %d)", latest, info["step"])
         return int(info["step"])
 

@@ -276,12 +276,6 @@ def _policy_rules(raw: Mapping[str, Any]) -> list[str]:
 # refusing them beats silently training without them.
 _UNAVAILABLE = (
     (
-        "policy.megatron_cfg.context_parallel_size",
-        lambda v: v != 1,
-        "1 (context parallelism is not available yet; use tensor/pipeline parallelism or data parallelism)",
-    ),
-    ("policy.sequence_packing.enabled", lambda v: v is True, "false (sequence packing is not available yet)"),
-    (
         "policy.dtensor_cfg.enabled",
         lambda v: v is True,
         "false (the DTensor backend is not available yet; use policy.megatron_cfg.enabled=true)",
@@ -384,6 +378,12 @@ def _sequence_layout_errors(raw: Mapping[str, Any]) -> list[str]:
         errors.append(
             "policy.megatron_cfg.sequence_parallel: true needs policy.megatron_cfg.tensor_model_parallel_size > 1 "
             "(it splits activations over the TP ranks); set it to false or raise tensor_model_parallel_size"
+        )
+    packing = _value(raw, "policy.sequence_packing.enabled", bool)
+    if cp > 1 and packing is False:
+        errors.append(
+            f"policy.megatron_cfg.context_parallel_size: {cp} needs sequence packing (each rank holds chunks of "
+            "every packed sample, as in megatron-core); set policy.sequence_packing.enabled=true"
         )
     need = sequence_multiple(tp, cp, sp)
     if divisible_by is not None and divisible_by > 0 and divisible_by % need:

@@ -26,11 +26,7 @@ class Logger:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.log_dir / METRICS_FILE, "a", buffering=1)
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(self.log_dir / "tensorboard"))
+        self._tb = self._tensorboard() if tensorboard else None
         self._wandb = None
         if wandb_cfg is not None:
             import wandb  # optional dependency: only imported when enabled
@@ -41,6 +37,28 @@ class Logger:
                 config=dict(run_config or {}),
                 dir=str(self.log_dir),
             )
+
+    def _tensorboard(self, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(self.log_dir / "tensorboard"), purge_step=purge_step)
+
+    def rewind(self, step: int) -> None:
+        """Forget everything logged after ``step``: a resumed run repeats those steps.
+
+        A run killed after its last checkpoint has already logged the steps it
+        will now redo; without this, the JSONL and TensorBoard would show them twice.
+        """
+        self._jsonl.close()
+        path = self.log_dir / METRICS_FILE
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+        self._jsonl = open(path, "a", buffering=1)
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = self._tensorboard(purge_step=step + 1)
 
     def log(self, metrics: Mapping[str, float], step: int, prefix: str) -> None:
         """Record one step's metrics under ``prefix`` (train/validation/timing)."""

@@ -252,22 +252,21 @@ def test_multiple_errors_from_every_source_are_reported_together(raw):
     assert len(errors) == len(expected_starts)
 
 
-@pytest.mark.parametrize(
-    ("key", "value"),
-    [
-        ("policy.megatron_cfg.context_parallel_size", 2),
-        ("policy.sequence_packing.enabled", True),
-    ],
-)
-def test_features_not_available_yet_are_refused_by_name(raw, key, value):
-    section = raw
-    *parents, leaf = key.split(".")
-    for part in parents:
-        section = section[part]
-    section[leaf] = value
-    raw["cluster"]["gpus_per_node"] = 2
-    errors = errors_of(raw)
-    assert any(e.startswith(f"{key}: {value!r} is not supported by this version") for e in errors), errors
+def test_context_parallel_needs_packing_and_sizes_names_the_smallest_multiple(raw):
+    raw["cluster"]["gpus_per_node"] = 4
+    raw["policy"]["megatron_cfg"].update(context_parallel_size=2, tensor_model_parallel_size=2, sequence_parallel=True)
+    raw["policy"]["make_sequence_length_divisible_by"] = 4
+    assert errors_of(raw) == [
+        "policy.megatron_cfg.context_parallel_size: 2 needs sequence packing (each rank holds chunks of every "
+        "packed sample, as in megatron-core); set policy.sequence_packing.enabled=true",
+        "policy.make_sequence_length_divisible_by: 4 must be a multiple of 8 (2 x context_parallel_size (2) x "
+        "tensor_model_parallel_size (2) with sequence_parallel); the smallest valid value is 8, the nearest above "
+        "yours 8",
+    ]
+    raw["policy"]["sequence_packing"]["enabled"] = True
+    raw["policy"]["make_sequence_length_divisible_by"] = 16
+    raw["policy"]["train_micro_batch_size"] = raw["sft"]["val_micro_batch_size"] = 1
+    assert validate_sft_config(raw).policy.megatron_cfg.context_parallel_size == 2
 
 
 def test_dtensor_without_yarn_is_refused_once(raw):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from nemo_rl.models.megatron.cpu_compat import causal_attention_mask
 from nemo_rl.models.megatron.model_builder import ParallelLayout, build_gpt_model, transformer_config_from_hf
 from tests.helpers import tiny_qwen2_config, yarn_block
 
@@ -24,7 +23,7 @@ def _loss(model, ids):
     per_token = model(
         input_ids=ids,
         position_ids=torch.arange(length).expand(ids.shape[0], -1),
-        attention_mask=causal_attention_mask(length, torch.device("cpu")),
+        attention_mask=None,
         labels=torch.roll(ids, -1, 1),
     )
     return per_token.mean()

@@ -5,8 +5,8 @@ it computes: it asks ``torch.cuda.current_device()`` where to put rotary tables
 and masks, its RNG tracker and activation recomputation snapshot CUDA generator
 states, its schedules/optimizer allocate bookkeeping tensors on "cuda", and its
 pipeline p2p synchronises CUDA streams.
-Replacing those touch points (and passing an explicit causal mask, see
-``causal_attention_mask``) is enough for the real GPTModel, DDP, optimizer,
+Replacing those touch points (attention is this project's ``SDPACoreAttention``,
+which needs no mask tensor) is enough for the real GPTModel, DDP, optimizer,
 schedules and gloo collectives to run on CPU, so CI exercises the same code that
 GPU clusters run.
 
@@ -98,17 +98,13 @@ def enable_cpu_compat() -> bool:
     return True
 
 
-def causal_attention_mask(seq_len: int, device: torch.device) -> torch.Tensor:
-    """Megatron's boolean mask convention: True marks positions that must NOT be attended."""
-    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]
-
-
 class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
     """Redirect tensors that megatron-core creates with a hard-coded ``device="cuda"``.
 
     Its schedules, DDP buffers and optimizer wrappers allocate small bookkeeping
-    tensors (loss-token counters, found-inf flags, norms) on "cuda" literally and
-    check ``tensor.type()`` against CUDA type names; on a CPU-only torch those
+    tensors (loss-token counters, found-inf flags, norms) on "cuda" literally, pin
+    host memory for copies to the GPU, and check ``tensor.type()`` against CUDA
+    type names; on a CPU-only torch those
     calls would raise before any maths happens.
     """
 
@@ -117,6 +113,8 @@ class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
         device = kwargs.get("device")
         if device is not None and torch.device(device).type == "cuda":
             kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):  # page-locked staging for host-to-GPU copies; needs a GPU
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:

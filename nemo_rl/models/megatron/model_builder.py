@@ -18,6 +18,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from nemo_rl.models import rope_scaling
+from nemo_rl.models.megatron.attention import with_sdpa_attention
 from nemo_rl.models.megatron.hf_weights import AttentionShape, check_supported
 from nemo_rl.models.megatron.norms import SequenceParallelRMSNorm, with_rms_norm
 
@@ -88,7 +89,9 @@ def transformer_config_from_hf(
 def build_gpt_model(
     hf_config, config: TransformerConfig, pre_process: bool = True, post_process: bool = True
 ) -> GPTModel:
-    layer = with_rms_norm(get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm))
+    layer = with_sdpa_attention(
+        with_rms_norm(get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm))
+    )
     block = TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=SequenceParallelRMSNorm
     )

@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 
+from nemo_rl.data.packing import pack_batch, pack_capacity
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
 from nemo_rl.distributed.worker_group import RayWorkerGroup
 from nemo_rl.models.policy.megatron_policy_worker import LossFn, MegatronPolicyWorker
+from nemo_rl.utils.config_schema import sequence_multiple
 
 logger = logging.getLogger(__name__)
 
@@ -39,18 +41,36 @@ class Policy:
         self.checkpoint_dir = Path(self.worker_info[0]["checkpoint_dir"])
         self.converted_now = self.worker_info[0]["converted_now"]
         last_pp = max(info["pp_rank"] for info in self.worker_info)
-        # One reporter per DP rank: metrics are identical across its TP peers.
+        # One reporter per (DP, CP) rank: metrics are identical across TP peers and exist only on the
+        # last pipeline stage; CP ranks each hold different tokens of the same samples.
         self._reporters = [
             i for i, info in enumerate(self.worker_info) if info["tp_rank"] == 0 and info["pp_rank"] == last_pp
         ]
+        mcfg = policy_cfg.megatron_cfg
+        self.packing_multiple = sequence_multiple(
+            mcfg.tensor_model_parallel_size, mcfg.context_parallel_size, mcfg.sequence_parallel
+        )
 
-    def _shard_args(self, batch: Batch, micro_batch_size: int, loss_fn: LossFn) -> list[tuple]:
-        shards = split_rows(batch, self.dp_size)
+    def _shard_args(self, batch: Batch, micro_batch_size: int, loss_fn: LossFn) -> tuple[list[tuple], dict]:
+        """Per-worker (micro-batches, loss) and layout metrics.
+
+        With sequence packing each DP shard's samples are packed into rows of
+        ``max_total_sequence_length`` tokens, one row per micro-batch, so
+        ``micro_batch_size`` does not apply.
+        """
         per_dp = []
-        for shard in shards:
-            rows = next(iter(shard.values())).shape[0]
-            per_dp.append(split_rows(shard, max(rows // micro_batch_size, 1)))
-        return [(per_dp[info["dp_rank"]], loss_fn) for info in self.worker_info]
+        real = allocated = 0
+        for shard in split_rows(batch, self.dp_size):
+            if self.cfg.sequence_packing.enabled:
+                capacity = pack_capacity(self.cfg.max_total_sequence_length, self.packing_multiple)
+                rows, stats = pack_batch(shard, capacity, self.packing_multiple)
+                real, allocated = real + stats.real_tokens, allocated + stats.allocated_tokens
+                per_dp.append(rows)
+            else:
+                rows = next(iter(shard.values())).shape[0]
+                per_dp.append(split_rows(shard, max(rows // micro_batch_size, 1)))
+        metrics = {"packing_efficiency": real / allocated} if allocated else {}
+        return [(per_dp[info["dp_rank"]], loss_fn) for info in self.worker_info], metrics
 
     def _reduce(self, results: list[dict[str, Any]]) -> dict[str, Any]:
         reported = [results[i] for i in self._reporters]
@@ -63,12 +83,16 @@ class Policy:
         return out
 
     def train(self, batch: Batch, loss_fn: LossFn, micro_batch_size: int) -> dict[str, Any]:
-        return self._reduce(
-            self.worker_group.run_each("train_step", self._shard_args(batch, micro_batch_size, loss_fn))
-        )
+        return self._run("train_step", batch, loss_fn, micro_batch_size)
 
     def evaluate(self, batch: Batch, loss_fn: LossFn, micro_batch_size: int) -> dict[str, Any]:
-        return self._reduce(self.worker_group.run_each("evaluate", self._shard_args(batch, micro_batch_size, loss_fn)))
+        return self._run("evaluate", batch, loss_fn, micro_batch_size)
+
+    def _run(self, method: str, batch: Batch, loss_fn: LossFn, micro_batch_size: int) -> dict[str, Any]:
+        args, layout_metrics = self._shard_args(batch, micro_batch_size, loss_fn)
+        result = self._reduce(self.worker_group.run_each(method, args))
+        result["metrics"].update(layout_metrics)
+        return result
 
     def get_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits from the last pipeline stage (every rank runs the forward pass)."""

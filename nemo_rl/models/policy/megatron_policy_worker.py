@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
-from nemo_rl.models.megatron.cpu_compat import causal_attention_mask, enable_cpu_compat
+from nemo_rl.algorithms.loss_functions import next_token_mask
+from nemo_rl.models.megatron.context_parallel import gather_context_parallel, split_for_context_parallel
+from nemo_rl.models.megatron.cpu_compat import enable_cpu_compat
 from nemo_rl.models.megatron.parallel_weights import ShardLayout, merge_shards, shard_file_name
 
 logger = logging.getLogger(__name__)
@@ -93,6 +95,8 @@ class MegatronPolicyWorker:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        self.cp_rank = parallel_state.get_context_parallel_rank()
+        self.cp_size = parallel_state.get_context_parallel_world_size()
         self.layout = ShardLayout(
             mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size, self.tp_rank, self.pp_rank
         )
@@ -212,20 +216,54 @@ class MegatronPolicyWorker:
         )
 
     # -------------------------------------------------------------- compute
-    def _forward(self, model, batch: dict[str, torch.Tensor], with_labels: bool = True) -> torch.Tensor:
+    def _prepare(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
+        """Per-token model inputs of a micro-batch on this rank, and megatron's PackedSeqParams if packed.
+
+        Next-token labels and the loss's ``token_mask`` are aligned on the whole
+        sequence first; only then does context parallelism take this rank's
+        chunks of each packed sample.
+        """
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        input_ids = batch["input_ids"]
+        b, length = input_ids.shape
+        tokens = {
+            "input_ids": input_ids,
+            "labels": _next_token_labels(input_ids),
+            "position_ids": batch.get("position_ids", torch.arange(length).unsqueeze(0).expand(b, -1)),
+        }
+        if "loss_mask" in batch:
+            tokens["token_mask"] = next_token_mask(batch["loss_mask"])
+        if "cu_seqlens" not in batch:
+            return {k: v.to(self.device) for k, v in tokens.items()}, None
+        cu_seqlens = batch["cu_seqlens"]
+        if self.cp_size > 1:
+            tokens = split_for_context_parallel(tokens, cu_seqlens, self.cp_size, self.cp_rank)
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        cu_seqlens = cu_seqlens.to(self.device, torch.int32)
+        packed = PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=cu_seqlens,
+            cu_seqlens_kv=cu_seqlens,
+            max_seqlen_q=longest,
+            max_seqlen_kv=longest,
+        )
+        return {k: v.to(self.device) for k, v in tokens.items()}, packed
+
+    def _forward(self, model, inputs: dict[str, torch.Tensor], packed, with_labels: bool = True) -> torch.Tensor:
         """Per-token cross-entropy of each next token (``with_labels``), else vocab-parallel logits.
 
         On pipeline stages after the first, GPTModel ignores ``input_ids`` and
         reads the previous stage's activations, which the schedule sets.
+        Attention is causal (per sample when packed) without a mask tensor, see
+        ``SDPACoreAttention``.
         """
-        input_ids = batch["input_ids"].to(self.device)
-        b, length = input_ids.shape
-        position_ids = torch.arange(length, device=self.device).unsqueeze(0).expand(b, -1)
         return model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=causal_attention_mask(length, self.device),
-            labels=_next_token_labels(input_ids) if with_labels else None,
+            input_ids=inputs["input_ids"],
+            position_ids=inputs["position_ids"],
+            attention_mask=None,
+            labels=inputs["labels"] if with_labels else None,
+            packed_seq_params=packed,
         )
 
     def _run_schedule(
@@ -244,10 +282,11 @@ class MegatronPolicyWorker:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model):
-            batch = next(data_iterator)
-            return self._forward(model, batch, with_labels), partial(consume, batch)
+            inputs, packed = self._prepare(next(data_iterator))
+            return self._forward(model, inputs, packed, with_labels), partial(consume, inputs)
 
-        max_len = max(mb["input_ids"].shape[1] for mb in microbatches)
+        # The length this rank's activations have (p2p shapes between pipeline stages).
+        max_len = max(mb["input_ids"].shape[1] for mb in microbatches) // self.cp_size
         return get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(microbatches),
@@ -295,18 +334,34 @@ class MegatronPolicyWorker:
 
     @torch.no_grad()
     def get_logits(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """Full-vocabulary logits [B, L, V] (gathered across TP) on the last pipeline stage, else None."""
+        """Full-vocabulary logits [B, L, V] (gathered across TP and CP) on the last pipeline stage, else None.
+
+        With context parallelism the rows go through the packed path (each row
+        one sample, L a multiple of 2 x CP) and the CP ranks' chunks are put
+        back in order.
+        """
         from megatron.core import parallel_state
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
         def consume(batch, logits):
-            full = gather_from_tensor_model_parallel_region(logits).float().cpu()
+            full = gather_from_tensor_model_parallel_region(logits).float()
             one = torch.ones((), dtype=torch.int, device=self.device)
             return torch.zeros((), device=self.device), one, {"logits": full}
 
         self.model.eval()
-        outputs = self._run_schedule([{"input_ids": input_ids}], consume, forward_only=True, with_labels=False)
-        return outputs[0]["logits"] if parallel_state.is_pipeline_last_stage() else None
+        b, length = input_ids.shape
+        if self.cp_size == 1:
+            batches = [{"input_ids": input_ids}]
+        else:
+            bounds = torch.tensor([0, length], dtype=torch.int32)
+            batches = [{"input_ids": input_ids[i : i + 1], "cu_seqlens": bounds} for i in range(b)]
+        outputs = self._run_schedule(batches, consume, forward_only=True, with_labels=False)
+        if not parallel_state.is_pipeline_last_stage():
+            return None
+        logits = torch.cat([out["logits"] for out in outputs])
+        if self.cp_size > 1:
+            logits = gather_context_parallel(logits, bounds, parallel_state.get_context_parallel_group())
+        return logits.cpu()
 
     def gathered_state(self, what: str = "params") -> dict[str, torch.Tensor] | None:
         """Full Megatron tensors (global names) of the parameters or their reduced gradients, on global rank 0.
@@ -381,6 +436,7 @@ class MegatronPolicyWorker:
             "dp_rank": self.dp_rank,
             "tp_rank": self.tp_rank,
             "pp_rank": self.pp_rank,
+            "cp_rank": self.cp_rank,
             "checkpoint_dir": str(self.checkpoint_dir),
             "converted_now": self.converted_now,
             "device": str(self.device),

@@ -1,0 +1,201 @@
+"""Training throughput of the project's Megatron policy worker versus a plain transformers loop.
+
+    uv run benchmarks/megatron_vs_hf_throughput.py [--seq-len 1024] [--batch-size 4] [--steps 5] [--out r.json]
+
+Why: the Megatron path (Ray actor, megatron-core DDP, optimizer and
+forward/backward schedule) is what every run trains through; this measures what
+that machinery costs, or saves, against the simplest thing that computes the
+same update: ``AutoModelForCausalLM`` + ``torch.optim.AdamW`` on the same tiny
+model (``tiny-qwen2`` with the YaRN block of ``examples/configs/sft.yaml``,
+factor = seq-len / 256), batch, sequence length, micro-batching and loss (mean
+next-token NLL over the loss-masked tokens of the batch), in the same process
+and on the same device (CUDA when available, else CPU with ``--num-cpus``
+threads on both sides). The Megatron side is timed from the driver, so Ray's
+call and transfer overhead is part of its number, as it is in training.
+
+Each side runs ``--warmup`` untimed steps, then ``--steps`` timed ones. The
+first-step losses of both are printed as a sanity check: same weights, same
+data, so they must agree to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_sft_config(seq_len: int, batch_size: int, micro_batch_size: int):
+    from nemo_rl.utils.config import load_config, resolve_config
+    from nemo_rl.utils.config_schema import validate_sft_config
+
+    overrides = [
+        f"policy.max_total_sequence_length={seq_len}",  # the YaRN factor follows (seq_len / 256)
+        f"policy.train_global_batch_size={batch_size}",
+        f"policy.train_micro_batch_size={micro_batch_size}",
+        "cluster.gpus_per_node=1",
+    ]
+    return validate_sft_config(resolve_config(load_config(ROOT / "examples/configs/sft.yaml", overrides)))
+
+
+def make_batch(vocab_size: int, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, vocab_size, (batch_size, seq_len), generator=generator)
+    return {"input_ids": input_ids, "loss_mask": torch.ones_like(input_ids)}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, warmup: int, steps: int, device: torch.device) -> tuple[float, list[float]]:
+    """(seconds for the timed steps, loss of every step including warm-up).
+
+    Only the first loss is comparable across sides: later ones follow each side's LR schedule
+    (Megatron warms up from ``lr_warmup_init``; the HF loop uses a constant LR).
+    """
+    losses = [step() for _ in range(warmup)]
+    sync(device)
+    start = time.perf_counter()
+    losses += [step() for _ in range(steps)]
+    sync(device)
+    return time.perf_counter() - start, losses
+
+
+def run_megatron(cfg, model_path: Path, batch, micro_batch_size: int, args) -> tuple[float, list[float]]:
+    import ray
+
+    from nemo_rl.algorithms.loss_functions import NLLLoss
+    from nemo_rl.distributed.ray_init import init_ray
+    from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
+    from nemo_rl.models.policy.lm_policy import Policy
+
+    init_ray(num_cpus=args.num_cpus)
+    cluster = RayVirtualCluster(1)
+    policy = Policy(cluster, cfg.policy, model_path, seed=0)
+
+    def step() -> float:
+        metrics = policy.train(batch, NLLLoss(), micro_batch_size)["metrics"]
+        return metrics["nll_sum"] / metrics["num_tokens"]
+
+    try:  # train() returns Python floats, so the worker's device work is done when it returns
+        return time_steps(step, args.warmup, args.steps, torch.device("cpu"))
+    finally:
+        policy.shutdown()
+        cluster.shutdown()
+        ray.shutdown()
+
+
+def run_hf(cfg, model_path: Path, batch, micro_batch_size: int, args, device) -> tuple[float, list[float]]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from nemo_rl.models.rope_scaling import apply_hf_config_overrides
+
+    pcfg = cfg.policy
+    config = apply_hf_config_overrides(
+        AutoConfig.from_pretrained(model_path), pcfg.effective_hf_config_overrides, pcfg.max_total_sequence_length
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, config=config, dtype=torch.float32, attn_implementation="sdpa"
+    ).to(device)
+    model.train()
+    ocfg = pcfg.megatron_cfg.optimizer
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=ocfg.lr,
+        betas=(ocfg.adam_beta1, ocfg.adam_beta2),
+        eps=ocfg.adam_eps,
+        weight_decay=ocfg.weight_decay,
+    )
+    input_ids, loss_mask = batch["input_ids"].to(device), batch["loss_mask"].to(device)
+    targets, mask = input_ids[:, 1:], loss_mask[:, 1:].float()  # position t predicts token t+1
+    num_tokens = mask.sum()
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        nll_sum = torch.zeros((), device=device)
+        for start in range(0, len(input_ids), micro_batch_size):
+            rows = slice(start, start + micro_batch_size)
+            logits = model(input_ids=input_ids[rows]).logits[:, :-1]
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), targets[rows].flatten(), reduction="none")
+            micro_sum = (nll * mask[rows].flatten()).sum()
+            (micro_sum / num_tokens).backward()  # mean over the whole batch's tokens, as NLLLoss
+            nll_sum += micro_sum.detach()
+        if pcfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), pcfg.max_grad_norm)
+        optimizer.step()
+        return (nll_sum / num_tokens).item()
+
+    return time_steps(step, args.warmup, args.steps, device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--micro-batch-size", type=int, default=None, help="default: the batch size")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per side")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side")
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="Ray CPUs = torch threads on CPU")
+    parser.add_argument("--out", type=Path, default=None, help="optional JSON file for the results")
+    args = parser.parse_args()
+    micro_batch_size = args.micro_batch_size or args.batch_size
+
+    from transformers import AutoConfig
+
+    from nemo_rl.data.builtin_assets import resolve_model_path
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(args.num_cpus)
+    cfg = load_sft_config(args.seq_len, args.batch_size, micro_batch_size)
+    model_path = resolve_model_path(cfg.policy.model_name)
+    batch = make_batch(AutoConfig.from_pretrained(model_path).vocab_size, args.batch_size, args.seq_len)
+
+    results = {}
+    with tempfile.TemporaryDirectory() as checkpoints:
+        os.environ["NRL_MEGATRON_CHECKPOINT_DIR"] = checkpoints  # the HF->Megatron conversion goes here
+        results["megatron"] = run_megatron(cfg, model_path, batch, micro_batch_size, args)
+    results["hf"] = run_hf(cfg, model_path, batch, micro_batch_size, args, device)
+
+    tokens = args.batch_size * args.seq_len
+    rows = {
+        name: {
+            "tokens_per_s": tokens * args.steps / seconds,
+            "s_per_step": seconds / args.steps,
+            "first_loss": losses[0],
+        }
+        for name, (seconds, losses) in results.items()
+    }
+    ratio = rows["megatron"]["tokens_per_s"] / rows["hf"]["tokens_per_s"]
+
+    print(
+        f"\ndevice {device}, tiny-qwen2, batch {args.batch_size} x {args.seq_len} tokens "
+        f"(micro-batch {micro_batch_size}), {args.warmup} warm-up + {args.steps} timed steps"
+    )
+    header = f"{'backend':>8} | {'tokens/s':>10} | {'s/step':>8} | {'first loss':>10}"
+    print(header)
+    print("-" * len(header))
+    for name, row in rows.items():
+        print(f"{name:>8} | {row['tokens_per_s']:10.0f} | {row['s_per_step']:8.3f} | {row['first_loss']:10.5f}")
+    print(f"megatron / hf throughput: {ratio:.2f}x")
+    print(f"first-step loss difference: {abs(rows['megatron']['first_loss'] - rows['hf']['first_loss']):.2e}")
+
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        summary = {"device": str(device), "micro_batch_size": micro_batch_size, "ratio": ratio, "results": rows}
+        args.out.write_text(json.dumps(vars(args) | summary, indent=2, default=str))
+        print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
