@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"SFT finished at step {result.final_step}: train loss {result.last_train_loss:.4f}"
         + (f", validation loss {result.last_val_loss:.4f}" if result.last_val_loss is not None else "")
-        + f"\n  converted Megatron checkpoint: {result.converted_checkpoint}"
+        + (f"\n  converted Megatron checkpoint: {result.converted_checkpoint}" if result.converted_checkpoint else "")
         + f"\n  logs and metrics: {cfg.logger.log_dir}"
         + (f"\n  checkpoints: {cfg.checkpointing.checkpoint_dir}" if cfg.checkpointing.enabled else "")
         + (f"\n  HF export: {result.hf_export}" if result.hf_export else "")

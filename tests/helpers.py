@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
 
 def yarn_block(**changes) -> dict:
     """A complete, valid YaRN block (4x a 256-token window) with ``changes`` applied."""
@@ -36,3 +42,46 @@ def tiny_qwen2_config(**changes):
         "tie_word_embeddings": True,
     }
     return Qwen2Config(**(fields | changes))
+
+
+SFT_YAML = Path(__file__).resolve().parents[1] / "examples" / "configs" / "sft.yaml"
+
+
+def sft_config(*overrides: str):
+    """The validated default SFT config with Hydra-style ``overrides``."""
+    from nemo_rl.utils.config import load_config, resolve_config
+    from nemo_rl.utils.config_schema import validate_sft_config
+
+    return validate_sft_config(resolve_config(load_config(SFT_YAML, list(overrides))))
+
+
+@contextmanager
+def local_ray(num_cpus: int, megatron_cache: Path) -> Iterator[None]:
+    """A local Ray cluster advertising ``num_cpus`` (one per CPU worker) and an isolated conversion cache."""
+    import ray
+
+    from nemo_rl.distributed.ray_init import init_ray
+
+    os.environ["NRL_MEGATRON_CHECKPOINT_DIR"] = str(megatron_cache)
+    init_ray(num_cpus=num_cpus)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        del os.environ["NRL_MEGATRON_CHECKPOINT_DIR"]
+
+
+@contextmanager
+def running_policy(policy_cfg, workers: int, seed: int = 0) -> Iterator[Any]:
+    """A Policy of the tiny built-in model on ``workers`` workers, shut down afterwards."""
+    from nemo_rl.data.builtin_assets import resolve_model_path
+    from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
+    from nemo_rl.models.policy.lm_policy import Policy
+
+    cluster = RayVirtualCluster(workers)
+    policy = Policy(cluster, policy_cfg, resolve_model_path("tiny-qwen2"), seed=seed)
+    try:
+        yield policy
+    finally:
+        policy.shutdown()
+        cluster.shutdown()

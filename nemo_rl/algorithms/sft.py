@@ -37,7 +37,7 @@ class SFTResult:
     final_step: int
     last_train_loss: float
     last_val_loss: float | None
-    converted_checkpoint: Path
+    converted_checkpoint: Path | None  # None on the DTensor backend (it trains the HF model directly)
     hf_export: Path | None
 
 
@@ -73,8 +73,9 @@ class SFTRun:
         init_ray(workers=cfg.cluster.gpus_per_node * cfg.cluster.num_nodes)
         self.cluster = RayVirtualCluster(cfg.cluster.gpus_per_node, cfg.cluster.num_nodes)
         self.policy = Policy(self.cluster, pcfg, self.model_path, seed=cfg.sft.seed)
-        cache_note = "converted now" if self.policy.converted_now else "reused from cache"
-        logger.info("Megatron checkpoint %s (%s)", self.policy.checkpoint_dir, cache_note)
+        if self.policy.checkpoint_dir is not None:
+            cache_note = "converted now" if self.policy.converted_now else "reused from cache"
+            logger.info("Megatron checkpoint %s (%s)", self.policy.checkpoint_dir, cache_note)
 
     def _write_long_context_receipt(self) -> None:
         """What RoPE the run actually uses, hash-stamped, next to its config."""

@@ -58,6 +58,14 @@ class TokenizerConfig(_Section):
 
 class DTensorConfig(_Section):
     enabled: bool
+    activation_checkpointing: bool = False
+
+
+class TorchOptimizerConfig(_Section):
+    """A torch optimizer by dotted name and its keyword arguments (NeMo RL's ``policy.optimizer``)."""
+
+    name: str
+    kwargs: dict[str, Any]
 
 
 class SequencePackingConfig(_Section):
@@ -105,6 +113,7 @@ class PolicyConfig(_Section):
     # Free-form HF config keys; their meaning (and validation) belongs to nemo_rl.models.rope_scaling.
     hf_config_overrides: dict[str, Any] | None = None
     dtensor_cfg: DTensorConfig
+    optimizer: TorchOptimizerConfig | None = None  # the DTensor backend's optimizer
     sequence_packing: SequencePackingConfig
     megatron_cfg: MegatronConfig
 
@@ -262,7 +271,7 @@ def _policy_rules(raw: Mapping[str, Any]) -> list[str]:
     errors += _divisible_errors(raw, "policy.max_total_sequence_length", "policy.make_sequence_length_divisible_by")
     errors += _world_size_errors(raw)
     errors += _sequence_layout_errors(raw)
-    errors += _unavailable_feature_errors(raw)
+    errors += _backend_errors(raw)
     lr = _value(raw, "policy.megatron_cfg.optimizer.lr", float)
     min_lr = _value(raw, "policy.megatron_cfg.optimizer.min_lr", float)
     if lr is not None and min_lr is not None and min_lr > lr:
@@ -272,35 +281,42 @@ def _policy_rules(raw: Mapping[str, Any]) -> list[str]:
     return errors
 
 
-# Accepted keys (NeMo RL recipes carry them) whose feature this version does not provide yet:
-# refusing them beats silently training without them.
-_UNAVAILABLE = (
-    (
-        "policy.dtensor_cfg.enabled",
-        lambda v: v is True,
-        "false (the DTensor backend is not available yet; use policy.megatron_cfg.enabled=true)",
-    ),
-    (
-        "policy.megatron_cfg.enabled",
-        lambda v: v is False,
-        "true (the Megatron backend is the only training backend in this version)",
-    ),
+# Megatron-only features: the DTensor worker is data parallel over whole sequences.
+_MEGATRON_ONLY = (
+    ("policy.megatron_cfg.tensor_model_parallel_size", int, lambda v: v != 1, "1"),
+    ("policy.megatron_cfg.pipeline_model_parallel_size", int, lambda v: v != 1, "1"),
+    ("policy.megatron_cfg.context_parallel_size", int, lambda v: v != 1, "1"),
+    ("policy.megatron_cfg.sequence_parallel", bool, lambda v: v is True, "false"),
+    ("policy.sequence_packing.enabled", bool, lambda v: v is True, "false"),
 )
 
 
-_BACKEND_KEYS = ("policy.dtensor_cfg.enabled", "policy.megatron_cfg.enabled")
-
-
-def _unavailable_feature_errors(raw: Mapping[str, Any]) -> list[str]:
-    # With a YaRN block the long-context rules already name both backend keys.
-    yarn = rope_scaling.requests_yarn(_value(raw, "policy.hf_config_overrides", Mapping))
-    errors = []
-    for key, unavailable, fix in _UNAVAILABLE:
-        if yarn and key in _BACKEND_KEYS:
-            continue
-        value = _value(raw, key, bool if fix.startswith(("true", "false")) else int)
-        if value is not None and unavailable(value):
-            errors.append(f"{key}: {value!r} is not supported by this version; set it to {fix}")
+def _backend_errors(raw: Mapping[str, Any]) -> list[str]:
+    """Exactly one training backend, and only the features it has."""
+    megatron = _value(raw, "policy.megatron_cfg.enabled", bool)
+    dtensor = _value(raw, "policy.dtensor_cfg.enabled", bool)
+    if megatron is None or dtensor is None:
+        return []
+    if rope_scaling.requests_yarn(_value(raw, "policy.hf_config_overrides", Mapping)) and dtensor:
+        return []  # the long-context rules name both keys
+    if megatron == dtensor:
+        state = "both true" if megatron else "both false"
+        return [
+            f"policy.megatron_cfg.enabled / policy.dtensor_cfg.enabled: {state}; enable exactly one training "
+            "backend (Megatron for YaRN, tensor/pipeline/context parallelism and packing; DTensor for the HF model)"
+        ]
+    if megatron:
+        return []
+    errors = [
+        f"{key}: {value!r} needs the Megatron backend (the DTensor backend is data parallel only); set it to {fix} "
+        "or use policy.megatron_cfg.enabled=true"
+        for key, kind, unavailable, fix in _MEGATRON_ONLY
+        if (value := _value(raw, key, kind)) is not None and unavailable(value)
+    ]
+    if _value(raw, "policy.optimizer", Mapping) is None:
+        errors.append(
+            "policy.optimizer: required by the DTensor backend (e.g. name: torch.optim.AdamW, kwargs: {lr: 1e-5})"
+        )
     return errors
 
 

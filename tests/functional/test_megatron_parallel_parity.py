@@ -22,13 +22,13 @@ parameters by far more than the tight bound.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from nemo_rl.algorithms.loss_functions import NLLLoss
+from tests.helpers import local_ray, running_policy, sft_config
 
 pytestmark = [pytest.mark.functional, pytest.mark.slow]
 
@@ -50,15 +50,8 @@ LAYOUTS = {  # name: (tp, pp, cp, sequence_parallel, packing, workers)
 
 @pytest.fixture(scope="module")
 def ray_four_workers(tmp_path_factory):
-    import ray
-
-    from nemo_rl.distributed.ray_init import init_ray
-
-    os.environ["NRL_MEGATRON_CHECKPOINT_DIR"] = str(tmp_path_factory.mktemp("mcore"))
-    init_ray(num_cpus=4)  # one CPU "device" per worker; 2 physical cores are shared
-    yield
-    ray.shutdown()
-    del os.environ["NRL_MEGATRON_CHECKPOINT_DIR"]
+    with local_ray(4, tmp_path_factory.mktemp("mcore")):  # one CPU "device" per worker; 2 cores are shared
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +69,7 @@ def batch() -> dict[str, torch.Tensor]:
 def _run(
     tp: int, pp: int, cp: int, sp: bool, packing: bool, workers: int, batch, export_dir: Path | None = None
 ) -> dict:
-    from nemo_rl.data.builtin_assets import resolve_model_path
-    from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
-    from nemo_rl.models.policy.lm_policy import Policy
-    from nemo_rl.utils.config import load_config, resolve_config
-    from nemo_rl.utils.config_schema import validate_sft_config
-
-    base = Path(__file__).resolve().parents[2] / "examples" / "configs" / "sft.yaml"
-    overrides = [
+    cfg = sft_config(
         f"cluster.gpus_per_node={workers}",
         f"policy.megatron_cfg.tensor_model_parallel_size={tp}",
         f"policy.megatron_cfg.pipeline_model_parallel_size={pp}",
@@ -95,11 +81,8 @@ def _run(
         "sft.val_micro_batch_size=2",
         "policy.megatron_cfg.scheduler.lr_warmup_iters=0",
         f"policy.megatron_cfg.optimizer.lr={LR}",
-    ]
-    cfg = validate_sft_config(resolve_config(load_config(base, overrides)))
-    cluster = RayVirtualCluster(workers)
-    policy = Policy(cluster, cfg.policy, resolve_model_path("tiny-qwen2"), seed=0)
-    try:
+    )
+    with running_policy(cfg.policy, workers) as policy:
         logits = policy.get_logits(batch["input_ids"][:1])
         initial = policy.gathered_state("params")
         result = policy.train(batch, NLLLoss(), micro_batch_size=2)
@@ -111,9 +94,6 @@ def _run(
             checkpoint.mkdir()
             policy.save_checkpoint(checkpoint)
             trained_logits = policy.get_logits(batch["input_ids"][:1])
-    finally:
-        policy.shutdown()
-        cluster.shutdown()
     out = {"logits": logits, "result": result, "grads": grads, "params": params, "initial": initial}
     if export_dir is not None:
         out["trained_logits"] = trained_logits

@@ -269,10 +269,29 @@ def test_context_parallel_needs_packing_and_sizes_names_the_smallest_multiple(ra
     assert validate_sft_config(raw).policy.megatron_cfg.context_parallel_size == 2
 
 
-def test_dtensor_without_yarn_is_refused_once(raw):
+def test_exactly_one_backend(raw):
     raw["policy"]["hf_config_overrides"] = None
     raw["policy"]["dtensor_cfg"]["enabled"] = True
-    assert [e for e in errors_of(raw) if "dtensor" in e] == [
-        "policy.dtensor_cfg.enabled: True is not supported by this version; set it to false "
-        "(the DTensor backend is not available yet; use policy.megatron_cfg.enabled=true)"
+    assert errors_of(raw) == [
+        "policy.megatron_cfg.enabled / policy.dtensor_cfg.enabled: both true; enable exactly one training backend "
+        "(Megatron for YaRN, tensor/pipeline/context parallelism and packing; DTensor for the HF model)"
+    ]
+
+
+def test_dtensor_backend_validates_and_refuses_megatron_only_features(raw):
+    raw["policy"]["hf_config_overrides"] = None
+    raw["policy"]["dtensor_cfg"]["enabled"] = True
+    raw["policy"]["megatron_cfg"]["enabled"] = False
+    cfg = validate_sft_config(raw)
+    assert cfg.policy.optimizer.name == "torch.optim.AdamW"
+    raw["cluster"]["gpus_per_node"] = 2
+    raw["policy"]["megatron_cfg"]["tensor_model_parallel_size"] = 2
+    raw["policy"]["sequence_packing"]["enabled"] = True
+    del raw["policy"]["optimizer"]
+    assert errors_of(raw) == [
+        "policy.megatron_cfg.tensor_model_parallel_size: 2 needs the Megatron backend (the DTensor backend is data "
+        "parallel only); set it to 1 or use policy.megatron_cfg.enabled=true",
+        "policy.sequence_packing.enabled: True needs the Megatron backend (the DTensor backend is data parallel "
+        "only); set it to false or use policy.megatron_cfg.enabled=true",
+        "policy.optimizer: required by the DTensor backend (e.g. name: torch.optim.AdamW, kwargs: {lr: 1e-5})",
     ]

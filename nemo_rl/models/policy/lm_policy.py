@@ -1,4 +1,4 @@
-"""Policy: the driver-side handle on a group of Megatron policy workers.
+"""Policy: the driver-side handle on a group of policy workers (Megatron, or DTensor for the HF model).
 
 It owns the split of a global batch into data-parallel shards and micro-batches
 (model-parallel peers of one DP rank receive the same shard) and the reduction
@@ -16,6 +16,7 @@ import torch
 from nemo_rl.data.packing import pack_batch, pack_capacity
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
 from nemo_rl.distributed.worker_group import RayWorkerGroup
+from nemo_rl.models.policy.dtensor_policy_worker import DTensorPolicyWorker
 from nemo_rl.models.policy.megatron_policy_worker import LossFn, MegatronPolicyWorker
 from nemo_rl.utils.config_schema import sequence_multiple
 
@@ -35,10 +36,12 @@ def split_rows(batch: Batch, parts: int) -> list[Batch]:
 class Policy:
     def __init__(self, cluster: RayVirtualCluster, policy_cfg, model_path: Path, seed: int):
         self.cfg = policy_cfg
-        self.worker_group = RayWorkerGroup(cluster, MegatronPolicyWorker, policy_cfg, str(model_path), seed=seed)
+        worker_cls = DTensorPolicyWorker if policy_cfg.dtensor_cfg.enabled else MegatronPolicyWorker
+        self.worker_group = RayWorkerGroup(cluster, worker_cls, policy_cfg, str(model_path), seed=seed)
         self.worker_info = self.worker_group.run_all("info")
         self.dp_size = 1 + max(info["dp_rank"] for info in self.worker_info)
-        self.checkpoint_dir = Path(self.worker_info[0]["checkpoint_dir"])
+        converted = self.worker_info[0]["checkpoint_dir"]  # the Megatron conversion cache entry, if any
+        self.checkpoint_dir = Path(converted) if converted else None
         self.converted_now = self.worker_info[0]["converted_now"]
         last_pp = max(info["pp_rank"] for info in self.worker_info)
         # One reporter per (DP, CP) rank: metrics are identical across TP peers and exist only on the

@@ -9,7 +9,6 @@ schedule, so a CPU run and a GPU run execute the same code.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from nemo_rl.algorithms.loss_functions import next_token_mask
+from nemo_rl.distributed.worker_process_group import init_worker_process_group
 from nemo_rl.models.megatron.context_parallel import gather_context_parallel, split_for_context_parallel
 from nemo_rl.models.megatron.cpu_compat import enable_cpu_compat
 from nemo_rl.models.megatron.parallel_weights import ShardLayout, merge_shards, shard_file_name
@@ -68,16 +68,7 @@ class MegatronPolicyWorker:
     # ------------------------------------------------------------------ setup
     def _init_distributed(self, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
         self.cpu = enable_cpu_compat()
-        self.device = torch.device("cpu") if self.cpu else torch.device("cuda", torch.cuda.current_device())
-        if self.cpu:
-            threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count() or 1
-            torch.set_num_threads(threads)
-        torch.distributed.init_process_group(
-            backend="gloo" if self.cpu else "nccl",
-            init_method=f"tcp://{master_addr}:{master_port}",
-            rank=rank,
-            world_size=world_size,
-        )
+        self.device = init_worker_process_group(rank, world_size, master_addr, master_port)
 
     def _init_model_parallel(self, seed: int) -> None:
         from megatron.core import parallel_state
@@ -321,7 +312,7 @@ class MegatronPolicyWorker:
         if success:
             self.scheduler.step(increment=1)
         return {
-            "metrics": _sum_metrics(outputs),
+            "metrics": sum_metrics(outputs),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": lr,
             "update_successful": bool(success),
@@ -330,7 +321,7 @@ class MegatronPolicyWorker:
     @torch.no_grad()
     def evaluate(self, microbatches: list[dict[str, torch.Tensor]], loss_fn: LossFn) -> dict[str, Any]:
         self.model.eval()
-        return {"metrics": _sum_metrics(self._loss_schedule(microbatches, loss_fn, forward_only=True))}
+        return {"metrics": sum_metrics(self._loss_schedule(microbatches, loss_fn, forward_only=True))}
 
     @torch.no_grad()
     def get_logits(self, input_ids: torch.Tensor) -> torch.Tensor | None:
@@ -450,7 +441,7 @@ class MegatronPolicyWorker:
             torch.distributed.destroy_process_group()
 
 
-def _sum_metrics(outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+def sum_metrics(outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     totals: dict[str, float] = {}
     for out in outputs:
         for key, value in out.items():

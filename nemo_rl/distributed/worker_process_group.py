@@ -1,0 +1,28 @@
+"""Joining a policy worker to the run's torch.distributed world (NCCL on GPUs, gloo on CPU)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def init_worker_process_group(rank: int, world_size: int, master_addr: str, master_port: int) -> torch.device:
+    """Join the world and return this worker's device.
+
+    On CPU the worker uses the threads its Ray bundle was given
+    (``OMP_NUM_THREADS``, set by the worker group), so workers sharing a machine
+    do not oversubscribe it.
+    """
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count() or 1)
+    torch.distributed.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo",
+        init_method=f"tcp://{master_addr}:{master_port}",
+        rank=rank,
+        world_size=world_size,
+    )
+    return device
