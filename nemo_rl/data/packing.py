@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nemo_rl.algorithms.loss_functions import token_fields
+
 
 @dataclass(frozen=True)
 class PackingStats:
@@ -60,8 +62,9 @@ def pack_batch(
 ) -> tuple[list[dict[str, torch.Tensor]], PackingStats]:
     """Pack a collated batch (``input_ids``, ``loss_mask``, ``input_lengths``) into rows of ``capacity`` tokens.
 
-    Each row is a dict with ``input_ids``, ``loss_mask`` and ``position_ids`` of
-    shape ``[1, capacity]`` and ``cu_seqlens`` (int32, the padded segment
+    Each row is a dict with ``input_ids``, ``loss_mask``, ``position_ids`` and
+    every other per-token field of the batch (``generation_logprobs``, ...) of
+    shape ``[1, capacity]``, and ``cu_seqlens`` (int32, the padded segment
     boundaries, ending with the row's padding segment). A sample's first token
     gets loss mask 0: it is never predicted (nothing precedes it in its sample),
     and in a packed row the shift to next-token targets would otherwise pair it
@@ -69,8 +72,10 @@ def pack_batch(
     """
     lengths = batch["input_lengths"].tolist()
     padded = [_round_up(n, multiple) for n in lengths]
+    fields = [k for k in token_fields(batch) if k != "loss_mask"]
     rows = []
     for members in first_fit_decreasing(padded, capacity):
+        row = {k: torch.zeros((1, capacity), dtype=batch[k].dtype) for k in fields}
         input_ids = torch.full((1, capacity), pad_id, dtype=batch["input_ids"].dtype)
         loss_mask = torch.zeros((1, capacity), dtype=batch["loss_mask"].dtype)
         position_ids = torch.zeros((1, capacity), dtype=torch.long)
@@ -78,6 +83,8 @@ def pack_batch(
         for index in sorted(members):
             n = lengths[index]
             input_ids[0, offset : offset + n] = batch["input_ids"][index, :n]
+            for k in fields:
+                row[k][0, offset : offset + n] = batch[k][index, :n]
             loss_mask[0, offset + 1 : offset + n] = batch["loss_mask"][index, 1:n]
             position_ids[0, offset : offset + padded[index]] = torch.arange(padded[index])
             offset += padded[index]
@@ -86,7 +93,8 @@ def pack_batch(
             position_ids[0, offset:] = torch.arange(capacity - offset)
             bounds.append(capacity)
         rows.append(
-            {
+            row
+            | {
                 "input_ids": input_ids,
                 "loss_mask": loss_mask,
                 "position_ids": position_ids,

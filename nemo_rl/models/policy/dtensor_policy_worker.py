@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from nemo_rl.algorithms.loss_functions import next_token_mask
+from nemo_rl.algorithms.loss_functions import align_to_predictions
 from nemo_rl.distributed.worker_process_group import init_worker_process_group
 from nemo_rl.models import rope_scaling
 from nemo_rl.models.megatron.hf_export import DTENSOR_CHECKPOINT, write_hf_files
@@ -99,10 +99,8 @@ class DTensorPolicyWorker:
         return torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
     def _prepared(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        prepared = {"input_ids": batch["input_ids"].to(self.device)}
-        if "loss_mask" in batch:
-            prepared["token_mask"] = next_token_mask(batch["loss_mask"]).to(self.device)
-        return prepared
+        aligned = align_to_predictions(batch)
+        return {"input_ids": batch["input_ids"].to(self.device)} | {k: v.to(self.device) for k, v in aligned.items()}
 
     def train_step(self, microbatches: list[dict[str, torch.Tensor]], loss_fn: LossFn) -> dict[str, Any]:
         """One optimizer step on sum(numerators) / (counts summed over every rank), as on the Megatron backend.

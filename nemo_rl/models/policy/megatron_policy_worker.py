@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from nemo_rl.algorithms.loss_functions import next_token_mask
+from nemo_rl.algorithms.loss_functions import align_to_predictions
 from nemo_rl.distributed.worker_process_group import init_worker_process_group
 from nemo_rl.models.megatron.context_parallel import gather_context_parallel, split_for_context_parallel
 from nemo_rl.models.megatron.cpu_compat import enable_cpu_compat
@@ -210,7 +210,7 @@ class MegatronPolicyWorker:
     def _prepare(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
         """Per-token model inputs of a micro-batch on this rank, and megatron's PackedSeqParams if packed.
 
-        Next-token labels and the loss's ``token_mask`` are aligned on the whole
+        Next-token labels and the loss's per-token fields are aligned on the whole
         sequence first; only then does context parallelism take this rank's
         chunks of each packed sample.
         """
@@ -223,8 +223,7 @@ class MegatronPolicyWorker:
             "labels": _next_token_labels(input_ids),
             "position_ids": batch.get("position_ids", torch.arange(length).unsqueeze(0).expand(b, -1)),
         }
-        if "loss_mask" in batch:
-            tokens["token_mask"] = next_token_mask(batch["loss_mask"])
+        tokens |= align_to_predictions(batch)
         if "cu_seqlens" not in batch:
             return {k: v.to(self.device) for k, v in tokens.items()}, None
         cu_seqlens = batch["cu_seqlens"]
