@@ -691,9 +691,18 @@ def _hf_max_position_embeddings(block: RopeBlock, max_total_sequence_length: int
 
 
 def vllm_engine_kwargs(
-    hf_config: Any, overrides: Mapping[str, Any] | None, max_total_sequence_length: int
+    hf_config: Any,
+    overrides: Mapping[str, Any] | None,
+    max_total_sequence_length: int,
+    user_kwargs: Mapping[str, Any] | None = None,
+    user_path: str = "generation.vllm_kwargs",
 ) -> dict[str, Any]:
     """``LLM(...)`` keyword arguments that make vLLM compute what the trainer computes.
+
+    ``user_kwargs`` (a recipe's own vLLM arguments, found at ``user_path``) are
+    merged in; a key of their ``hf_overrides`` or a ``max_model_len`` that
+    contradicts what the run derives is an error naming both values, never
+    silently overwritten in either direction.
 
     ``hf_overrides`` are exactly the config entries that
     :func:`apply_hf_config_overrides` changes (so the two cannot drift), written
@@ -712,7 +721,27 @@ def vllm_engine_kwargs(
     patched = patched_config.to_dict()
     original = hf_config.to_dict()
     changed = {k: v for k, v in patched.items() if k != "transformers_version" and original.get(k) != v}
-    return {"hf_overrides": changed, "max_model_len": max_total_sequence_length}
+    derived = {"hf_overrides": changed, "max_model_len": max_total_sequence_length}
+    return _merge_user_vllm_kwargs(derived, dict(user_kwargs or {}), user_path)
+
+
+def _merge_user_vllm_kwargs(derived: dict[str, Any], user: dict[str, Any], user_path: str) -> dict[str, Any]:
+    user_overrides = dict(user.pop("hf_overrides", None) or {})
+    errors = [
+        f"{user_path}.hf_overrides.{key}: {value!r} contradicts {derived['hf_overrides'][key]!r} derived from "
+        f"{OVERRIDES_PATH} and policy.max_total_sequence_length; change it there (one place for trainer and "
+        "generator) and drop it here"
+        for key, value in user_overrides.items()
+        if key in derived["hf_overrides"] and _canonical(value) != _canonical(derived["hf_overrides"][key])
+    ]
+    if "max_model_len" in user and user["max_model_len"] != derived["max_model_len"]:
+        errors.append(
+            f"{user_path}.max_model_len: {user['max_model_len']} contradicts policy.max_total_sequence_length = "
+            f"{derived['max_model_len']}; the generator's window follows the policy's, drop it here"
+        )
+    if errors:
+        raise ConfigError(errors)
+    return user | derived | {"hf_overrides": user_overrides | derived["hf_overrides"]}
 
 
 def hf_rope_parameters(hf_config: Any) -> dict[str, Any]:

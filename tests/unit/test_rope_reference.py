@@ -637,3 +637,25 @@ def test_hf_dynamic_ntk_reads_the_blocks_original_window():
         got, _ = ROPE_INIT_FUNCTIONS["dynamic"](patched, "cpu", seq_len=seq_len)
         want, _ = rope_frequencies(block, 64, seq_len=seq_len)
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+
+
+def test_user_vllm_kwargs_merge_with_the_derived_ones_and_conflicts_name_both_values():
+    from transformers import Qwen2Config
+
+    from nemo_rl.models.rope_scaling import vllm_engine_kwargs
+    from nemo_rl.utils.config import ConfigError
+
+    config = Qwen2Config(hidden_size=128, num_attention_heads=2, head_dim=64, max_position_embeddings=256)
+    overrides = {"rope_scaling": shared_yarn_block()}
+    user = {"gpu_memory_utilization": 0.5, "hf_overrides": {"sliding_window": None, "max_position_embeddings": 1024}}
+    kwargs = vllm_engine_kwargs(config, overrides, 1024, user)
+    assert kwargs["gpu_memory_utilization"] == 0.5
+    assert kwargs["hf_overrides"]["sliding_window"] is None  # the user's own key is kept
+    assert kwargs["hf_overrides"]["rope_parameters"]["rope_type"] == "yarn"
+    with pytest.raises(ConfigError) as raised:
+        vllm_engine_kwargs(
+            config, overrides, 1024, {"hf_overrides": {"max_position_embeddings": 2048}, "max_model_len": 512}
+        )
+    lines = str(raised.value)
+    assert "generation.vllm_kwargs.hf_overrides.max_position_embeddings: 2048 contradicts 1024" in lines
+    assert "generation.vllm_kwargs.max_model_len: 512 contradicts policy.max_total_sequence_length = 1024" in lines
