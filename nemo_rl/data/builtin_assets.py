@@ -1,7 +1,7 @@
 """Built-in model and dataset names, resolved to local directories created on first use.
 
 Runs never download anything: a config names either a local directory or a
-built-in asset (``tiny-qwen2``, ``tiny-chat``) that the project generates
+built-in asset (``tiny-qwen2``, ``tiny-chat``, ``tiny-math``) that the project generates
 itself into the cache (:func:`nemo_rl.utils.cache_paths.nemo_rl_cache_dir`).
 
 Several processes (Ray workers, parallel test runs) may ask for the same asset
@@ -21,6 +21,7 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
 from nemo_rl.data.tiny_chat import write_tiny_chat
+from nemo_rl.data.tiny_math import write_tiny_math
 from nemo_rl.models.tiny_model import create_tiny_model
 from nemo_rl.utils.atomic_dir import build_atomically
 from nemo_rl.utils.cache_paths import nemo_rl_cache_dir
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = ".nemo_rl_complete"  # written last inside the temporary dir, before the rename
 BUILTIN_MODELS: dict[str, Callable[[Path], object]] = {"tiny-qwen2": create_tiny_model}
-BUILTIN_DATASETS: dict[str, Callable[[Path], object]] = {"tiny-chat": write_tiny_chat}
+BUILTIN_DATASETS: dict[str, Callable[[Path], object]] = {"tiny-chat": write_tiny_chat, "tiny-math": write_tiny_math}
 
 
 def is_complete(path: Path) -> bool:

@@ -16,9 +16,10 @@ is in the tokenizer's merges.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
+
+from nemo_rl.data.jsonl_splits import write_splits
 
 Message = dict[str, str]
 
@@ -40,13 +41,13 @@ RECALL_PAIRS = (4, 100)  # key: value lines; ~6 tokens per pair
 SYSTEM_PROMPT = "You are a careful assistant. Answer exactly."
 
 
-def _copy_task(rng: random.Random) -> tuple[str, str]:
+def copy_task(rng: random.Random) -> tuple[str, str]:
     """Repeat a word list verbatim: every answer token is found far back in the prompt."""
     words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*COPY_WORDS)))
     return f"Repeat these words exactly:\n{words}", words
 
 
-def _recall_task(rng: random.Random) -> tuple[str, str]:
+def recall_task(rng: random.Random) -> tuple[str, str]:
     """Look up one value among many ``key: value`` lines: the needle can sit anywhere in the context."""
     keys = rng.sample([f"{word}{digit}" for word in KEY_WORDS for digit in range(10)], rng.randint(*RECALL_PAIRS))
     values = {key: rng.randint(0, 999) for key in keys}
@@ -55,7 +56,7 @@ def _recall_task(rng: random.Random) -> tuple[str, str]:
     return f"Remember these values:\n{lines}\nWhat is the value of {query}?", f"{query}: {values[query]}"
 
 
-def _arithmetic_task(rng: random.Random) -> tuple[str, str]:
+def arithmetic_task(rng: random.Random) -> tuple[str, str]:
     """Two-operand sums and differences: short samples that keep batches mixed in length."""
     a, b = rng.randint(0, 99), rng.randint(0, 99)
     op = rng.choice("+-")
@@ -63,7 +64,7 @@ def _arithmetic_task(rng: random.Random) -> tuple[str, str]:
     return f"What is {a} {op} {b}?", f"{a} {op} {b} = {result}"
 
 
-_TASKS = ((_copy_task, 0.4), (_recall_task, 0.4), (_arithmetic_task, 0.2))
+_TASKS = ((copy_task, 0.4), (recall_task, 0.4), (arithmetic_task, 0.2))
 
 
 def _conversation(rng: random.Random) -> list[Message]:
@@ -93,13 +94,4 @@ def tiny_chat_corpus(seed: int = 0) -> list[str]:
 
 def write_tiny_chat(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     """Write ``train.jsonl`` and ``validation.jsonl`` (rows of ``{"messages": [...]}``) into ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for split in ("train", "validation"):
-        path = out_dir / f"{split}.jsonl"
-        with path.open("w", encoding="utf-8") as handle:
-            for messages in generate_split(split, seed):
-                handle.write(json.dumps({"messages": messages}) + "\n")
-        paths[split] = path
-    return paths
+    return write_splits(out_dir, lambda split: [{"messages": m} for m in generate_split(split, seed)])
