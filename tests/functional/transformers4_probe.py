@@ -12,18 +12,10 @@ import warnings
 from transformers import Qwen2Config, __version__
 
 from nemo_rl.models.rope_scaling import apply_hf_config_overrides, hf_rope_parameters, rope_theta_of, vllm_engine_kwargs
+from tests.helpers import yarn_block
 
-YARN = {
-    "rope_type": "yarn",
-    "rope_theta": 1000000,
-    "factor": 4,
-    "original_max_position_embeddings": 256,
-    "truncate": True,
-    "beta_fast": 32,
-    "beta_slow": 1,
-    "mscale": 1,
-    "mscale_all_dim": 0,
-}
+# Integer-valued fields on purpose: the translations must write them in their declared (float) types.
+YARN = yarn_block(rope_theta=1000000, factor=4)
 LINEAR = {"rope_type": "linear", "rope_theta": 1000000, "factor": 2}
 
 
