@@ -6,24 +6,16 @@ uv run examples/run_long_context_eval.py [--config examples/configs/long_context
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
-from nemo_rl.utils.config import ConfigError, load_config, parse_args, resolve_config
 from nemo_rl.utils.config_schema import validate_long_context_eval_config
+from nemo_rl.utils.entry import run_entry
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "long_context_eval.yaml"
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config_path, overrides = parse_args(argv, default_config=str(DEFAULT_CONFIG))
-    try:
-        cfg = validate_long_context_eval_config(resolve_config(load_config(config_path, overrides)))
-    except ConfigError as err:
-        print(f"Invalid configuration ({config_path}):\n{err}", file=sys.stderr)
-        return 2
+def run(cfg, resolved) -> int:
     from nemo_rl.data.builtin_assets import resolve_dataset_paths, resolve_model_path
     from nemo_rl.evals.long_context import format_table, run_long_context_eval
     from nemo_rl.models.megatron.hf_export import export_training_checkpoint, is_training_checkpoint
@@ -43,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(perplexity, passkey))
     print(f"report: {report}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_entry(argv, DEFAULT_CONFIG, validate_long_context_eval_config, run)
 
 
 if __name__ == "__main__":

@@ -8,25 +8,16 @@ model trained at 4x its original context with YaRN.
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
-from nemo_rl.utils.config import ConfigError, load_config, parse_args, resolve_config
 from nemo_rl.utils.config_schema import validate_sft_config
+from nemo_rl.utils.entry import run_entry
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "sft.yaml"
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config_path, overrides = parse_args(argv, default_config=str(DEFAULT_CONFIG))
-    try:
-        resolved = resolve_config(load_config(config_path, overrides))
-        cfg = validate_sft_config(resolved)
-    except ConfigError as err:
-        print(f"Invalid configuration ({config_path}):\n{err}", file=sys.stderr)
-        return 2
+def run(cfg, resolved) -> int:
     from nemo_rl.algorithms.sft import run_sft  # heavy imports only once the config is known to be good
 
     result = run_sft(cfg, resolved)
@@ -39,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         + (f"\n  HF export: {result.hf_export}" if result.hf_export else "")
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_entry(argv, DEFAULT_CONFIG, validate_sft_config, run)
 
 
 if __name__ == "__main__":

@@ -72,16 +72,28 @@ def local_ray(num_cpus: int, megatron_cache: Path) -> Iterator[None]:
 
 
 @contextmanager
-def running_policy(policy_cfg, workers: int, seed: int = 0) -> Iterator[Any]:
+def running_policy(policy_cfg, workers: int, seed: int = 0, **policy_kwargs: Any) -> Iterator[Any]:
     """A Policy of the tiny built-in model on ``workers`` workers, shut down afterwards."""
     from nemo_rl.data.builtin_assets import resolve_model_path
     from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
     from nemo_rl.models.policy.lm_policy import Policy
 
     cluster = RayVirtualCluster(workers)
-    policy = Policy(cluster, policy_cfg, resolve_model_path("tiny-qwen2"), seed=seed)
+    policy = Policy(cluster, policy_cfg, resolve_model_path("tiny-qwen2"), seed=seed, **policy_kwargs)
     try:
         yield policy
     finally:
         policy.shutdown()
         cluster.shutdown()
+
+
+def entry_main(script: str):
+    """The ``main`` of ``examples/<script>.py`` (entry scripts are files, not package modules)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        script, Path(__file__).resolve().parents[1] / "examples" / f"{script}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main

@@ -7,7 +7,6 @@ fails before Ray starts or any directory is created.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -19,15 +18,13 @@ from transformers import AutoTokenizer
 
 from nemo_rl.algorithms.loss_functions import NLLLoss
 from nemo_rl.data.builtin_assets import resolve_dataset_paths, resolve_model_path
-from nemo_rl.data.sft_dataset import SFTDataloader, collate, load_sft_dataset
+from nemo_rl.data.dataloader import ResumableDataloader
+from nemo_rl.data.sft_dataset import collate, load_sft_dataset
 from nemo_rl.distributed.ray_init import init_ray
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
-from nemo_rl.models import rope_scaling
-from nemo_rl.models.long_context import run_receipt, write_receipt
 from nemo_rl.models.policy.lm_policy import Policy
-from nemo_rl.utils.checkpoint import CheckpointManager
-from nemo_rl.utils.config import save_config
-from nemo_rl.utils.logger import Logger
+from nemo_rl.utils.checkpoint import CheckpointManager, restore_training_state, save_training_state
+from nemo_rl.utils.logger import open_run_log
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +54,12 @@ class SFTRun:
         self.val_data = (
             load_sft_dataset(self.val_path, self.tokenizer, pcfg.max_total_sequence_length) if self.val_path else None
         )
-        self.train_loader = SFTDataloader(self.train_data, pcfg.train_global_batch_size, cfg.data.shuffle, cfg.sft.seed)
+        self.train_loader = ResumableDataloader(
+            self.train_data, pcfg.train_global_batch_size, cfg.data.shuffle, cfg.sft.seed
+        )
 
         self.log_dir = Path(cfg.logger.log_dir)
-        save_config(resolved_config, self.log_dir / "config.yaml")
-        self._write_long_context_receipt()
-        self.metrics = Logger(
-            self.log_dir,
-            tensorboard=cfg.logger.tensorboard_enabled,
-            wandb_cfg=cfg.logger.wandb.model_dump() if cfg.logger.wandb_enabled else None,
-            run_config=resolved_config,
-        )
+        self.metrics = open_run_log(cfg, resolved_config, ["megatron"])
         self.checkpoints = CheckpointManager(Path(cfg.checkpointing.checkpoint_dir), cfg.checkpointing.keep_top_k)
 
         init_ray(workers=cfg.cluster.gpus_per_node * cfg.cluster.num_nodes)
@@ -76,15 +68,6 @@ class SFTRun:
         if self.policy.checkpoint_dir is not None:
             cache_note = "converted now" if self.policy.converted_now else "reused from cache"
             logger.info("Megatron checkpoint %s (%s)", self.policy.checkpoint_dir, cache_note)
-
-    def _write_long_context_receipt(self) -> None:
-        """What RoPE the run actually uses, hash-stamped, next to its config."""
-        yarn = self.cfg.policy.long_context
-        if yarn is None:
-            return
-        block = json.loads(rope_scaling.canonical_overrides_json(self.cfg.policy.effective_hf_config_overrides))
-        receipt = run_receipt(yarn, block["rope_scaling"], self.cfg.policy.max_total_sequence_length, ["megatron"])
-        logger.info("Long-context receipt: %s", write_receipt(receipt, self.log_dir))
 
     # ------------------------------------------------------------------
     def _collate(self, samples) -> dict:
@@ -112,7 +95,7 @@ class SFTRun:
         if self.val_data is None:
             return None
         scfg = self.cfg.sft
-        loader = SFTDataloader(self.val_data, scfg.val_global_batch_size, shuffle=False, seed=scfg.seed)
+        loader = ResumableDataloader(self.val_data, scfg.val_global_batch_size, shuffle=False, seed=scfg.seed)
         nll, tokens = 0.0, 0.0
         for _ in range(scfg.val_batches):
             batch = self._collate(loader.next_batch())
@@ -124,23 +107,10 @@ class SFTRun:
         return nll / max(tokens, 1)
 
     def save(self, step: int) -> Path:
-        tmp = self.checkpoints.begin(step)
-        self.policy.save_checkpoint(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        return self.checkpoints.commit(tmp, step, {"step": step, "dataloader": self.train_loader.state_dict()})
+        return save_training_state(self.checkpoints, step, self.policy, self.tokenizer, self.train_loader)
 
     def resume(self) -> int:
-        self.checkpoints.clean_incomplete()
-        latest = self.checkpoints.latest()
-        if latest is None:
-            self.metrics.rewind(0)
-            return 0
-        info = CheckpointManager.training_info(latest)
-        self.policy.load_checkpoint(latest)
-        self.train_loader.load_state_dict(info["dataloader"])
-        self.metrics.rewind(int(info["step"]))
-        logger.info("Resumed from %s (step %d)", latest, info["step"])
-        return int(info["step"])
+        return restore_training_state(self.checkpoints, self.policy, self.train_loader, self.metrics)
 
     def train(self) -> SFTResult:
         scfg, ccfg = self.cfg.sft, self.cfg.checkpointing

@@ -4,15 +4,23 @@ One bundle per worker process: a GPU (plus CPUs) on GPU clusters, or a share of
 the CPUs on a machine without GPUs, where each "GPU" of the config becomes one
 CPU worker process. Bundles are packed per node so model-parallel peers sit
 together.
+
+Colocated worker groups (GRPO's policy and its vLLM engines) share the same
+bundles: each of the ``max_colocated_worker_groups`` actors placed in a bundle
+reserves an equal fraction of it, and they take turns using all of it (the
+training step and generation never overlap). Groups on bundles of their own
+split a CPU node between their clusters with ``node_share``.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 logger = logging.getLogger(__name__)
 
@@ -24,11 +32,21 @@ class BundleSpec:
 
 
 class RayVirtualCluster:
-    def __init__(self, workers_per_node: int, num_nodes: int = 1, use_gpus: bool | None = None, name: str = "nemo_rl"):
+    def __init__(
+        self,
+        workers_per_node: int,
+        num_nodes: int = 1,
+        use_gpus: bool | None = None,
+        name: str = "nemo_rl",
+        max_colocated_worker_groups: int = 1,
+        node_share: float = 1.0,
+    ):
         resources = ray.cluster_resources()
         self.use_gpus = resources.get("GPU", 0) > 0 if use_gpus is None else use_gpus
         self.workers_per_node = workers_per_node
         self.num_nodes = num_nodes
+        self.max_colocated_worker_groups = max_colocated_worker_groups
+        self.node_share = node_share
         self.bundle = self._bundle_spec(resources)
         self._groups = [self._reserve_node(i, name) for i in range(num_nodes)]
 
@@ -40,8 +58,7 @@ class RayVirtualCluster:
         total_cpus = resources.get("CPU", 1)
         if self.use_gpus:
             return BundleSpec(num_gpus=1, num_cpus=1)
-        # Leave one CPU's worth for the driver only when there are CPUs to spare.
-        per_node_cpus = max(total_cpus / max(self.num_nodes, 1), 1)
+        per_node_cpus = max(total_cpus * self.node_share / max(self.num_nodes, 1), 1)
         return BundleSpec(num_gpus=0, num_cpus=max(per_node_cpus // self.workers_per_node, 1))
 
     def _reserve_node(self, node: int, name: str) -> PlacementGroup:
@@ -63,6 +80,22 @@ class RayVirtualCluster:
     def bundles(self) -> list[tuple[PlacementGroup, int]]:
         """(placement group, bundle index) for every worker, in global-rank order."""
         return [(group, i) for group in self._groups for i in range(self.workers_per_node)]
+
+    def actor_options(self, rank: int, env: dict[str, str] | None = None) -> dict[str, Any]:
+        """Ray ``.options(...)`` that place one actor of a (possibly colocated) worker group on bundle ``rank``.
+
+        The actor reserves its group's fraction of the bundle but runs with the
+        whole bundle's CPU threads: colocated groups take turns, never overlap.
+        """
+        group, index = self.bundles()[rank]
+        share = 1.0 / self.max_colocated_worker_groups
+        threads = str(int(self.bundle.num_cpus))
+        return {
+            "num_cpus": self.bundle.num_cpus * share,
+            "num_gpus": self.bundle.num_gpus * share,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
+            "runtime_env": {"env_vars": {"OMP_NUM_THREADS": threads, **(env or {})}},
+        }
 
     def shutdown(self) -> None:
         for group in self._groups:

@@ -44,18 +44,11 @@ class RayWorkerGroup:
             ).remote()
         )
         remote_cls = ray.remote(worker_cls)
-        threads = str(int(cluster.bundle.num_cpus))
-        runtime_env = {"env_vars": {"OMP_NUM_THREADS": threads, **(env or {})}}
         self.workers = [
-            remote_cls.options(
-                num_cpus=cluster.bundle.num_cpus,
-                num_gpus=cluster.bundle.num_gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
-                runtime_env=runtime_env,
-            ).remote(
+            remote_cls.options(**cluster.actor_options(rank, env)).remote(
                 *args, rank=rank, world_size=len(bundles), master_addr=master_addr, master_port=master_port, **kwargs
             )
-            for rank, (group, index) in enumerate(bundles)
+            for rank in range(len(bundles))
         ]
         # Surface constructor failures (bad checkpoint, OOM) here rather than at first use.
         ray.get([worker.__ray_ready__.remote() for worker in self.workers])

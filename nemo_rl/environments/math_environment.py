@@ -5,12 +5,22 @@ Answers are compared as mathematics, not as strings (``0.5`` equals
 ``math-verify`` (LaTeX and plain-expression extraction, sympy equivalence).
 A response whose answer cannot be found or parsed, or whose check fails in
 any way, scores 0: a malformed sample must cost one reward, never the run.
+
+An optional answer-format term rewards responses that are a bare number. It
+is dense (a share, not a yes/no), so a model that never answers correctly yet
+(the untrained tiny model) still gets a learning signal; recipes that only
+want correctness leave its weight at 0.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
+
+import ray
+
+from nemo_rl.distributed.sharding import split_evenly
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +42,52 @@ def math_reward(response: str, reference: str) -> float:
         return 0.0
 
 
+_NUMBER = re.compile(r"[-+]?\d+(?:[.,/]\d+)*")
+
+
+def answer_format_score(response: str) -> float:
+    """Share of the response's non-space characters that are part of a number (1.0 for a bare numeric answer)."""
+    visible = "".join(response.split())
+    if not visible:
+        return 0.0
+    return sum(len(match) for match in _NUMBER.findall(visible)) / len(visible)
+
+
 class MathEnvironment:
     """A Ray actor (``ray.remote(MathEnvironment)``) that scores a batch of responses."""
+
+    def __init__(self, format_reward_weight: float = 0.0):
+        self.format_reward_weight = format_reward_weight
 
     def score(self, responses: Sequence[str], references: Sequence[str]) -> list[float]:
         if len(responses) != len(references):
             raise ValueError(f"{len(responses)} responses but {len(references)} references")
-        return [math_reward(r, ref) for r, ref in zip(responses, references, strict=True)]
+        return [
+            math_reward(r, ref)
+            + (self.format_reward_weight * answer_format_score(r) if self.format_reward_weight else 0)
+            for r, ref in zip(responses, references, strict=True)
+        ]
+
+
+class MathEnvironmentPool:
+    """``num_workers`` environment actors sharing each batch.
+
+    They reserve no CPU: scoring is light next to generation and training, and
+    a run's placement groups already hold the node's cores.
+    """
+
+    def __init__(self, num_workers: int, format_reward_weight: float = 0.0):
+        actor = ray.remote(MathEnvironment).options(num_cpus=0)
+        self.workers = [actor.remote(format_reward_weight) for _ in range(num_workers)]
+
+    def score(self, responses: Sequence[str], references: Sequence[str]) -> list[float]:
+        shares = zip(
+            split_evenly(responses, len(self.workers)), split_evenly(references, len(self.workers)), strict=True
+        )
+        futures = [w.score.remote(list(r), list(ref)) for w, (r, ref) in zip(self.workers, shares, strict=True) if r]
+        return [reward for part in ray.get(futures) for reward in part]
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []

@@ -695,7 +695,7 @@ def vllm_engine_kwargs(
     overrides: Mapping[str, Any] | None,
     max_total_sequence_length: int,
     user_kwargs: Mapping[str, Any] | None = None,
-    user_path: str = "generation.vllm_kwargs",
+    user_path: str = "policy.generation.vllm_kwargs",
 ) -> dict[str, Any]:
     """``LLM(...)`` keyword arguments that make vLLM compute what the trainer computes.
 

@@ -6,8 +6,8 @@ YaRN rules) is reported in one ConfigError, so a long-context job never dies
 minutes in on something a glance at the config could have caught.
 
 The sections shared by all algorithms (policy, checkpointing, logger, cluster)
-live in `MasterConfig`; an algorithm's master adds its own section (`sft:` here,
-`grpo:` later) and its own rules, and calls `validate_master`.
+live in `MasterConfig`; an algorithm's master adds its own sections (`sft:`,
+`grpo:` with `loss_fn:` and `env:`) and its own rules, and calls `validate_master`.
 
 Models are strict (YAML already gives typed values: `"8"` or `8.0` for a batch
 size is a mistake, not something to coerce), frozen, and reject unknown keys.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from functools import cached_property
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import (
     BaseModel,
@@ -101,6 +101,29 @@ class MegatronConfig(_Section):
     scheduler: MegatronSchedulerConfig
 
 
+class GenerationResourcesConfig(_Section):
+    gpus_per_node: PositiveInt | None
+    num_nodes: PositiveInt | None
+
+
+class ColocatedConfig(_Section):
+    """Generation on the policy's bundles (taking turns with training), or on ``resources`` of its own."""
+
+    enabled: bool
+    resources: GenerationResourcesConfig
+
+
+class GenerationConfig(_Section):
+    backend: Literal["vllm"]
+    max_new_tokens: PositiveInt
+    temperature: NonNegativeFloat
+    top_p: Annotated[float, Field(gt=0, le=1)]
+    stop_strings: list[str] | None
+    colocated: ColocatedConfig
+    # Passed to vllm.LLM; RoPE overrides and max_model_len are merged in from the policy (conflicts refused).
+    vllm_kwargs: dict[str, Any]
+
+
 class PolicyConfig(_Section):
     model_name: str
     tokenizer: TokenizerConfig
@@ -116,6 +139,8 @@ class PolicyConfig(_Section):
     optimizer: TorchOptimizerConfig | None = None  # the DTensor backend's optimizer
     sequence_packing: SequencePackingConfig
     megatron_cfg: MegatronConfig
+    logprob_batch_size: PositiveInt | None = None  # micro-batch of log-prob passes; null: train_micro_batch_size
+    generation: GenerationConfig | None = None  # the rollout engine of RL algorithms
 
     @cached_property
     def effective_hf_config_overrides(self) -> dict[str, Any] | None:
@@ -170,7 +195,7 @@ class SFTConfig(_Section):
     export_hf_dir: str | None
 
 
-class SFTDataConfig(_Section):
+class DataConfig(_Section):
     dataset_name: str
     train_data_path: str | None
     val_data_path: str | None
@@ -191,7 +216,7 @@ class LongContextEvalConfig(_Section):
 
 class SFTMasterConfig(MasterConfig):
     sft: SFTConfig
-    data: SFTDataConfig
+    data: DataConfig
     # Scheduled after training on the exported HF model (needs sft.export_hf_dir).
     long_context_eval: LongContextEvalConfig | None = None
 
@@ -226,6 +251,134 @@ def validate_sft_config(resolved: Mapping[str, Any]) -> SFTMasterConfig:
         resolved,
         batch_errors(resolved, "sft.val_global_batch_size", "sft.val_micro_batch_size", dp),
     )
+
+
+# ----------------------------------------------------------------------------
+# GRPO
+# ----------------------------------------------------------------------------
+class GRPOConfig(_Section):
+    num_prompts_per_step: PositiveInt
+    num_generations_per_prompt: Annotated[int, Field(ge=2)]  # group-relative advantages need a group
+    max_num_steps: PositiveInt
+    max_num_epochs: PositiveInt
+    normalize_rewards: bool  # divide advantages by the group's reward std
+    val_period: NonNegativeInt  # 0 disables periodic validation
+    val_at_start: bool
+    max_val_samples: PositiveInt
+    seed: int
+    # Step 1 stops when the generator's and the trainer's token probabilities differ by more than this factor.
+    token_mult_prob_error_threshold: Annotated[float, Field(ge=1.0)]
+
+
+class ClippedPGLossConfig(_Section):
+    reference_policy_kl_penalty: NonNegativeFloat
+    ratio_clip_min: Annotated[float, Field(ge=0, lt=1)]
+    ratio_clip_max: NonNegativeFloat
+    token_level_loss: bool  # false: each sequence's token mean counts once
+    use_importance_sampling_correction: bool
+
+
+class MathEnvConfig(_Section):
+    num_workers: PositiveInt
+    format_reward_weight: NonNegativeFloat  # weight of the answer-format term added to correctness
+
+
+class EnvConfig(_Section):
+    math: MathEnvConfig
+
+
+class GRPOMasterConfig(MasterConfig):
+    grpo: GRPOConfig
+    loss_fn: ClippedPGLossConfig
+    data: DataConfig
+    env: EnvConfig
+
+
+# vLLM arguments the run sets itself from other keys.
+_RUN_OWNED_VLLM_KWARGS = {
+    "model": "policy.model_name",
+    "dtype": "policy.precision",
+    "seed": "grpo.seed",
+    "worker_extension_cls": "the weight-refit extension",
+    "enable_sleep_mode": "policy.generation.colocated.enabled (sleeps on GPUs when colocated)",
+}
+
+
+def validate_grpo_config(resolved: Mapping[str, Any]) -> GRPOMasterConfig:
+    """The typed GRPO config, or one ConfigError listing every problem in `resolved`."""
+    return validate_master(GRPOMasterConfig, resolved, _grpo_errors(resolved))
+
+
+def _grpo_errors(raw: Mapping[str, Any]) -> list[str]:
+    errors = _rollout_batch_errors(raw)
+    if _value(raw, "policy.generation", Mapping) is None:
+        return [*errors, "policy.generation: required by GRPO (the vLLM rollout engine: backend, max_new_tokens, ...)"]
+    return errors + _generation_errors(raw)
+
+
+def _rollout_batch_errors(raw: Mapping[str, Any]) -> list[str]:
+    prompts = _value(raw, "grpo.num_prompts_per_step", int)
+    group = _value(raw, "grpo.num_generations_per_prompt", int)
+    global_batch = _value(raw, "policy.train_global_batch_size", int)
+    if prompts is None or group is None or prompts <= 0 or group <= 0:
+        return []
+    rollout = prompts * group
+    errors = []
+    if global_batch is not None and global_batch > 0 and rollout % global_batch:
+        errors.append(
+            f"grpo.num_prompts_per_step * grpo.num_generations_per_prompt = {rollout} must be a multiple of "
+            f"policy.train_global_batch_size = {global_batch} (each GRPO step takes rollout / global batch "
+            "optimizer steps)"
+        )
+    dp = data_parallel_size(raw)
+    micro = _value(raw, "policy.logprob_batch_size", int) or _value(raw, "policy.train_micro_batch_size", int)
+    if dp is not None and micro is not None and micro > 0 and rollout % (micro * dp):
+        errors.append(
+            f"grpo.num_prompts_per_step * grpo.num_generations_per_prompt = {rollout} is not divisible by "
+            f"policy.logprob_batch_size (or train_micro_batch_size) * data-parallel size = {micro} * {dp}"
+        )
+    return errors
+
+
+def _generation_errors(raw: Mapping[str, Any]) -> list[str]:
+    errors = []
+    max_new = _value(raw, "policy.generation.max_new_tokens", int)
+    max_len = _value(raw, "policy.max_total_sequence_length", int)
+    if max_new is not None and max_len is not None and max_new >= max_len:
+        errors.append(
+            f"policy.generation.max_new_tokens: {max_new} leaves no room for a prompt within "
+            f"policy.max_total_sequence_length = {max_len}; lower it or raise the sequence length"
+        )
+    if _value(raw, "policy.generation.temperature", float) == 0.0:
+        errors.append(
+            "policy.generation.temperature: 0 makes every response of a group identical (advantage 0, nothing "
+            "to learn); sample with a temperature > 0 (1.0 matches the policy's own distribution)"
+        )
+    colocated = _value(raw, "policy.generation.colocated.enabled", bool)
+    resources = [_value(raw, f"policy.generation.colocated.resources.{k}", int) for k in ("gpus_per_node", "num_nodes")]
+    if colocated is True and any(r is not None for r in resources):
+        errors.append(
+            "policy.generation.colocated.resources: colocated generation uses the policy's bundles; set "
+            "gpus_per_node and num_nodes to null, or colocated.enabled=false for engines of their own"
+        )
+    if colocated is False and any(r is None for r in resources):
+        errors.append(
+            "policy.generation.colocated.resources: generation on bundles of its own needs gpus_per_node and "
+            "num_nodes (one vLLM engine per GPU; on a CPU machine one engine per CPU share)"
+        )
+    kwargs = _value(raw, "policy.generation.vllm_kwargs", Mapping) or {}
+    errors += [
+        f"policy.generation.vllm_kwargs.{key}: set by the run from {source}; remove it here"
+        for key, source in _RUN_OWNED_VLLM_KWARGS.items()
+        if key in kwargs
+    ]
+    tp = kwargs.get("tensor_parallel_size", 1)
+    if tp != 1:
+        errors.append(
+            f"policy.generation.vllm_kwargs.tensor_parallel_size: {tp!r}; generation engines are data parallel "
+            "(one per GPU bundle) in this version, set it to 1 and scale with more engines"
+        )
+    return errors
 
 
 # ----------------------------------------------------------------------------
@@ -478,8 +631,16 @@ def _field_names(model: type[BaseModel], loc: Sequence[str]) -> list[str]:
     """Field names of the nested model at `loc`, to suggest the key a typo meant."""
     for part in loc:
         field = model.model_fields.get(part)
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        nested = _section_model(field.annotation) if field else None
+        if nested is None:
             return []
-        model = annotation
+        model = nested
     return list(model.model_fields)
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The section model of a field annotated ``Section`` or ``Section | None``."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None

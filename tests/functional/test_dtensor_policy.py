@@ -3,7 +3,8 @@
 Without YaRN both backends train the same tiny Qwen2 (plain RoPE, 256-token
 window) on the same batch with the same AdamW settings, so the loss, the
 gradients (Megatron's converted back to HF names) and the parameters after one
-step must match. Tolerances follow tests/functional/test_megatron_parallel_parity.py
+step must match, and so must the per-token log-probabilities RL uses, before
+and after the step (the reference policy's equal the starting ones). Tolerances follow tests/functional/test_megatron_parallel_parity.py
 (float32; Adam's first step can flip the update of entries whose gradient is
 at rounding level).
 """
@@ -59,9 +60,13 @@ def _run(workers: int, dtensor: bool, batch, checkpoint: Path | None = None) -> 
     from nemo_rl.models.megatron.hf_weights import megatron_to_hf
 
     backend = ["policy.dtensor_cfg.enabled=true", "policy.megatron_cfg.enabled=false"] if dtensor else []
-    with running_policy(_cfg(f"cluster.gpus_per_node={workers}", *backend).policy, workers) as policy:
+    cfg = _cfg(f"cluster.gpus_per_node={workers}", *backend)
+    with running_policy(cfg.policy, workers, init_reference_model=True) as policy:
+        logprobs = policy.get_logprobs(batch, micro_batch_size=2)
         result = policy.train(batch, NLLLoss(), micro_batch_size=2)
         grads, params = policy.gathered_state("grads"), policy.gathered_state("params")
+        reference_logprobs = policy.get_logprobs(batch, micro_batch_size=2, reference=True)
+        trained_logprobs = policy.get_logprobs(batch, micro_batch_size=2)
         if checkpoint is not None:
             policy.save_checkpoint(checkpoint)
             policy.export_hf(checkpoint.parent / "live_export")
@@ -69,7 +74,10 @@ def _run(workers: int, dtensor: bool, batch, checkpoint: Path | None = None) -> 
         hf_config = _hf_config()
         grads, params = megatron_to_hf(grads, hf_config), megatron_to_hf(params, hf_config)
     params = {k: v for k, v in params.items() if k != "lm_head.weight"}  # tied: the embedding
-    return {"result": result, "grads": grads, "params": params}
+    # The reference policy is the starting model: swapping it in reproduces the first scores exactly.
+    torch.testing.assert_close(reference_logprobs, logprobs, rtol=0, atol=0)
+    assert (trained_logprobs - logprobs).abs().max() > 1e-2
+    return {"result": result, "grads": grads, "params": params, "logprobs": logprobs, "trained": trained_logprobs}
 
 
 def _hf_config():
@@ -81,6 +89,8 @@ def _hf_config():
 
 
 def _assert_same_step(got: dict, want: dict) -> None:
+    torch.testing.assert_close(got["logprobs"], want["logprobs"], rtol=0, atol=5e-5)
+    torch.testing.assert_close(got["trained"], want["trained"], rtol=0, atol=1e-3)  # parameters agree to 2 lr
     assert got["result"]["metrics"]["num_tokens"] == want["result"]["metrics"]["num_tokens"]
     assert got["result"]["metrics"]["nll_sum"] == pytest.approx(want["result"]["metrics"]["nll_sum"], rel=1e-5)
     assert got["result"]["grad_norm"] == pytest.approx(want["result"]["grad_norm"], rel=1e-4)

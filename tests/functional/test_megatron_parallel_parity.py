@@ -10,6 +10,10 @@ agree to float32 rounding. Context parallelism and packing are compared with
 the same unpacked single-process run: the loss is a mean over the global
 batch's tokens, however they are laid out.
 
+The per-token log-probabilities RL uses (``Policy.get_logprobs``) are compared
+the same way, and after the step the reference policy's log-probabilities
+(the starting weights swapped in) must equal the ones taken before it.
+
 After the optimizer step: Adam's first update is lr * g / (|g| + eps), so where
 a gradient is far above its rounding noise (|g| > 1e-6, the gradients' atol)
 the updates agree to lr times the gradients' relative error (< 1e-5 here). Where
@@ -82,12 +86,15 @@ def _run(
         "policy.megatron_cfg.scheduler.lr_warmup_iters=0",
         f"policy.megatron_cfg.optimizer.lr={LR}",
     )
-    with running_policy(cfg.policy, workers) as policy:
+    with running_policy(cfg.policy, workers, init_reference_model=True) as policy:
         logits = policy.get_logits(batch["input_ids"][:1])
+        logprobs = policy.get_logprobs(batch, micro_batch_size=2)
         initial = policy.gathered_state("params")
         result = policy.train(batch, NLLLoss(), micro_batch_size=2)
         grads = policy.gathered_state("grads")
         params = policy.gathered_state("params")
+        reference_logprobs = policy.get_logprobs(batch, micro_batch_size=2, reference=True)
+        trained_logprobs = policy.get_logprobs(batch, micro_batch_size=2)
         if export_dir is not None:
             policy.export_hf(export_dir)
             checkpoint = export_dir.parent / "step_1"
@@ -95,6 +102,7 @@ def _run(
             policy.save_checkpoint(checkpoint)
             trained_logits = policy.get_logits(batch["input_ids"][:1])
     out = {"logits": logits, "result": result, "grads": grads, "params": params, "initial": initial}
+    out |= {"logprobs": logprobs, "reference_logprobs": reference_logprobs, "trained_logprobs": trained_logprobs}
     if export_dir is not None:
         out["trained_logits"] = trained_logits
     return out
@@ -105,10 +113,22 @@ def reference(ray_four_workers, batch) -> dict:
     return _run(1, 1, 1, False, False, 1, batch)
 
 
+def test_logprobs_are_the_logits_scores_and_the_reference_is_the_starting_model(reference, batch):
+    ids = batch["input_ids"][0]
+    from_logits = torch.log_softmax(reference["logits"][0, :-1].double(), -1).gather(-1, ids[1:, None])[:, 0]
+    torch.testing.assert_close(reference["logprobs"][0, 1:].double(), from_logits, rtol=0, atol=1e-5)
+    assert (reference["logprobs"][:, 0] == 0).all()
+    torch.testing.assert_close(reference["reference_logprobs"], reference["logprobs"], rtol=0, atol=0)
+    assert (reference["trained_logprobs"] - reference["logprobs"]).abs().max() > 1e-2  # the step changed them
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_equals_single_process(reference, batch, layout):
     got = _run(*LAYOUTS[layout], batch)
     torch.testing.assert_close(got["logits"], reference["logits"], rtol=0, atol=5e-5)
+    # After the step the parameters agree to the bounds above, not to rounding: a looser bound there.
+    for key, atol in (("logprobs", 5e-5), ("reference_logprobs", 5e-5), ("trained_logprobs", 1e-3)):
+        torch.testing.assert_close(got[key], reference[key], rtol=0, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
     want_metrics, got_metrics = reference["result"]["metrics"], got["result"]["metrics"]
     assert got_metrics["num_tokens"] == want_metrics["num_tokens"]
     assert got_metrics["nll_sum"] == pytest.approx(want_metrics["nll_sum"], rel=1e-5)

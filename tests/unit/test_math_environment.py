@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nemo_rl.environments.math_environment import MathEnvironment, math_reward
+from nemo_rl.environments.math_environment import MathEnvironment, answer_format_score, math_reward
 
 
 @pytest.mark.parametrize(
@@ -37,3 +37,38 @@ def test_scoring_works_off_the_main_thread():
 
     with ThreadPoolExecutor(1) as pool:
         assert pool.submit(math_reward, "\\boxed{0.5}", "1/2").result() == 1.0
+
+
+@pytest.mark.parametrize(
+    ("response", "score"),
+    [
+        ("17", 1.0),
+        ("", 0.0),
+        ("   \n\t", 0.0),  # only whitespace: nothing visible
+        ("ab 12", 2 / 4),  # visible "ab12": 2 of 4 characters are a number
+        ("no digits at all", 0.0),
+        ("-3.5", 1.0),
+        ("1/2", 1.0),
+        (" 1,000 ", 1.0),
+        ("12 + 7 = 19", 6 / 7),  # visible "12+7=19": "12", "+7", "19" cover 6 of 7
+        ("The answer is 42.", 2 / 14),  # visible "Theansweris42." has 14 characters
+    ],
+)
+def test_answer_format_score(response, score):
+    assert answer_format_score(response) == pytest.approx(score)
+
+
+def test_format_reward_is_added_with_its_weight():
+    env = MathEnvironment(format_reward_weight=0.5)
+    responses = ["17", "17", "I do not know.", "12 + 7 = 19", "ab 12"]
+    references = ["17", "18", "19", "19", "99"]
+    # correctness + 0.5 * share of visible characters that are a number
+    expected = [1.0 + 0.5, 0.0 + 0.5, 0.0 + 0.0, 1.0 + 0.5 * 6 / 7, 0.0 + 0.5 * 2 / 4]
+    assert env.score(responses, references) == pytest.approx(expected)
+
+
+def test_zero_format_weight_gives_pure_correctness():
+    responses = ["17", "17", "ab 12", "12 + 7 = 19"]
+    references = ["17", "18", "99", "19"]
+    assert MathEnvironment(format_reward_weight=0.0).score(responses, references) == [1.0, 0.0, 0.0, 1.0]
+    assert MathEnvironment().score(responses, references) == [1.0, 0.0, 0.0, 1.0]

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import entry_main
 
 
 def _main():
-    spec = importlib.util.spec_from_file_location("run_sft", ROOT / "examples" / "run_sft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return entry_main("run_sft")
 
 
 def test_bad_recipe_fails_fast_with_every_problem(tmp_path, capsys, monkeypatch):

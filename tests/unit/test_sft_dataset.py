@@ -1,4 +1,4 @@
-"""SFT data pipeline: assistant-only loss mask, truncation, collation, and an exactly resumable loader."""
+"""SFT data pipeline: assistant-only loss mask, truncation, collation, and Parquet input."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from nemo_rl.data.builtin_assets import resolve_dataset_paths
-from nemo_rl.data.sft_dataset import SFTDataloader, SFTSample, collate, load_sft_dataset
+from nemo_rl.data.sft_dataset import SFTSample, collate, load_sft_dataset
 from nemo_rl.models.tiny_model import create_tiny_model
 
 
@@ -90,56 +90,16 @@ def test_collate_pads_to_a_multiple_and_masks_padding():
     assert all(t.dtype == torch.long for t in batch.values())
 
 
-def _ids(batch: list[SFTSample]) -> list[int]:
-    return [sample.input_ids[0] for sample in batch]
+def test_parquet_rows_load_like_jsonl_and_bad_rows_name_their_number(tokenizer, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-
-DATA = [SFTSample([i], [1]) for i in range(10)]  # 3 batches of 3 per epoch, one sample dropped
-
-
-def test_dataloader_is_deterministic_drops_the_last_batch_and_reshuffles_each_epoch():
-    loader = SFTDataloader(DATA, 3, shuffle=True, seed=7)
-    epochs = [[_ids(loader.next_batch()) for _ in range(3)] for _ in range(3)]
-    assert loader.epoch == 3
-    for epoch in epochs:
-        flat = sum(epoch, [])
-        assert len(flat) == len(set(flat)) == 9
-    assert epochs[0] != epochs[1]
-    again = SFTDataloader(DATA, 3, shuffle=True, seed=7)
-    assert [_ids(b) for b, _ in zip(again, range(9))] == sum(epochs, [])
-    assert _ids(SFTDataloader(DATA, 3, shuffle=True, seed=8).next_batch()) != epochs[0][0]
-    assert [_ids(b) for b, _ in zip(SFTDataloader(DATA, 3, shuffle=False, seed=7), range(3))] == [
-        [0, 1, 2],
-        [3, 4, 5],
-        [6, 7, 8],
-    ]
-
-
-def test_epoch_advances_right_after_the_last_batch():
-    loader = SFTDataloader(DATA, 3, shuffle=True, seed=0)
-    for _ in range(2):
-        loader.next_batch()
-    assert loader.epoch == 0
-    loader.next_batch()
-    assert loader.epoch == 1 and loader.state_dict()["batch_index"] == 0
-
-
-@pytest.mark.parametrize("stop_after", [1, 3, 4, 5])  # mid-epoch, at the boundary, just after it, mid second epoch
-def test_resume_sees_exactly_the_uninterrupted_batches(stop_after):
-    reference = [_ids(b) for b, _ in zip(SFTDataloader(DATA, 3, shuffle=True, seed=3), range(9))]
-    first = SFTDataloader(DATA, 3, shuffle=True, seed=3)
-    seen = [_ids(first.next_batch()) for _ in range(stop_after)]
-    state = json.loads(json.dumps(first.state_dict()))  # as stored in a checkpoint
-    resumed = SFTDataloader(DATA, 3, shuffle=True, seed=3)
-    resumed.load_state_dict(state)
-    assert resumed.epoch == first.epoch
-    seen += [_ids(resumed.next_batch()) for _ in range(9 - stop_after)]
-    assert seen == reference
-
-
-def test_dataloader_rejects_mismatched_state_and_tiny_datasets():
-    state = SFTDataloader(DATA, 3, shuffle=True, seed=0).state_dict()
-    with pytest.raises(ValueError, match="resumed batches would differ"):
-        SFTDataloader(DATA, 2, shuffle=True, seed=0).load_state_dict(state)
-    with pytest.raises(ValueError, match="fewer than one global batch"):
-        SFTDataloader(DATA[:2], 3, shuffle=True, seed=0)
+    conversations = [_chat("What is 4 + 4?", "4 + 4 = 8"), _chat("Hi", "ok")]
+    jsonl = load_sft_dataset(_write_jsonl(tmp_path / "d.jsonl", conversations), tokenizer, max_seq_len=1024)
+    pq.write_table(pa.Table.from_pylist([{"messages": m} for m in conversations]), tmp_path / "d.parquet")
+    parquet = load_sft_dataset(tmp_path / "d.parquet", tokenizer, max_seq_len=1024)
+    assert parquet.samples == jsonl.samples
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": conversations[0]}) + "\n" + json.dumps({"text": "hi"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl: row 2: expected an object with a 'messages' list"):
+        load_sft_dataset(bad, tokenizer, max_seq_len=1024)

@@ -33,7 +33,9 @@ class VllmGenerationWorker:
         model_path: str,
         vllm_kwargs: Mapping[str, Any] | None = None,
         seed: int = 0,
+        sleep_mode: bool = False,
     ) -> None:
+        """``sleep_mode``: free the weights and KV cache between rollouts (colocated on a GPU; vLLM's CUDA build only)."""
         import torch
         from transformers import AutoConfig
         from vllm import LLM
@@ -49,11 +51,14 @@ class VllmGenerationWorker:
             vllm_kwargs,
         )
         kwargs.setdefault("enforce_eager", not torch.cuda.is_available())
+        self.max_model_len = kwargs["max_model_len"]
+        self.sleep_mode = sleep_mode
         self.llm = LLM(
             model=model_path,
             dtype=policy_cfg.precision,
             seed=seed,
             worker_extension_cls=REFIT_EXTENSION,
+            enable_sleep_mode=sleep_mode,
             **kwargs,
         )
 
@@ -64,19 +69,29 @@ class VllmGenerationWorker:
         temperature: float = 1.0,
         top_p: float = 1.0,
         stop_strings: Sequence[str] | None = None,
-        seed: int | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[Completion]:
-        """One completion per prompt (token ids in, token ids and their logprobs out)."""
+        """One completion per prompt (token ids in, token ids and their logprobs out).
+
+        A prompt's generation stops where its sequence would pass the engine's
+        window (the policy's ``max_total_sequence_length``). ``seeds`` gives each
+        request its own sampling stream, so a rollout does not depend on how
+        prompts were spread over engines, and a resumed run samples what the
+        uninterrupted one would have.
+        """
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            max_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            stop=list(stop_strings or []),
-            logprobs=0,
-            seed=seed,
-        )
+        params = [
+            SamplingParams(
+                max_tokens=max(min(max_new_tokens, self.max_model_len - len(prompt)), 1),
+                temperature=temperature,
+                top_p=top_p,
+                stop=list(stop_strings or []),
+                logprobs=0,
+                seed=None if seeds is None else seeds[i],
+            )
+            for i, prompt in enumerate(prompts)
+        ]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         completions = []
         for output in outputs:
@@ -101,6 +116,16 @@ class VllmGenerationWorker:
         (loaded, *_) = self.llm.collective_rpc("load_hf_weights", args=(blob,))
         self.llm.reset_prefix_cache()  # cached KV of the old weights must not be reused
         return loaded
+
+    def wake_up(self) -> None:
+        if self.sleep_mode:
+            self.llm.wake_up()
+
+    def sleep(self) -> None:
+        """Hand the accelerator memory back to the colocated trainer (the weights are refitted on waking)."""
+        if self.sleep_mode:
+            self.llm.reset_prefix_cache()
+            self.llm.sleep(level=1)
 
     def shutdown(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()

@@ -24,7 +24,8 @@ from nemo_rl.algorithms.loss_functions import align_to_predictions
 from nemo_rl.distributed.worker_process_group import init_worker_process_group
 from nemo_rl.models import rope_scaling
 from nemo_rl.models.megatron.hf_export import DTENSOR_CHECKPOINT, write_hf_files
-from nemo_rl.models.policy.megatron_policy_worker import LossFn, sum_metrics
+from nemo_rl.models.policy.megatron_policy_worker import LossFn, logprobs_at_tokens, sum_metrics
+from nemo_rl.models.policy.reference_weights import ReferenceWeights, scoring_weights
 
 
 class DTensorPolicyWorker:
@@ -37,6 +38,7 @@ class DTensorPolicyWorker:
         master_addr: str,
         master_port: int,
         seed: int,
+        init_reference_model: bool = False,
     ) -> None:
         if rope_scaling.requests_yarn(policy_cfg.effective_hf_config_overrides):
             raise ValueError(
@@ -51,6 +53,7 @@ class DTensorPolicyWorker:
         torch.manual_seed(seed)
         self._build_model()
         self._build_optimizer()
+        self.reference = ReferenceWeights(self.model) if init_reference_model else None
 
     def _build_model(self) -> None:
         from torch.distributed.device_mesh import init_device_mesh
@@ -143,6 +146,18 @@ class DTensorPolicyWorker:
     def get_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         self.model.eval()
         return self.model(input_ids=input_ids.to(self.device)).logits.float().cpu()
+
+    @torch.no_grad()
+    def get_logprobs(self, microbatches: list[dict[str, torch.Tensor]], reference: bool = False) -> torch.Tensor:
+        """log p(x_t | x_<t) of every token ([B, L], 0 at t = 0); ``reference`` scores with the starting weights."""
+        self.model.eval()
+        with scoring_weights(self.reference, reference):
+            predicted = [self._token_logprobs(mb["input_ids"].to(self.device)).cpu() for mb in microbatches]
+        return logprobs_at_tokens(torch.cat(predicted))
+
+    def hf_weights(self) -> dict[str, torch.Tensor] | None:
+        """The full policy under HF names (what vLLM loads at refit), on rank 0."""
+        return self.gathered_state("params")
 
     def gathered_state(self, what: str = "params") -> dict[str, torch.Tensor] | None:
         """Full tensors (HF names) of the parameters or their gradients, on rank 0."""

@@ -34,10 +34,15 @@ def split_rows(batch: Batch, parts: int) -> list[Batch]:
 
 
 class Policy:
-    def __init__(self, cluster: RayVirtualCluster, policy_cfg, model_path: Path, seed: int):
+    def __init__(
+        self, cluster: RayVirtualCluster, policy_cfg, model_path: Path, seed: int, init_reference_model: bool = False
+    ):
+        """``init_reference_model`` keeps the starting weights for ``get_logprobs(..., reference=True)`` (KL in RL)."""
         self.cfg = policy_cfg
         worker_cls = DTensorPolicyWorker if policy_cfg.dtensor_cfg.enabled else MegatronPolicyWorker
-        self.worker_group = RayWorkerGroup(cluster, worker_cls, policy_cfg, str(model_path), seed=seed)
+        self.worker_group = RayWorkerGroup(
+            cluster, worker_cls, policy_cfg, str(model_path), seed=seed, init_reference_model=init_reference_model
+        )
         self.worker_info = self.worker_group.run_all("info")
         self.dp_size = 1 + max(info["dp_rank"] for info in self.worker_info)
         converted = self.worker_info[0]["checkpoint_dir"]  # the Megatron conversion cache entry, if any
@@ -49,7 +54,12 @@ class Policy:
         self._reporters = [
             i for i, info in enumerate(self.worker_info) if info["tp_rank"] == 0 and info["pp_rank"] == last_pp
         ]
+        # Per DP rank, the worker whose results stand for its model-parallel group (first CP rank).
+        self._dp_reporters = {
+            self.worker_info[i]["dp_rank"]: i for i in self._reporters if self.worker_info[i]["cp_rank"] == 0
+        }
         mcfg = policy_cfg.megatron_cfg
+        self.context_parallel_size = 1 if policy_cfg.dtensor_cfg.enabled else mcfg.context_parallel_size
         self.packing_multiple = sequence_multiple(
             mcfg.tensor_model_parallel_size, mcfg.context_parallel_size, mcfg.sequence_parallel
         )
@@ -100,6 +110,29 @@ class Policy:
     def get_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits from the last pipeline stage (every rank runs the forward pass)."""
         return self.worker_group.run_all("get_logits", input_ids)[self._reporters[0]]
+
+    def get_logprobs(self, batch: Batch, micro_batch_size: int, reference: bool = False) -> torch.Tensor:
+        """log p(x_t | x_<t) of every token of ``batch["input_ids"]`` ([B, L], 0 at t = 0 and meaningless on padding).
+
+        ``reference`` scores with the starting weights (``init_reference_model``).
+        With context parallelism every row is its own sample for megatron's
+        packed path (the row length is already a multiple of 2 x CP).
+        """
+        per_dp = []
+        for shard in split_rows({"input_ids": batch["input_ids"]}, self.dp_size):
+            rows, length = shard["input_ids"].shape
+            if self.context_parallel_size > 1:
+                bounds = torch.tensor([0, length], dtype=torch.int32)
+                per_dp.append([{"input_ids": shard["input_ids"][i : i + 1], "cu_seqlens": bounds} for i in range(rows)])
+            else:
+                per_dp.append(split_rows(shard, max(rows // micro_batch_size, 1)))
+        args = [(per_dp[info["dp_rank"]], reference) for info in self.worker_info]
+        results = self.worker_group.run_each("get_logprobs", args)
+        return torch.cat([results[self._dp_reporters[dp]] for dp in range(self.dp_size)])
+
+    def hf_weights(self) -> dict[str, torch.Tensor]:
+        """The full policy under HF names, gathered over every shard (what a generator loads at refit)."""
+        return self.worker_group.run_all("hf_weights")[0]
 
     def gathered_state(self, what: str = "params") -> dict[str, torch.Tensor]:
         """Full Megatron-named tensors of the parameters or gradients, merged over every TP x PP shard."""

@@ -22,6 +22,7 @@ from nemo_rl.distributed.worker_process_group import init_worker_process_group
 from nemo_rl.models.megatron.context_parallel import gather_context_parallel, split_for_context_parallel
 from nemo_rl.models.megatron.cpu_compat import enable_cpu_compat
 from nemo_rl.models.megatron.parallel_weights import ShardLayout, merge_shards, shard_file_name
+from nemo_rl.models.policy.reference_weights import ReferenceWeights, scoring_weights
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,17 @@ LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, t
 def token_logprobs_from_megatron_loss(per_token_ce: torch.Tensor) -> torch.Tensor:
     """Megatron returns cross-entropy of each position's *next* token; its negation is that token's logprob."""
     return -per_token_ce.float()
+
+
+def logprobs_at_tokens(predicted: torch.Tensor) -> torch.Tensor:
+    """Per-position next-token log-probs ([B, L], position t scores token t+1) re-indexed by the token scored.
+
+    Token 0 of a sequence has no prediction and gets 0; so do the padding
+    positions' values, which no consumer reads.
+    """
+    out = torch.zeros_like(predicted)
+    out[:, 1:] = predicted[:, :-1]
+    return out
 
 
 def _next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
@@ -55,6 +67,7 @@ class MegatronPolicyWorker:
         master_addr: str,
         master_port: int,
         seed: int,
+        init_reference_model: bool = False,
     ) -> None:
         self.cfg = policy_cfg
         self.rank = rank
@@ -64,6 +77,7 @@ class MegatronPolicyWorker:
         self.checkpoint_dir, self.converted_now = self._ensure_converted(Path(model_path))
         self._build_model()
         self._build_optimizer()
+        self.reference = ReferenceWeights(self.model.module) if init_reference_model else None
 
     # ------------------------------------------------------------------ setup
     def _init_distributed(self, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
@@ -352,6 +366,46 @@ class MegatronPolicyWorker:
         if self.cp_size > 1:
             logits = gather_context_parallel(logits, bounds, parallel_state.get_context_parallel_group())
         return logits.cpu()
+
+    @torch.no_grad()
+    def get_logprobs(self, microbatches: list[dict[str, torch.Tensor]], reference: bool = False) -> torch.Tensor | None:
+        """log p(x_t | x_<t) of every token ([B, L], 0 at t = 0) on the last pipeline stage, else None.
+
+        Micro-batches are ``{"input_ids"}`` rows, or with context parallelism one
+        sample per row with ``cu_seqlens = [0, L]`` (each CP rank scores its
+        chunks; they are put back in order here). ``reference`` scores with the
+        starting weights (``init_reference_model``). Megatron's vocab-parallel
+        cross-entropy gives each token's log-prob without gathering the logits.
+        """
+        from megatron.core import parallel_state
+
+        def consume(batch, per_token_ce):
+            one = torch.ones((), dtype=torch.int, device=self.device)
+            return (
+                torch.zeros((), device=self.device),
+                one,
+                {"logprobs": token_logprobs_from_megatron_loss(per_token_ce)},
+            )
+
+        self.model.eval()
+        with scoring_weights(self.reference, reference):
+            outputs = self._run_schedule(microbatches, consume, forward_only=True)
+        if not parallel_state.is_pipeline_last_stage():
+            return None
+        predicted = []
+        for out, mb in zip(outputs, microbatches, strict=True):
+            local = out["logprobs"]
+            if self.cp_size > 1:
+                local = gather_context_parallel(local, mb["cu_seqlens"], parallel_state.get_context_parallel_group())
+            predicted.append(local.cpu())
+        return logprobs_at_tokens(torch.cat(predicted))
+
+    def hf_weights(self) -> dict[str, torch.Tensor] | None:
+        """The full policy under HF names (what vLLM loads at refit), on global rank 0."""
+        from nemo_rl.models.megatron.hf_weights import megatron_to_hf
+
+        full = self.gathered_state("params")
+        return megatron_to_hf(full, self.hf_config) if full is not None else None
 
     def gathered_state(self, what: str = "params") -> dict[str, torch.Tensor] | None:
         """Full Megatron tensors (global names) of the parameters or their reduced gradients, on global rank 0.

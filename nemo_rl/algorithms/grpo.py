@@ -1,0 +1,313 @@
+"""GRPO on the Megatron policy with vLLM rollouts, driven from one process.
+
+Each step: sample ``num_generations_per_prompt`` responses for each of
+``num_prompts_per_step`` prompts with vLLM, score them in the environment,
+turn rewards into group-relative advantages, let the trainer recompute the
+sampled tokens' log-probabilities (current and reference policy), check them
+against the generator's (the parity probe), take the clipped policy-gradient
+step(s), and load the new weights into the engines before the next rollout.
+
+The driver owns data, rewards, metrics and checkpoints; the workers own the
+models. Everything that can be checked without starting Ray is checked first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoTokenizer
+
+from nemo_rl.algorithms.advantages import group_advantages, token_weights
+from nemo_rl.algorithms.logprob_parity import check_first_step, token_mult_prob_error
+from nemo_rl.algorithms.loss_functions import ClippedPGLoss
+from nemo_rl.data.builtin_assets import resolve_dataset_paths, resolve_model_path
+from nemo_rl.data.dataloader import ResumableDataloader
+from nemo_rl.data.prompt_dataset import PromptSample, load_prompt_dataset
+from nemo_rl.distributed.ray_init import init_ray
+from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
+from nemo_rl.environments.math_environment import MathEnvironmentPool
+from nemo_rl.models import rope_scaling
+from nemo_rl.models.generation.vllm_generation import VllmGeneration
+from nemo_rl.models.generation.vllm_worker import Completion
+from nemo_rl.models.policy.lm_policy import Policy, split_rows
+from nemo_rl.utils.checkpoint import CheckpointManager, restore_training_state, save_training_state
+from nemo_rl.utils.logger import open_run_log
+
+logger = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class GRPOResult:
+    final_step: int
+    last_reward_mean: float
+    last_val_reward_mean: float | None
+    last_token_mult_prob_error: float
+
+
+def rollout_seeds(seed: int, step: int, count: int) -> list[int]:
+    """One sampling seed per request of a step: a function of (run seed, step, index) only (step 0: validation)."""
+    return [int(np.random.SeedSequence([seed, step, i]).generate_state(1)[0]) for i in range(count)]
+
+
+def rollout_batch(
+    samples: Sequence[PromptSample],
+    completions: Sequence[Completion],
+    advantages: torch.Tensor,
+    pad_id: int,
+    divisible_by: int,
+) -> Batch:
+    """Prompt + response rows for the trainer, right-padded to a multiple of ``divisible_by``.
+
+    Every per-token field is indexed by the token it describes: ``loss_mask``
+    marks the response tokens (the ones the policy chose), the generator's
+    log-probability of each sampled token sits at that token, and each
+    response token carries its sequence's advantage.
+    """
+    lengths = [len(s.input_ids) + len(c.token_ids) for s, c in zip(samples, completions, strict=True)]
+    width = -(-max(lengths) // divisible_by) * divisible_by
+    rows = len(samples)
+    batch = {
+        "input_ids": torch.full((rows, width), pad_id, dtype=torch.long),
+        "loss_mask": torch.zeros((rows, width), dtype=torch.long),
+        "generation_logprobs": torch.zeros((rows, width)),
+        "advantages": torch.zeros((rows, width)),
+        "input_lengths": torch.tensor(lengths, dtype=torch.long),
+    }
+    for row, (sample, completion) in enumerate(zip(samples, completions, strict=True)):
+        start, end = len(sample.input_ids), lengths[row]
+        batch["input_ids"][row, :start] = torch.tensor(sample.input_ids)
+        batch["input_ids"][row, start:end] = torch.tensor(completion.token_ids, dtype=torch.long)
+        batch["loss_mask"][row, start:end] = 1
+        batch["generation_logprobs"][row, start:end] = torch.tensor(completion.logprobs)
+        batch["advantages"][row, start:end] = advantages[row]
+    return batch
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+class GRPORun:
+    """Everything one GRPO run needs, set up in the order that keeps failures cheap."""
+
+    def __init__(self, cfg, resolved_config: dict[str, Any]):
+        self.cfg = cfg
+        pcfg, gcfg = cfg.policy, cfg.grpo
+        self.model_path = resolve_model_path(pcfg.model_name)
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(pcfg.tokenizer.name))
+        # The generator's arguments, merged with the recipe's own; a contradiction is a ConfigError now, not in Ray.
+        rope_scaling.vllm_engine_kwargs(
+            AutoConfig.from_pretrained(self.model_path),
+            pcfg.effective_hf_config_overrides,
+            pcfg.max_total_sequence_length,
+            pcfg.generation.vllm_kwargs,
+        )
+        train_path, val_path = resolve_dataset_paths(
+            cfg.data.dataset_name, cfg.data.train_data_path, cfg.data.val_data_path
+        )
+        max_prompt = pcfg.max_total_sequence_length - 1  # room for at least one generated token
+        self.train_data = load_prompt_dataset(train_path, self.tokenizer, max_prompt)
+        self.val_data = load_prompt_dataset(val_path, self.tokenizer, max_prompt) if val_path else None
+        self.train_loader = ResumableDataloader(self.train_data, gcfg.num_prompts_per_step, cfg.data.shuffle, gcfg.seed)
+
+        self.log_dir = Path(cfg.logger.log_dir)
+        self.metrics = open_run_log(cfg, resolved_config, ["megatron", "vllm"])
+        self.checkpoints = CheckpointManager(Path(cfg.checkpointing.checkpoint_dir), cfg.checkpointing.keep_top_k)
+
+        self._start_workers()
+        self.loss_fn = ClippedPGLoss(
+            ratio_clip_min=cfg.loss_fn.ratio_clip_min,
+            ratio_clip_max=cfg.loss_fn.ratio_clip_max,
+            reference_policy_kl_penalty=cfg.loss_fn.reference_policy_kl_penalty,
+            importance_sampling_correction=cfg.loss_fn.use_importance_sampling_correction,
+        )
+        self.generation_is_stale = False  # the engines start from the same HF weights as the policy
+
+    def _start_workers(self) -> None:
+        cfg = self.cfg
+        gen = cfg.policy.generation
+        policy_workers = cfg.cluster.gpus_per_node * cfg.cluster.num_nodes
+        if gen.colocated.enabled:
+            init_ray(workers=policy_workers)
+            self.cluster = RayVirtualCluster(
+                cfg.cluster.gpus_per_node, cfg.cluster.num_nodes, max_colocated_worker_groups=2
+            )
+            self.generation_cluster = self.cluster
+        else:
+            res = gen.colocated.resources
+            engines = res.gpus_per_node * res.num_nodes
+            init_ray(workers=policy_workers + engines)
+            share = policy_workers / (policy_workers + engines)  # how a CPU machine's cores are split
+            self.cluster = RayVirtualCluster(cfg.cluster.gpus_per_node, cfg.cluster.num_nodes, node_share=share)
+            self.generation_cluster = RayVirtualCluster(
+                res.gpus_per_node, res.num_nodes, name="nemo_rl_generation", node_share=1 - share
+            )
+        self.policy = Policy(self.cluster, cfg.policy, self.model_path, seed=cfg.grpo.seed, init_reference_model=True)
+        self.generation = self._start_generation(cfg.policy)
+        self.environment = MathEnvironmentPool(cfg.env.math.num_workers, cfg.env.math.format_reward_weight)
+
+    def _start_generation(self, policy_cfg) -> VllmGeneration:
+        """The vLLM engines, configured from ``policy_cfg`` (the run's policy config: the same RoPE overrides)."""
+        return VllmGeneration(self.generation_cluster, policy_cfg, str(self.model_path), seed=self.cfg.grpo.seed)
+
+    # ------------------------------------------------------------------
+    def _ready_generation(self, timer: _Timer) -> None:
+        """Wake the engines and give them the policy's current weights if a training step changed them."""
+        with timer("refit"):
+            self.generation.wake_up()
+            if self.generation_is_stale:
+                self.generation.refit(self.policy.hf_weights())
+                self.generation_is_stale = False
+
+    def _generate(self, samples: Sequence[PromptSample], seeds: list[int], greedy: bool, timer: _Timer):
+        self._ready_generation(timer)
+        with timer("generation"):
+            completions = self.generation.generate([s.input_ids for s in samples], seeds, greedy=greedy)
+            self.generation.sleep()
+        with timer("reward"):
+            rewards = self.environment.score([c.text for c in completions], [s.answer for s in samples])
+        return completions, torch.tensor(rewards, dtype=torch.float32)
+
+    def _step(self, prompts: list[PromptSample], step: int, check_parity: bool) -> dict[str, float]:
+        gcfg, pcfg = self.cfg.grpo, self.cfg.policy
+        timer = _Timer()
+        with timer("step"):
+            group = gcfg.num_generations_per_prompt
+            samples = [prompt for prompt in prompts for _ in range(group)]
+            completions, rewards = self._generate(samples, rollout_seeds(gcfg.seed, step, len(samples)), False, timer)
+            advantages = group_advantages(rewards, group, normalize_std=gcfg.normalize_rewards)
+            batch = rollout_batch(
+                samples, completions, advantages, self.tokenizer.pad_token_id, pcfg.make_sequence_length_divisible_by
+            )
+            with timer("logprobs"):
+                logprob_batch = pcfg.logprob_batch_size or pcfg.train_micro_batch_size
+                batch["prev_logprobs"] = self.policy.get_logprobs(batch, logprob_batch)
+                batch["reference_logprobs"] = self.policy.get_logprobs(batch, logprob_batch, reference=True)
+            parity = token_mult_prob_error(batch["generation_logprobs"], batch["prev_logprobs"], batch["loss_mask"])
+            if check_parity:
+                check_first_step(parity, gcfg.token_mult_prob_error_threshold, pcfg.long_context is not None)
+            with timer("training"):
+                train = self._train(batch)
+            self.generation_is_stale = True
+        lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
+        m = train["metrics"]
+        tokens = max(m["num_tokens"], 1)
+        return {
+            "reward_mean": float(rewards.mean()),
+            "reward_max": float(rewards.max()),
+            "reward_min": float(rewards.min()),
+            "generation_length_mean": float(lengths.mean()),
+            "generation_length_max": float(lengths.max()),
+            "truncated_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
+            "sequence_length_max": int(batch["input_lengths"].max()),
+            "token_mult_prob_error": parity,
+            "loss": m["loss_sum"] / tokens,
+            "kl": m["kl_sum"] / tokens,
+            "clip_fraction": m["clipped_tokens"] / tokens,
+            "grad_norm": train["grad_norm"],
+            "lr": train["lr"],
+            **({"packing_efficiency": m["packing_efficiency"]} if "packing_efficiency" in m else {}),
+            **{f"timing/{phase}_s": seconds for phase, seconds in timer.seconds.items()},
+        }
+
+    def _train(self, batch: Batch) -> dict[str, Any]:
+        """One optimizer step per ``train_global_batch_size`` rows of the rollout (off-policy after the first)."""
+        pcfg = self.cfg.policy
+        steps = batch["input_ids"].shape[0] // pcfg.train_global_batch_size
+        metrics: dict[str, float] = {}
+        results = []
+        for chunk in split_rows(batch, steps):
+            chunk["token_weight"] = token_weights(chunk["loss_mask"], not self.cfg.loss_fn.token_level_loss)
+            result = self.policy.train(chunk, self.loss_fn, pcfg.train_micro_batch_size)
+            for key, value in result["metrics"].items():
+                metrics[key] = metrics.get(key, 0.0) + value
+            results.append(result)
+        if "packing_efficiency" in metrics:
+            metrics["packing_efficiency"] /= steps
+        grad_norm = float(np.mean([r["grad_norm"] for r in results]))
+        return {"metrics": metrics, "grad_norm": grad_norm, "lr": results[-1]["lr"]}
+
+    def validate(self, step: int) -> dict[str, float] | None:
+        """Greedy answers to the first ``max_val_samples`` validation prompts, scored by the environment."""
+        if self.val_data is None:
+            return None
+        samples = [self.val_data[i] for i in range(min(self.cfg.grpo.max_val_samples, len(self.val_data)))]
+        timer = _Timer()
+        completions, rewards = self._generate(samples, rollout_seeds(self.cfg.grpo.seed, 0, len(samples)), True, timer)
+        lengths = [len(c.token_ids) for c in completions]
+        metrics = {
+            "reward_mean": float(rewards.mean()),
+            "generation_length_mean": float(np.mean(lengths)),
+            **{f"timing/{phase}_s": seconds for phase, seconds in timer.seconds.items()},
+        }
+        self.metrics.log(metrics, step, "validation")
+        return metrics
+
+    def train(self) -> GRPOResult:
+        gcfg, ccfg = self.cfg.grpo, self.cfg.checkpointing
+        step = (
+            restore_training_state(self.checkpoints, self.policy, self.train_loader, self.metrics)
+            if ccfg.enabled
+            else 0
+        )
+        self.generation_is_stale = step > 0  # resumed weights are not the ones the engines loaded
+        metrics: dict[str, float] = {"reward_mean": float("nan"), "token_mult_prob_error": float("nan")}
+        val_reward = None
+        if gcfg.val_at_start and step == 0 and (val := self.validate(0)) is not None:
+            val_reward = val["reward_mean"]
+        first = True
+        with tqdm(total=gcfg.max_num_steps, initial=step, desc="grpo", dynamic_ncols=True) as bar:
+            while step < gcfg.max_num_steps and self.train_loader.epoch < gcfg.max_num_epochs:
+                prompts = self.train_loader.next_batch()
+                metrics = self._step(prompts, step + 1, check_parity=first)
+                first = False
+                step += 1
+                self.metrics.log(metrics, step, "train")
+                bar.update(1)
+                bar.set_postfix(
+                    reward=f"{metrics['reward_mean']:.3f}", parity=f"{metrics['token_mult_prob_error']:.4f}"
+                )
+                if gcfg.val_period and step % gcfg.val_period == 0 and (val := self.validate(step)) is not None:
+                    val_reward = val["reward_mean"]
+                    bar.write(f"step {step}: validation reward {val_reward:.4f}")
+                if ccfg.enabled and (step % ccfg.save_period == 0 or step == gcfg.max_num_steps):
+                    path = save_training_state(self.checkpoints, step, self.policy, self.tokenizer, self.train_loader)
+                    bar.write(f"step {step}: checkpoint {path}")
+        return GRPOResult(step, metrics["reward_mean"], val_reward, metrics["token_mult_prob_error"])
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.environment.shutdown()
+        self.generation.shutdown()
+        self.policy.shutdown()
+        if self.generation_cluster is not self.cluster:
+            self.generation_cluster.shutdown()
+        self.cluster.shutdown()
+
+
+def run_grpo(cfg, resolved_config: dict[str, Any]) -> GRPOResult:
+    run = GRPORun(cfg, resolved_config)
+    try:
+        return run.train()
+    finally:
+        run.close()

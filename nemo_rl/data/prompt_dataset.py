@@ -1,0 +1,98 @@
+"""GRPO prompts: chat rows with a reference answer -> prompt token ids ready for generation.
+
+GRPO samples its own replies, so a row holds only the conversation up to the
+question plus the answer a program verifies. The prompt is rendered by the
+tokenizer's chat template with the generation prompt appended, the same way
+the model will be prompted after training, so rollouts never see a format the
+policy was not trained on.
+
+Prompts too long for the run are dropped, never truncated: cutting a prompt
+removes its end, which is where the question sits, and a reward for answering
+a question the model never saw teaches noise. Drops are counted and logged so
+a too-short sequence length is visible rather than silently shrinking the data.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from nemo_rl.data.rows import read_rows
+
+logger = logging.getLogger(__name__)
+
+EXPECTED_ROW = '{"messages": [{"role": ..., "content": ...}, ...], "answer": "..."}'
+
+
+@dataclass(frozen=True)
+class PromptSample:
+    input_ids: list[int]  # the chat template rendered with add_generation_prompt=True
+    answer: str  # the reference the environment verifies
+
+
+@dataclass(frozen=True)
+class PromptDataset:
+    """Tokenized prompts, with the number dropped for length kept visible for logs and tests."""
+
+    samples: list[PromptSample]
+    num_dropped: int
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> PromptSample:
+        return self.samples[index]
+
+
+def tokenize_prompt(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """``messages`` rendered with the chat template, ending in the assistant's generation prompt."""
+    encoded = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
+    return list(encoded["input_ids"])
+
+
+def _parse_row(row: dict, path: Path, row_no: int) -> tuple[list[dict[str, str]], str]:
+    messages, answer = row.get("messages"), row.get("answer")
+    valid_answer = isinstance(answer, str | int | float) and not isinstance(answer, bool)
+    if not isinstance(messages, list) or not valid_answer:
+        missing = [key for key, ok in (("messages", isinstance(messages, list)), ("answer", valid_answer)) if not ok]
+        raise ValueError(
+            f"{path}: row {row_no}: missing or invalid {' and '.join(repr(k) for k in missing)}; "
+            f"expected {EXPECTED_ROW} (answer a string or number)"
+        )
+    return messages, str(answer)
+
+
+def load_prompt_dataset(path: Path, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int) -> PromptDataset:
+    """Tokenize every ``{"messages": [...], "answer": ...}`` row of a ``.jsonl`` or ``.parquet`` file.
+
+    Prompts longer than ``max_prompt_length`` tokens are dropped (counted and logged).
+    """
+    rows = read_rows(path)
+    if not rows:
+        raise ValueError(f"{path}: no rows; expected {EXPECTED_ROW} per row")
+    samples: list[PromptSample] = []
+    dropped = 0
+    for row_no, row in enumerate(rows, 1):
+        messages, answer = _parse_row(row, path, row_no)
+        input_ids = tokenize_prompt(messages, tokenizer)
+        if len(input_ids) > max_prompt_length:
+            dropped += 1
+            continue
+        samples.append(PromptSample(input_ids, answer))
+    if dropped:
+        logger.warning(
+            "%s: dropped %d of %d prompts longer than %d tokens",
+            path,
+            dropped,
+            len(rows),
+            max_prompt_length,
+        )
+    if not samples:
+        raise ValueError(
+            f"{path}: all {dropped} prompts are longer than max_prompt_length={max_prompt_length} tokens; "
+            "raise policy.max_total_sequence_length (or shorten the prompts)"
+        )
+    return PromptDataset(samples, dropped)

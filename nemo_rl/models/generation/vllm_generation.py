@@ -1,0 +1,89 @@
+"""The driver's handle on the vLLM engines of an RL run: placement, data-parallel rollouts, refit, sleep/wake.
+
+One engine per bundle of its cluster. Colocated, the engines share the
+policy's bundles (each actor reserves half of a bundle, see
+``RayVirtualCluster.actor_options``) and, where vLLM supports it (the CUDA
+build), sleep during training so the trainer gets the accelerator memory back.
+Otherwise they run on bundles of their own. Rollouts are split over the engines
+in contiguous shares; every request carries its own seed, so results do not
+depend on the number of engines.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import ray
+import torch
+
+from nemo_rl.distributed.sharding import split_evenly
+from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
+from nemo_rl.models.generation.vllm_weight_refit import pack_weights
+from nemo_rl.models.generation.vllm_worker import Completion, VllmGenerationWorker
+
+logger = logging.getLogger(__name__)
+
+
+class VllmGeneration:
+    def __init__(self, cluster: RayVirtualCluster, policy_cfg, model_path: str, seed: int):
+        gen = policy_cfg.generation
+        self.cfg = gen
+        colocated = gen.colocated.enabled
+        sleep_mode = colocated and cluster.use_gpus
+        actor = ray.remote(VllmGenerationWorker)
+        self.engines = [
+            actor.options(**cluster.actor_options(rank)).remote(
+                policy_cfg, model_path, dict(gen.vllm_kwargs), seed=seed + rank, sleep_mode=sleep_mode
+            )
+            for rank in range(cluster.world_size)
+        ]
+        ray.get([engine.__ray_ready__.remote() for engine in self.engines])  # constructor errors surface here
+        logger.info(
+            "%d vLLM engine(s) %s",
+            len(self.engines),
+            "colocated with the policy" if colocated else "on their own bundles",
+        )
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], greedy: bool = False
+    ) -> list[Completion]:
+        """One completion per prompt with the run's sampling settings (``greedy`` for validation)."""
+        gen = self.cfg
+        shares = list(
+            zip(split_evenly(prompts, len(self.engines)), split_evenly(seeds, len(self.engines)), strict=True)
+        )
+        futures = [
+            engine.generate.remote(
+                list(share_prompts),
+                gen.max_new_tokens,
+                temperature=0.0 if greedy else gen.temperature,
+                top_p=1.0 if greedy else gen.top_p,
+                stop_strings=gen.stop_strings,
+                seeds=list(share_seeds),
+            )
+            for engine, (share_prompts, share_seeds) in zip(self.engines, shares, strict=True)
+            if share_prompts
+        ]
+        return [completion for result in ray.get(futures) for completion in result]
+
+    def refit(self, hf_weights: Mapping[str, torch.Tensor]) -> None:
+        """Load the policy's current weights into every engine (one serialised copy in the object store)."""
+        blob = ray.put(pack_weights(hf_weights))
+        loaded = ray.get([engine.load_weights.remote(blob) for engine in self.engines])
+        if any(n != len(hf_weights) for n in loaded):
+            raise RuntimeError(f"refit sent {len(hf_weights)} tensors but the engines loaded {loaded}")
+
+    def wake_up(self) -> None:
+        ray.get([engine.wake_up.remote() for engine in self.engines])
+
+    def sleep(self) -> None:
+        ray.get([engine.sleep.remote() for engine in self.engines])
+
+    def shutdown(self) -> None:
+        try:
+            ray.get([engine.shutdown.remote() for engine in self.engines])
+        finally:
+            for engine in self.engines:
+                ray.kill(engine)
+            self.engines = []

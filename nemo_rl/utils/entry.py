@@ -1,0 +1,33 @@
+"""What every entry script does around its algorithm: parse the command line, validate, run, report bad input.
+
+A bad recipe (including a problem found while setting up, such as vLLM
+arguments that contradict the policy's RoPE) exits with status 2 and every
+problem listed, never with a traceback from deep inside a run.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from nemo_rl.utils.config import ConfigError, load_config, parse_args, resolve_config
+
+
+def run_entry(
+    argv: Sequence[str] | None,
+    default_config: Path,
+    validate: Callable[[Mapping[str, Any]], Any],
+    run: Callable[[Any, dict[str, Any]], int],
+) -> int:
+    """``run(typed_config, resolved_dict)`` once the recipe and overrides validate; its exit status is returned."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config_path, overrides = parse_args(argv, default_config=str(default_config))
+    try:
+        resolved = resolve_config(load_config(config_path, overrides))
+        return run(validate(resolved), resolved)
+    except ConfigError as err:
+        print(f"Invalid configuration ({config_path}):\n{err}", file=sys.stderr)
+        return 2
