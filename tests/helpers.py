@@ -89,11 +89,18 @@ def running_policy(policy_cfg, workers: int, seed: int = 0, **policy_kwargs: Any
 
 def entry_main(script: str):
     """The ``main`` of ``examples/<script>.py`` (entry scripts are files, not package modules)."""
+    return _script_main("examples", script)
+
+
+def load_tool(script: str):
+    """The ``main`` of ``tools/<script>.py``."""
+    return _script_main("tools", script)
+
+
+def _script_main(folder: str, script: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(
-        script, Path(__file__).resolve().parents[1] / "examples" / f"{script}.py"
-    )
+    spec = importlib.util.spec_from_file_location(script, Path(__file__).resolve().parents[1] / folder / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main

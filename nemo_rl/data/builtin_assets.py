@@ -100,7 +100,7 @@ def resolve_dataset_paths(
     elif train_data_path is None:
         raise ValueError(
             f"dataset {dataset_name!r} is not built in (built-ins: {', '.join(sorted(BUILTIN_DATASETS))}); "
-            'set data.train_data_path to a JSONL file of {"messages": [...]} rows'
+            "set data.train_data_path to a JSONL or Parquet file of rows"
         )
     train = _existing_file(train_data_path, "train") if train_data_path is not None else builtin["train"]
     val = _existing_file(val_data_path, "validation") if val_data_path is not None else builtin.get("validation")

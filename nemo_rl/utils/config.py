@@ -109,6 +109,45 @@ def _load_with_defaults(path: Path, chain: tuple[Path, ...]) -> DictConfig:
     return OmegaConf.merge(merged, own)
 
 
+def redundant_keys(path: str | Path) -> list[str]:
+    """Dotted keys a recipe sets to exactly what its `defaults:` chain already gives.
+
+    A recipe should state only what differs from its base (a reader sees the
+    run's intent at a glance, and a changed base default reaches every recipe
+    that did not mean to pin it). Values are compared unresolved, so
+    `${div:...}` written again counts as a repeat.
+    """
+    path = Path(path).resolve()
+    own = _read_yaml(path, None)
+    inherited = OmegaConf.create()
+    for parent in _default_paths(own, path):
+        inherited = OmegaConf.merge(inherited, _load_with_defaults(parent, (path,)))
+    base = OmegaConf.to_container(inherited, resolve=False)
+    return [
+        key for key, value in _leaf_items(OmegaConf.to_container(own, resolve=False)) if _lookup(base, key) == value
+    ]
+
+
+def _leaf_items(container: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in container.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from _leaf_items(value, dotted + ".")
+        else:
+            yield dotted, value
+
+
+_MISSING = object()
+
+
+def _lookup(container: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(container, dict) or part not in container:
+            return _MISSING
+        container = container[part]
+    return container
+
+
 def _read_yaml(path: Path, included_from: Path | None) -> DictConfig:
     where = f" (listed in `{DEFAULTS_KEY}:` of {included_from})" if included_from else ""
     if not path.is_file():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nemo_rl.utils.config import load_config, resolve_config
+from nemo_rl.utils.config import load_config, redundant_keys, resolve_config
 from nemo_rl.utils.config_schema import validate_grpo_config, validate_sft_config
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "examples" / "configs" / "recipes" / "llm").glob("*.yaml"))
@@ -51,3 +51,59 @@ def test_recipe_validates(recipe):
         yarn = cfg.policy.long_context
         assert yarn is not None
         assert yarn.factor * yarn.original_max_position_embeddings >= cfg.policy.max_total_sequence_length
+
+
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "examples" / "configs" / "recipes" / "llm"
+
+
+@pytest.mark.parametrize(
+    ("name", "validate", "length", "factor", "cp", "divisible_by", "world"),
+    [
+        ("sft-qwen3-0.6B-1n8g-megatron-yarn-64k.yaml", validate_sft_config, 65536, 1.6, 8, 16, 8),
+        ("grpo-qwen2.5-1.5B-4n8g-megatron-yarn-256k.yaml", validate_grpo_config, 262144, 8.0, 32, 64, 32),
+    ],
+)
+def test_seed_recipes_match_the_yarn_guide(name, validate, length, factor, cp, divisible_by, world):
+    """The two recipes the YaRN guide names: length, the `div`-derived factor, CP, divisibility, cluster."""
+    cfg = validate(resolve_config(load_config(RECIPE_DIR / name)))
+    yarn = cfg.policy.long_context
+    assert cfg.policy.max_total_sequence_length == length
+    assert yarn.factor == pytest.approx(factor)
+    assert yarn.factor * yarn.original_max_position_embeddings == pytest.approx(length)
+    assert cfg.policy.megatron_cfg.context_parallel_size == cp
+    assert cfg.policy.make_sequence_length_divisible_by == divisible_by
+    assert cfg.cluster.gpus_per_node * cfg.cluster.num_nodes == world
+    assert cfg.policy.megatron_cfg.enabled and not cfg.policy.dtensor_cfg.enabled
+    assert cfg.policy.precision == "bfloat16"
+    # the factor is derived with `div`, not written down: it follows the sequence length
+    doubled = resolve_config(load_config(RECIPE_DIR / name, [f"policy.max_total_sequence_length={2 * length}"]))
+    assert doubled["policy"]["hf_config_overrides"]["rope_scaling"]["factor"] == pytest.approx(2 * factor)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_states_only_what_differs_from_its_defaults(recipe):
+    assert redundant_keys(recipe) == [], "run: uv run tools/expand_recipe.py --check-minimal " + recipe.name
+
+
+def test_redundant_keys_finds_repeats_of_the_defaults_chain(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("a: {b: 1, c: [1, 2], f: '${a.b}'}\nd: x\n")
+    (tmp_path / "mid.yaml").write_text("defaults: base.yaml\nd: y\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("defaults: mid.yaml\na: {b: 2, c: [1, 2], f: '${a.b}'}\nd: y\ne: 3\n")
+    # a.b and e differ from or add to the chain; the list, the interpolation and mid's d are repeats
+    assert redundant_keys(recipe) == ["a.c", "a.f", "d"]
+
+
+def test_expand_recipe_prints_the_resolved_config_and_checks_minimality(tmp_path, capsys):
+    from tests.helpers import load_tool
+
+    expand = load_tool("expand_recipe")
+    recipe = RECIPE_DIR / "grpo-qwen2.5-1.5B-4n8g-megatron-yarn-256k.yaml"
+    assert expand([str(recipe)]) == 0
+    printed = capsys.readouterr().out
+    assert "factor: 8.0" in printed and "context_parallel_size: 32" in printed
+    (tmp_path / "base.yaml").write_text("a: 1\n")
+    (tmp_path / "r.yaml").write_text("defaults: base.yaml\na: 1\n")
+    assert expand(["--check-minimal", str(tmp_path / "r.yaml")]) == 1
+    assert "a repeats the value of its defaults" in capsys.readouterr().out
