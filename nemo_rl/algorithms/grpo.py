@@ -32,6 +32,7 @@ from nemo_rl.algorithms.loss_functions import ClippedPGLoss
 from nemo_rl.data.builtin_assets import resolve_dataset_paths, resolve_model_path
 from nemo_rl.data.dataloader import ResumableDataloader
 from nemo_rl.data.prompt_dataset import PromptSample, load_prompt_dataset
+from nemo_rl.data.sft_dataset import SFTSample, collate
 from nemo_rl.distributed.ray_init import init_ray
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
 from nemo_rl.environments.math_environment import MathEnvironmentPool
@@ -74,24 +75,17 @@ def rollout_batch(
     log-probability of each sampled token sits at that token, and each
     response token carries its sequence's advantage.
     """
-    lengths = [len(s.input_ids) + len(c.token_ids) for s, c in zip(samples, completions, strict=True)]
-    width = -(-max(lengths) // divisible_by) * divisible_by
-    rows = len(samples)
-    batch = {
-        "input_ids": torch.full((rows, width), pad_id, dtype=torch.long),
-        "loss_mask": torch.zeros((rows, width), dtype=torch.long),
-        "generation_logprobs": torch.zeros((rows, width)),
-        "advantages": torch.zeros((rows, width)),
-        "input_lengths": torch.tensor(lengths, dtype=torch.long),
-    }
+    rows = [
+        SFTSample(s.input_ids + c.token_ids, [0] * len(s.input_ids) + [1] * len(c.token_ids))
+        for s, c in zip(samples, completions, strict=True)
+    ]
+    batch = collate(rows, pad_id, divisible_by)
+    generation_logprobs = torch.zeros(batch["input_ids"].shape)
     for row, (sample, completion) in enumerate(zip(samples, completions, strict=True)):
-        start, end = len(sample.input_ids), lengths[row]
-        batch["input_ids"][row, :start] = torch.tensor(sample.input_ids)
-        batch["input_ids"][row, start:end] = torch.tensor(completion.token_ids, dtype=torch.long)
-        batch["loss_mask"][row, start:end] = 1
-        batch["generation_logprobs"][row, start:end] = torch.tensor(completion.logprobs)
-        batch["advantages"][row, start:end] = advantages[row]
-    return batch
+        start = len(sample.input_ids)
+        generation_logprobs[row, start : start + len(completion.logprobs)] = torch.tensor(completion.logprobs)
+    advantages_per_token = batch["loss_mask"] * advantages.float()[:, None]
+    return batch | {"generation_logprobs": generation_logprobs, "advantages": advantages_per_token}
 
 
 class _Timer:

@@ -1,9 +1,9 @@
 """The built-in ``tiny-math`` dataset for GRPO: questions with verifiable numeric answers.
 
 GRPO needs prompts whose answers a program can check (``math_environment``),
-and a model small enough for CPU must already know the words. So the prompts
-are the two answerable tasks of ``tiny-chat``, which the tiny model is trained
-on: short sums and differences, and look-ups of a value among many
+in words the tiny tokenizer has as single tokens. So the prompts are the two
+answerable tasks of ``tiny-chat`` (what an SFT run on it teaches the tiny
+model): short sums and differences, and look-ups of a value among many
 ``key: value`` lines, whose prompts often run past the original 256-token
 window (the answer then sits far back, which is what a YaRN run must handle).
 Rows are ``{"messages": [...], "answer": "..."}``: the conversation up to the

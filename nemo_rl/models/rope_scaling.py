@@ -695,11 +695,10 @@ def vllm_engine_kwargs(
     overrides: Mapping[str, Any] | None,
     max_total_sequence_length: int,
     user_kwargs: Mapping[str, Any] | None = None,
-    user_path: str = "policy.generation.vllm_kwargs",
 ) -> dict[str, Any]:
     """``LLM(...)`` keyword arguments that make vLLM compute what the trainer computes.
 
-    ``user_kwargs`` (a recipe's own vLLM arguments, found at ``user_path``) are
+    ``user_kwargs`` (a recipe's own vLLM arguments, ``policy.generation.vllm_kwargs``) are
     merged in; a key of their ``hf_overrides`` or a ``max_model_len`` that
     contradicts what the run derives is an error naming both values, never
     silently overwritten in either direction.
@@ -722,10 +721,14 @@ def vllm_engine_kwargs(
     original = hf_config.to_dict()
     changed = {k: v for k, v in patched.items() if k != "transformers_version" and original.get(k) != v}
     derived = {"hf_overrides": changed, "max_model_len": max_total_sequence_length}
-    return _merge_user_vllm_kwargs(derived, dict(user_kwargs or {}), user_path)
+    return _merge_user_vllm_kwargs(derived, dict(user_kwargs or {}))
 
 
-def _merge_user_vllm_kwargs(derived: dict[str, Any], user: dict[str, Any], user_path: str) -> dict[str, Any]:
+USER_VLLM_KWARGS_PATH = "policy.generation.vllm_kwargs"
+
+
+def _merge_user_vllm_kwargs(derived: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
+    user_path = USER_VLLM_KWARGS_PATH
     user_overrides = dict(user.pop("hf_overrides", None) or {})
     errors = [
         f"{user_path}.hf_overrides.{key}: {value!r} contradicts {derived['hf_overrides'][key]!r} derived from "

@@ -29,6 +29,16 @@ def cp_token_indices(cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int) -> to
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
 
 
+def single_sample_rows(input_ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """Each row of ``[B, L]`` as its own one-sample packed micro-batch (``cu_seqlens = [0, L]``).
+
+    Context parallelism runs through megatron's packed path, which needs sample
+    boundaries; an unpacked batch is given them this way.
+    """
+    bounds = torch.tensor([0, input_ids.shape[1]], dtype=torch.int32)
+    return [{"input_ids": input_ids[i : i + 1], "cu_seqlens": bounds} for i in range(input_ids.shape[0])]
+
+
 def split_for_context_parallel(
     tensors: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int
 ) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ import torch
 from nemo_rl.data.packing import pack_batch, pack_capacity
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
 from nemo_rl.distributed.worker_group import RayWorkerGroup
+from nemo_rl.models.megatron.context_parallel import single_sample_rows
 from nemo_rl.models.policy.dtensor_policy_worker import DTensorPolicyWorker
 from nemo_rl.models.policy.megatron_policy_worker import LossFn, MegatronPolicyWorker
 from nemo_rl.utils.config_schema import sequence_multiple
@@ -31,6 +32,11 @@ def split_rows(batch: Batch, parts: int) -> list[Batch]:
         raise ValueError(f"batch of {rows} rows does not split into {parts} equal parts")
     size = rows // parts
     return [{k: v[i * size : (i + 1) * size] for k, v in batch.items()} for i in range(parts)]
+
+
+def _micro_batches(shard: Batch, micro_batch_size: int) -> list[Batch]:
+    rows = next(iter(shard.values())).shape[0]
+    return split_rows(shard, max(rows // micro_batch_size, 1))
 
 
 class Policy:
@@ -80,8 +86,7 @@ class Policy:
                 real, allocated = real + stats.real_tokens, allocated + stats.allocated_tokens
                 per_dp.append(rows)
             else:
-                rows = next(iter(shard.values())).shape[0]
-                per_dp.append(split_rows(shard, max(rows // micro_batch_size, 1)))
+                per_dp.append(_micro_batches(shard, micro_batch_size))
         metrics = {"packing_efficiency": real / allocated} if allocated else {}
         return [(per_dp[info["dp_rank"]], loss_fn) for info in self.worker_info], metrics
 
@@ -118,14 +123,12 @@ class Policy:
         With context parallelism every row is its own sample for megatron's
         packed path (the row length is already a multiple of 2 x CP).
         """
-        per_dp = []
-        for shard in split_rows({"input_ids": batch["input_ids"]}, self.dp_size):
-            rows, length = shard["input_ids"].shape
-            if self.context_parallel_size > 1:
-                bounds = torch.tensor([0, length], dtype=torch.int32)
-                per_dp.append([{"input_ids": shard["input_ids"][i : i + 1], "cu_seqlens": bounds} for i in range(rows)])
-            else:
-                per_dp.append(split_rows(shard, max(rows // micro_batch_size, 1)))
+        per_dp = [
+            single_sample_rows(shard["input_ids"])
+            if self.context_parallel_size > 1
+            else _micro_batches(shard, micro_batch_size)
+            for shard in split_rows({"input_ids": batch["input_ids"]}, self.dp_size)
+        ]
         args = [(per_dp[info["dp_rank"]], reference) for info in self.worker_info]
         results = self.worker_group.run_each("get_logprobs", args)
         return torch.cat([results[self._dp_reporters[dp]] for dp in range(self.dp_size)])

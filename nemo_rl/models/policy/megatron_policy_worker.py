@@ -19,7 +19,11 @@ import torch
 
 from nemo_rl.algorithms.loss_functions import align_to_predictions
 from nemo_rl.distributed.worker_process_group import init_worker_process_group
-from nemo_rl.models.megatron.context_parallel import gather_context_parallel, split_for_context_parallel
+from nemo_rl.models.megatron.context_parallel import (
+    gather_context_parallel,
+    single_sample_rows,
+    split_for_context_parallel,
+)
 from nemo_rl.models.megatron.cpu_compat import enable_cpu_compat
 from nemo_rl.models.megatron.parallel_weights import ShardLayout, merge_shards, shard_file_name
 from nemo_rl.models.policy.reference_weights import ReferenceWeights, scoring_weights
@@ -336,69 +340,58 @@ class MegatronPolicyWorker:
         self.model.eval()
         return {"metrics": sum_metrics(self._loss_schedule(microbatches, loss_fn, forward_only=True))}
 
-    @torch.no_grad()
-    def get_logits(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """Full-vocabulary logits [B, L, V] (gathered across TP and CP) on the last pipeline stage, else None.
+    def _collect(
+        self,
+        microbatches: list[dict[str, torch.Tensor]],
+        output: Callable[[torch.Tensor], torch.Tensor],
+        with_labels: bool,
+    ) -> torch.Tensor | None:
+        """Forward-only pass whose per-micro-batch ``output(model_output)`` is concatenated in row order.
 
-        With context parallelism the rows go through the packed path (each row
-        one sample, L a multiple of 2 x CP) and the CP ranks' chunks are put
-        back in order.
+        Runs on every rank; the result exists on the last pipeline stage (None
+        elsewhere), with each context-parallel rank's chunks put back in order.
         """
         from megatron.core import parallel_state
-        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-        def consume(batch, logits):
-            full = gather_from_tensor_model_parallel_region(logits).float()
+        def consume(batch, model_output):
             one = torch.ones((), dtype=torch.int, device=self.device)
-            return torch.zeros((), device=self.device), one, {"logits": full}
+            return torch.zeros((), device=self.device), one, {"out": output(model_output)}
 
-        self.model.eval()
-        b, length = input_ids.shape
-        if self.cp_size == 1:
-            batches = [{"input_ids": input_ids}]
-        else:
-            bounds = torch.tensor([0, length], dtype=torch.int32)
-            batches = [{"input_ids": input_ids[i : i + 1], "cu_seqlens": bounds} for i in range(b)]
-        outputs = self._run_schedule(batches, consume, forward_only=True, with_labels=False)
+        outputs = self._run_schedule(microbatches, consume, forward_only=True, with_labels=with_labels)
         if not parallel_state.is_pipeline_last_stage():
             return None
-        logits = torch.cat([out["logits"] for out in outputs])
-        if self.cp_size > 1:
-            logits = gather_context_parallel(logits, bounds, parallel_state.get_context_parallel_group())
-        return logits.cpu()
+        pieces = []
+        for out, mb in zip(outputs, microbatches, strict=True):
+            local = out["out"]
+            if self.cp_size > 1:
+                local = gather_context_parallel(local, mb["cu_seqlens"], parallel_state.get_context_parallel_group())
+            pieces.append(local.cpu())
+        return torch.cat(pieces)
+
+    @torch.no_grad()
+    def get_logits(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Full-vocabulary logits [B, L, V] (gathered across TP and CP) on the last pipeline stage, else None."""
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        self.model.eval()
+        batches = single_sample_rows(input_ids) if self.cp_size > 1 else [{"input_ids": input_ids}]
+        return self._collect(
+            batches, lambda logits: gather_from_tensor_model_parallel_region(logits).float(), with_labels=False
+        )
 
     @torch.no_grad()
     def get_logprobs(self, microbatches: list[dict[str, torch.Tensor]], reference: bool = False) -> torch.Tensor | None:
         """log p(x_t | x_<t) of every token ([B, L], 0 at t = 0) on the last pipeline stage, else None.
 
-        Micro-batches are ``{"input_ids"}`` rows, or with context parallelism one
-        sample per row with ``cu_seqlens = [0, L]`` (each CP rank scores its
-        chunks; they are put back in order here). ``reference`` scores with the
-        starting weights (``init_reference_model``). Megatron's vocab-parallel
-        cross-entropy gives each token's log-prob without gathering the logits.
+        Micro-batches are ``{"input_ids"}`` rows, or with context parallelism
+        ``single_sample_rows``. ``reference`` scores with the starting weights
+        (``init_reference_model``). Megatron's vocab-parallel cross-entropy gives
+        each token's log-prob without gathering the logits.
         """
-        from megatron.core import parallel_state
-
-        def consume(batch, per_token_ce):
-            one = torch.ones((), dtype=torch.int, device=self.device)
-            return (
-                torch.zeros((), device=self.device),
-                one,
-                {"logprobs": token_logprobs_from_megatron_loss(per_token_ce)},
-            )
-
         self.model.eval()
         with scoring_weights(self.reference, reference):
-            outputs = self._run_schedule(microbatches, consume, forward_only=True)
-        if not parallel_state.is_pipeline_last_stage():
-            return None
-        predicted = []
-        for out, mb in zip(outputs, microbatches, strict=True):
-            local = out["logprobs"]
-            if self.cp_size > 1:
-                local = gather_context_parallel(local, mb["cu_seqlens"], parallel_state.get_context_parallel_group())
-            predicted.append(local.cpu())
-        return logprobs_at_tokens(torch.cat(predicted))
+            predicted = self._collect(microbatches, token_logprobs_from_megatron_loss, with_labels=True)
+        return None if predicted is None else logprobs_at_tokens(predicted)
 
     def hf_weights(self) -> dict[str, torch.Tensor] | None:
         """The full policy under HF names (what vLLM loads at refit), on global rank 0."""

@@ -31,7 +31,7 @@ class ReferenceWeights:
     @contextmanager
     def active(self) -> Iterator[None]:
         """Inside the block the module computes with the reference weights; the live ones come back after."""
-        live = [p.detach().clone() for p in self._params]
+        live = [p.detach().to("cpu", copy=True) for p in self._params]  # host, like the reference
         try:
             with torch.no_grad():
                 for param, saved in zip(self._params, self._saved, strict=True):
