@@ -18,17 +18,10 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "sft.yaml"
 
 
 def run(cfg, resolved) -> int:
+    from nemo_rl.algorithms.offline_training import summary
     from nemo_rl.algorithms.sft import run_sft  # heavy imports only once the config is known to be good
 
-    result = run_sft(cfg, resolved)
-    print(
-        f"SFT finished at step {result.final_step}: train loss {result.last_train_loss:.4f}"
-        + (f", validation loss {result.last_val_loss:.4f}" if result.last_val_loss is not None else "")
-        + (f"\n  converted Megatron checkpoint: {result.converted_checkpoint}" if result.converted_checkpoint else "")
-        + f"\n  logs and metrics: {cfg.logger.log_dir}"
-        + (f"\n  checkpoints: {cfg.checkpointing.checkpoint_dir}" if cfg.checkpointing.enabled else "")
-        + (f"\n  HF export: {result.hf_export}" if result.hf_export else "")
-    )
+    print(summary("SFT", run_sft(cfg, resolved), cfg, ["loss"]))
     return 0
 
 

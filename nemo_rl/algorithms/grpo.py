@@ -54,6 +54,7 @@ class GRPOResult:
     last_reward_mean: float
     last_val_reward_mean: float | None
     last_token_mult_prob_error: float
+    last_metrics: dict[str, float]  # the last step's metrics
 
 
 def rollout_seeds(seed: int, step: int, count: int) -> list[int]:
@@ -102,11 +103,22 @@ class _Timer:
 
 
 class GRPORun:
-    """Everything one GRPO run needs, set up in the order that keeps failures cheap."""
+    """Everything one GRPO run needs, set up in the order that keeps failures cheap.
+
+    On-policy distillation runs the same loop with another step
+    (``nemo_rl.algorithms.distillation``); ``section``, ``trainer_groups``
+    (models colocated on the policy's bundles besides vLLM) and the hooks
+    below are what it changes.
+    """
+
+    section = "grpo"
+    trainer_groups = 1
+    progress_keys = ("reward_mean", "token_mult_prob_error")
 
     def __init__(self, cfg, resolved_config: dict[str, Any]):
         self.cfg = cfg
-        pcfg, gcfg = cfg.policy, cfg.grpo
+        self.loop = getattr(cfg, self.section)
+        pcfg, gcfg = cfg.policy, self.loop
         self.model_path = resolve_model_path(pcfg.model_name)
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(pcfg.tokenizer.name))
         # The generator's arguments, merged with the recipe's own; a contradiction is a ConfigError now, not in Ray.
@@ -129,13 +141,17 @@ class GRPORun:
         self.checkpoints = CheckpointManager(Path(cfg.checkpointing.checkpoint_dir), cfg.checkpointing.keep_top_k)
 
         self._start_workers()
-        self.loss_fn = ClippedPGLoss(
-            ratio_clip_min=cfg.loss_fn.ratio_clip_min,
-            ratio_clip_max=cfg.loss_fn.ratio_clip_max,
-            reference_policy_kl_penalty=cfg.loss_fn.reference_policy_kl_penalty,
-            importance_sampling_correction=cfg.loss_fn.use_importance_sampling_correction,
-        )
+        self.loss_fn = self.make_loss()
         self.generation_is_stale = False  # the engines start from the same HF weights as the policy
+
+    def make_loss(self) -> ClippedPGLoss:
+        lcfg = self.cfg.loss_fn
+        return ClippedPGLoss(
+            ratio_clip_min=lcfg.ratio_clip_min,
+            ratio_clip_max=lcfg.ratio_clip_max,
+            reference_policy_kl_penalty=lcfg.reference_policy_kl_penalty,
+            importance_sampling_correction=lcfg.use_importance_sampling_correction,
+        )
 
     def _start_workers(self) -> None:
         cfg = self.cfg
@@ -144,7 +160,7 @@ class GRPORun:
         if gen.colocated.enabled:
             init_ray(workers=policy_workers)
             self.cluster = RayVirtualCluster(
-                cfg.cluster.gpus_per_node, cfg.cluster.num_nodes, max_colocated_worker_groups=2
+                cfg.cluster.gpus_per_node, cfg.cluster.num_nodes, max_colocated_worker_groups=self.trainer_groups + 1
             )
             self.generation_cluster = self.cluster
         else:
@@ -152,17 +168,26 @@ class GRPORun:
             engines = res.gpus_per_node * res.num_nodes
             init_ray(workers=policy_workers + engines)
             share = policy_workers / (policy_workers + engines)  # how a CPU machine's cores are split
-            self.cluster = RayVirtualCluster(cfg.cluster.gpus_per_node, cfg.cluster.num_nodes, node_share=share)
+            self.cluster = RayVirtualCluster(
+                cfg.cluster.gpus_per_node,
+                cfg.cluster.num_nodes,
+                max_colocated_worker_groups=self.trainer_groups,
+                node_share=share,
+            )
             self.generation_cluster = RayVirtualCluster(
                 res.gpus_per_node, res.num_nodes, name="nemo_rl_generation", node_share=1 - share
             )
-        self.policy = Policy(self.cluster, cfg.policy, self.model_path, seed=cfg.grpo.seed, init_reference_model=True)
+        self.policy = self.start_policy()
         self.generation = self._start_generation(cfg.policy)
         self.environment = MathEnvironmentPool(cfg.env.math.num_workers, cfg.env.math.format_reward_weight)
 
+    def start_policy(self) -> Policy:
+        """The trained policy, keeping its starting weights as the KL reference."""
+        return Policy(self.cluster, self.cfg.policy, self.model_path, seed=self.loop.seed, init_reference_model=True)
+
     def _start_generation(self, policy_cfg) -> VllmGeneration:
         """The vLLM engines, configured from ``policy_cfg`` (the run's policy config: the same RoPE overrides)."""
-        return VllmGeneration(self.generation_cluster, policy_cfg, str(self.model_path), seed=self.cfg.grpo.seed)
+        return VllmGeneration(self.generation_cluster, policy_cfg, str(self.model_path), seed=self.loop.seed)
 
     # ------------------------------------------------------------------
     def _ready_generation(self, timer: _Timer) -> None:
@@ -183,7 +208,7 @@ class GRPORun:
         return completions, torch.tensor(rewards, dtype=torch.float32)
 
     def _step(self, prompts: list[PromptSample], step: int, check_parity: bool) -> dict[str, float]:
-        gcfg, pcfg = self.cfg.grpo, self.cfg.policy
+        gcfg, pcfg = self.loop, self.cfg.policy
         timer = _Timer()
         with timer("step"):
             group = gcfg.num_generations_per_prompt
@@ -231,8 +256,7 @@ class GRPORun:
         metrics: dict[str, float] = {}
         results = []
         for chunk in split_rows(batch, steps):
-            chunk["token_weight"] = token_weights(chunk["loss_mask"], not self.cfg.loss_fn.token_level_loss)
-            result = self.policy.train(chunk, self.loss_fn, pcfg.train_micro_batch_size)
+            result = self.policy.train(chunk | self.chunk_fields(chunk), self.loss_fn, pcfg.train_micro_batch_size)
             for key, value in result["metrics"].items():
                 metrics[key] = metrics.get(key, 0.0) + value
             results.append(result)
@@ -241,13 +265,17 @@ class GRPORun:
         grad_norm = float(np.mean([r["grad_norm"] for r in results]))
         return {"metrics": metrics, "grad_norm": grad_norm, "lr": results[-1]["lr"]}
 
+    def chunk_fields(self, chunk: Batch) -> Batch:
+        """Per-token fields that depend on the optimizer step's rows: the loss's averaging weights."""
+        return {"token_weight": token_weights(chunk["loss_mask"], not self.cfg.loss_fn.token_level_loss)}
+
     def validate(self, step: int) -> dict[str, float] | None:
         """Greedy answers to the first ``max_val_samples`` validation prompts, scored by the environment."""
         if self.val_data is None:
             return None
-        samples = [self.val_data[i] for i in range(min(self.cfg.grpo.max_val_samples, len(self.val_data)))]
+        samples = [self.val_data[i] for i in range(min(self.loop.max_val_samples, len(self.val_data)))]
         timer = _Timer()
-        completions, rewards = self._generate(samples, rollout_seeds(self.cfg.grpo.seed, 0, len(samples)), True, timer)
+        completions, rewards = self._generate(samples, rollout_seeds(self.loop.seed, 0, len(samples)), True, timer)
         lengths = [len(c.token_ids) for c in completions]
         metrics = {
             "reward_mean": float(rewards.mean()),
@@ -258,7 +286,7 @@ class GRPORun:
         return metrics
 
     def train(self) -> GRPOResult:
-        gcfg, ccfg = self.cfg.grpo, self.cfg.checkpointing
+        gcfg, ccfg = self.loop, self.cfg.checkpointing
         step = (
             restore_training_state(self.checkpoints, self.policy, self.train_loader, self.metrics)
             if ccfg.enabled
@@ -270,7 +298,7 @@ class GRPORun:
         if gcfg.val_at_start and step == 0 and (val := self.validate(0)) is not None:
             val_reward = val["reward_mean"]
         first = True
-        with tqdm(total=gcfg.max_num_steps, initial=step, desc="grpo", dynamic_ncols=True) as bar:
+        with tqdm(total=gcfg.max_num_steps, initial=step, desc=self.section, dynamic_ncols=True) as bar:
             while step < gcfg.max_num_steps and self.train_loader.epoch < gcfg.max_num_epochs:
                 prompts = self.train_loader.next_batch()
                 metrics = self._step(prompts, step + 1, check_parity=first)
@@ -278,16 +306,14 @@ class GRPORun:
                 step += 1
                 self.metrics.log(metrics, step, "train")
                 bar.update(1)
-                bar.set_postfix(
-                    reward=f"{metrics['reward_mean']:.3f}", parity=f"{metrics['token_mult_prob_error']:.4f}"
-                )
+                bar.set_postfix({key: f"{metrics[key]:.4f}" for key in self.progress_keys})
                 if gcfg.val_period and step % gcfg.val_period == 0 and (val := self.validate(step)) is not None:
                     val_reward = val["reward_mean"]
                     bar.write(f"step {step}: validation reward {val_reward:.4f}")
                 if ccfg.enabled and (step % ccfg.save_period == 0 or step == gcfg.max_num_steps):
                     path = save_training_state(self.checkpoints, step, self.policy, self.tokenizer, self.train_loader)
                     bar.write(f"step {step}: checkpoint {path}")
-        return GRPOResult(step, metrics["reward_mean"], val_reward, metrics["token_mult_prob_error"])
+        return GRPOResult(step, metrics["reward_mean"], val_reward, metrics["token_mult_prob_error"], metrics)
 
     def close(self) -> None:
         self.metrics.close()

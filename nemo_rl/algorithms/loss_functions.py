@@ -13,11 +13,20 @@ returns ``(numerator, count, metrics)`` in megatron-core's per-token-loss
 convention: megatron sums the numerators' gradients over micro-batches and
 data-parallel ranks and divides by the summed counts (``finalize_model_grads``),
 so the step follows the mean over the *global* batch however it was split.
+A loss whose unit is the sample (DPO's pair, the reward model's pair) counts
+samples instead of tokens.
+
+A loss declares what it reads from the model in a ``model_output`` attribute:
+``"token_logprobs"`` (the default, above), ``"scores"`` (a reward model's
+``[B, L]`` scalar head output) or ``"logits"`` (``[B, L, V/TP]``, this tensor
+parallel rank's slice of the vocabulary). Unpadded micro-batches also carry
+their per-sample fields (``[B]``, e.g. ``input_lengths``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -37,9 +46,20 @@ def _shift(field: torch.Tensor) -> torch.Tensor:
 
 
 def token_fields(batch: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the per-token fields of a batch (shaped like ``input_ids``, not model inputs)."""
+    """Names of the per-token fields of a batch (``[B, L, ...]`` like ``input_ids``, not model inputs)."""
     shape = batch["input_ids"].shape
-    return [k for k, v in batch.items() if k not in _MODEL_INPUTS and torch.is_tensor(v) and v.shape == shape]
+    return [
+        k
+        for k, v in batch.items()
+        if k not in _MODEL_INPUTS and torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == shape
+    ]
+
+
+ModelOutput = Literal["token_logprobs", "scores", "logits"]
+
+
+def model_output_of(loss_fn) -> ModelOutput:
+    return getattr(loss_fn, "model_output", "token_logprobs")
 
 
 def align_to_predictions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -122,3 +142,88 @@ class ClippedPGLoss:
             "clipped_tokens": ((clipped_loss > unclipped_loss) * mask).sum().detach(),
         }
         return numerator, num_tokens, metrics
+
+
+def _pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) of per-row values whose rows alternate chosen, rejected (``collate_pairs``)."""
+    if values.shape[0] % 2:
+        raise ValueError(f"a preference micro-batch needs whole (chosen, rejected) pairs, got {values.shape[0]} rows")
+    return values[0::2], values[1::2]
+
+
+@dataclass(frozen=True)
+class DPOLoss:
+    """Direct preference optimization, optionally with an NLL term on the chosen responses.
+
+    Each sequence's implicit reward is ``beta * (log pi(y|x) - log pi_ref(y|x))``
+    summed over its response tokens (averaged with ``average_log_probs``); the
+    pair's loss is ``-log sigmoid(r_chosen - r_rejected)``. ``sft_loss_weight``
+    adds the chosen response's per-token NLL, which keeps the chosen
+    likelihood from falling while the margin grows. The unit is the pair: the
+    count is the number of pairs, so the step follows the mean over the global
+    batch's pairs. Needs ``reference_logprobs`` (aligned per-token field).
+    """
+
+    beta: float
+    sft_loss_weight: float = 0.0
+    average_log_probs: bool = False
+
+    def __call__(
+        self, token_logprobs: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        device = token_logprobs.device
+        mask = batch["token_mask"].to(device)
+        tokens = mask.sum(-1).clamp(min=1)
+        logprob = (token_logprobs * mask).sum(-1)
+        policy, reference = logprob, (batch["reference_logprobs"].to(device) * mask).sum(-1)
+        if self.average_log_probs:
+            policy, reference = policy / tokens, reference / tokens
+        chosen, rejected = _pairs(self.beta * (policy - reference))
+        margin = chosen - rejected
+        preference = -torch.nn.functional.logsigmoid(margin)
+        (chosen_logprob, _), (chosen_tokens, _) = _pairs(logprob), _pairs(tokens)
+        sft = -chosen_logprob / chosen_tokens
+        numerator = (preference + self.sft_loss_weight * sft).sum()
+        num_pairs = torch.tensor(margin.shape[0], dtype=torch.int, device=device)
+        metrics = {
+            "loss_sum": numerator.detach(),
+            "preference_loss_sum": preference.sum().detach(),
+            "sft_loss_sum": sft.sum().detach(),
+            "accuracy_sum": (margin > 0).sum().detach(),
+            "margin_sum": margin.sum().detach(),
+            "chosen_reward_sum": chosen.sum().detach(),
+            "rejected_reward_sum": rejected.sum().detach(),
+            "num_pairs": num_pairs,
+        }
+        return numerator, num_pairs, metrics
+
+
+@dataclass(frozen=True)
+class BradleyTerryLoss:
+    """The reward model's pairwise loss ``-log sigmoid(s_chosen - s_rejected)``, one unit per pair.
+
+    A sequence's score is the scalar head's output at its last token
+    (``input_lengths - 1``), the position that has read all of it, which is
+    also where HF's ``*ForSequenceClassification`` pools.
+    """
+
+    model_output = "scores"
+
+    def __call__(
+        self, scores: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        last = batch["input_lengths"].to(scores.device) - 1
+        chosen, rejected = _pairs(scores[torch.arange(scores.shape[0], device=scores.device), last])
+        margin = chosen - rejected
+        losses = -torch.nn.functional.logsigmoid(margin)
+        numerator = losses.sum()
+        num_pairs = torch.tensor(margin.shape[0], dtype=torch.int, device=scores.device)
+        metrics = {
+            "loss_sum": numerator.detach(),
+            "accuracy_sum": (margin > 0).sum().detach(),
+            "margin_sum": margin.sum().detach(),
+            "chosen_score_sum": chosen.sum().detach(),
+            "rejected_score_sum": rejected.sum().detach(),
+            "num_pairs": num_pairs,
+        }
+        return numerator, num_pairs, metrics

@@ -1,8 +1,8 @@
 """Built-in model and dataset names, resolved to local directories created on first use.
 
 Runs never download anything: a config names either a local directory or a
-built-in asset (``tiny-qwen2``, ``tiny-chat``, ``tiny-math``) that the project generates
-itself into the cache (:func:`nemo_rl.utils.cache_paths.nemo_rl_cache_dir`).
+built-in asset (``tiny-qwen2``, ``tiny-qwen2-teacher``, ``tiny-chat``, ``tiny-math``, ``tiny-preference``) that the project
+generates itself into the cache (:func:`nemo_rl.utils.cache_paths.nemo_rl_cache_dir`).
 
 Several processes (Ray workers, parallel test runs) may ask for the same asset
 at once, so creation goes through :func:`nemo_rl.utils.atomic_dir.build_atomically`
@@ -22,15 +22,23 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
 from nemo_rl.data.tiny_chat import write_tiny_chat
 from nemo_rl.data.tiny_math import write_tiny_math
-from nemo_rl.models.tiny_model import create_tiny_model
+from nemo_rl.data.tiny_preference import write_tiny_preference
+from nemo_rl.models.tiny_model import create_tiny_model, create_tiny_teacher
 from nemo_rl.utils.atomic_dir import build_atomically
 from nemo_rl.utils.cache_paths import nemo_rl_cache_dir
 
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = ".nemo_rl_complete"  # written last inside the temporary dir, before the rename
-BUILTIN_MODELS: dict[str, Callable[[Path], object]] = {"tiny-qwen2": create_tiny_model}
-BUILTIN_DATASETS: dict[str, Callable[[Path], object]] = {"tiny-chat": write_tiny_chat, "tiny-math": write_tiny_math}
+BUILTIN_MODELS: dict[str, Callable[[Path], object]] = {
+    "tiny-qwen2": create_tiny_model,
+    "tiny-qwen2-teacher": create_tiny_teacher,
+}
+BUILTIN_DATASETS: dict[str, Callable[[Path], object]] = {
+    "tiny-chat": write_tiny_chat,
+    "tiny-math": write_tiny_math,
+    "tiny-preference": write_tiny_preference,
+}
 
 
 def is_complete(path: Path) -> bool:

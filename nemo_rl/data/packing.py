@@ -64,7 +64,7 @@ def pack_batch(
 
     Each row is a dict with ``input_ids``, ``loss_mask``, ``position_ids`` and
     every other per-token field of the batch (``generation_logprobs``, ...) of
-    shape ``[1, capacity]``, and ``cu_seqlens`` (int32, the padded segment
+    shape ``[1, capacity, ...]``, and ``cu_seqlens`` (int32, the padded segment
     boundaries, ending with the row's padding segment). A sample's first token
     gets loss mask 0: it is never predicted (nothing precedes it in its sample),
     and in a packed row the shift to next-token targets would otherwise pair it
@@ -75,7 +75,7 @@ def pack_batch(
     fields = [k for k in token_fields(batch) if k != "loss_mask"]
     rows = []
     for members in first_fit_decreasing(padded, capacity):
-        row = {k: torch.zeros((1, capacity), dtype=batch[k].dtype) for k in fields}
+        row = {k: torch.zeros((1, capacity, *batch[k].shape[2:]), dtype=batch[k].dtype) for k in fields}
         input_ids = torch.full((1, capacity), pad_id, dtype=batch["input_ids"].dtype)
         loss_mask = torch.zeros((1, capacity), dtype=batch["loss_mask"].dtype)
         position_ids = torch.zeros((1, capacity), dtype=torch.long)

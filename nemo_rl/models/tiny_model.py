@@ -110,15 +110,18 @@ def tiny_qwen2_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2Config:
     )
 
 
-def create_tiny_model(out_dir: Path, seed: int = 0) -> Path:
+def create_tiny_model(out_dir: Path, seed: int = 0, initializer_range: float | None = None) -> Path:
     """Write the tiny model (safetensors), its generation config and tokenizer into ``out_dir``.
 
     Weights come from ``seed`` in a forked RNG, so creation is reproducible and
-    leaves the caller's torch random state untouched.
+    leaves the caller's torch random state untouched. ``initializer_range``
+    overrides the init scale (larger: more peaked next-token distributions).
     """
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
     config = tiny_qwen2_config(tokenizer)
+    if initializer_range is not None:
+        config.initializer_range = initializer_range
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config).to(torch.float32)
@@ -131,3 +134,18 @@ def create_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+TEACHER_SEED = 1
+TEACHER_INITIALIZER_RANGE = 0.1
+
+
+def create_tiny_teacher(out_dir: Path) -> Path:
+    """The built-in ``tiny-qwen2-teacher``: the tiny model's shape and tokenizer, other and sharper weights.
+
+    Distillation needs a teacher whose next-token distributions clearly differ
+    from the student's (a freshly initialised tiny model's are close to
+    uniform), and the same vocabulary. A different seed at five times the init
+    scale gives both without training anything.
+    """
+    return create_tiny_model(out_dir, seed=TEACHER_SEED, initializer_range=TEACHER_INITIALIZER_RANGE)

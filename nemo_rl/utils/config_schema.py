@@ -181,9 +181,11 @@ class MasterConfig(_Section):
 
 
 # ----------------------------------------------------------------------------
-# SFT
+# Offline algorithms: SFT, DPO, reward modeling
 # ----------------------------------------------------------------------------
-class SFTConfig(_Section):
+class OfflineLoopConfig(_Section):
+    """The shared loop of algorithms trained on a fixed dataset (``nemo_rl.algorithms.offline_training``)."""
+
     max_num_epochs: PositiveInt
     max_num_steps: PositiveInt
     val_period: NonNegativeInt  # 0 disables periodic validation
@@ -193,6 +195,22 @@ class SFTConfig(_Section):
     val_at_start: bool
     seed: int
     export_hf_dir: str | None
+
+
+class SFTConfig(OfflineLoopConfig):
+    """Batch sizes count conversations; the loss is the assistant tokens' NLL."""
+
+
+class DPOConfig(OfflineLoopConfig):
+    """Batch sizes (``policy.train_global_batch_size`` and the val ones) count preference pairs."""
+
+    reference_policy_kl_penalty: PositiveFloat  # DPO's beta
+    sft_loss_weight: NonNegativeFloat  # weight of the chosen responses' NLL added to the preference loss
+    preference_average_log_probs: bool  # implicit rewards from per-token mean log-probs instead of sums
+
+
+class RMConfig(OfflineLoopConfig):
+    """Batch sizes count preference pairs; the model is the policy's transformer with a scalar head."""
 
 
 class DataConfig(_Section):
@@ -245,12 +263,50 @@ def validate_long_context_eval_config(resolved: Mapping[str, Any]) -> LongContex
 
 def validate_sft_config(resolved: Mapping[str, Any]) -> SFTMasterConfig:
     """The typed SFT config, or one ConfigError listing every problem in `resolved`."""
-    dp = data_parallel_size(resolved)
-    return validate_master(
-        SFTMasterConfig,
-        resolved,
-        batch_errors(resolved, "sft.val_global_batch_size", "sft.val_micro_batch_size", dp),
-    )
+    return validate_master(SFTMasterConfig, resolved, _validation_batch_errors(resolved, "sft"))
+
+
+def _validation_batch_errors(raw: Mapping[str, Any], section: str) -> list[str]:
+    dp = data_parallel_size(raw)
+    return batch_errors(raw, f"{section}.val_global_batch_size", f"{section}.val_micro_batch_size", dp)
+
+
+class DPOMasterConfig(MasterConfig):
+    dpo: DPOConfig
+    data: DataConfig
+
+
+class RMMasterConfig(MasterConfig):
+    rm: RMConfig
+    data: DataConfig
+
+
+def validate_dpo_config(resolved: Mapping[str, Any]) -> DPOMasterConfig:
+    """The typed DPO config, or one ConfigError listing every problem in `resolved`."""
+    errors = _validation_batch_errors(resolved, "dpo") + _pairwise_layout_errors(resolved, "DPO")
+    return validate_master(DPOMasterConfig, resolved, errors)
+
+
+def validate_rm_config(resolved: Mapping[str, Any]) -> RMMasterConfig:
+    """The typed reward-model config, or one ConfigError listing every problem in `resolved`."""
+    errors = _validation_batch_errors(resolved, "rm") + _pairwise_layout_errors(resolved, "reward modeling")
+    if _value(resolved, "policy.dtensor_cfg.enabled", bool) is True:
+        errors.append(
+            "policy.dtensor_cfg.enabled: the reward model's scalar head is built on the Megatron backend; set "
+            "policy.dtensor_cfg.enabled=false and policy.megatron_cfg.enabled=true"
+        )
+    return validate_master(RMMasterConfig, resolved, errors)
+
+
+def _pairwise_layout_errors(raw: Mapping[str, Any], algorithm: str) -> list[str]:
+    """Pairwise losses compare whole sequences, so a pair must sit in one unpacked micro-batch."""
+    if _value(raw, "policy.sequence_packing.enabled", bool) is not True:
+        return []
+    return [
+        f"policy.sequence_packing.enabled: {algorithm} compares each chosen sequence with its rejected one in the "
+        "same micro-batch, which packing would split; set it to false (context parallelism needs packing, so "
+        "scale long sequences with tensor/sequence parallelism here)"
+    ]
 
 
 # ----------------------------------------------------------------------------
@@ -294,11 +350,61 @@ class GRPOMasterConfig(MasterConfig):
     env: EnvConfig
 
 
+# ----------------------------------------------------------------------------
+# On-policy distillation
+# ----------------------------------------------------------------------------
+class DistillationConfig(_Section):
+    """GRPO's rollout loop (same keys) with the teacher's top-k in place of rewards."""
+
+    num_prompts_per_step: PositiveInt
+    num_generations_per_prompt: PositiveInt
+    max_num_steps: PositiveInt
+    max_num_epochs: PositiveInt
+    val_period: NonNegativeInt
+    val_at_start: bool
+    max_val_samples: PositiveInt
+    seed: int
+    token_mult_prob_error_threshold: Annotated[float, Field(ge=1.0)]
+    topk_logits_k: PositiveInt  # teacher log-probs kept per position
+
+
+class DistillationLossConfig(_Section):
+    kl_type: Literal["forward", "reverse", "mixed"]  # forward: KL(teacher || student)
+    mixed_kl_weight: Annotated[float, Field(ge=0, le=1)]  # weight of the forward KL when mixed
+
+
+class TeacherConfig(_Section):
+    """The teacher reads every other key from ``policy`` (RoPE overrides, sequence length, layout)."""
+
+    model_name: str
+
+
+class DistillationMasterConfig(MasterConfig):
+    distillation: DistillationConfig
+    loss_fn: DistillationLossConfig
+    teacher: TeacherConfig
+    data: DataConfig
+    env: EnvConfig
+
+
+def validate_distillation_config(resolved: Mapping[str, Any]) -> DistillationMasterConfig:
+    """The typed distillation config, or one ConfigError listing every problem in `resolved`."""
+    errors = _rollout_batch_errors(resolved, "distillation", "distillation") + _generation_errors(
+        resolved, "distillation", "distillation"
+    )
+    if _value(resolved, "policy.dtensor_cfg.enabled", bool) is True:
+        errors.append(
+            "policy.dtensor_cfg.enabled: distillation reads the teacher's top-k from vocab-parallel logits on the "
+            "Megatron backend; set policy.dtensor_cfg.enabled=false and policy.megatron_cfg.enabled=true"
+        )
+    return validate_master(DistillationMasterConfig, resolved, errors)
+
+
 # vLLM arguments the run sets itself from other keys.
 _RUN_OWNED_VLLM_KWARGS = {
     "model": "policy.model_name",
     "dtype": "policy.precision",
-    "seed": "grpo.seed",
+    "seed": "{section}.seed",
     "worker_extension_cls": "the weight-refit extension",
     "enable_sleep_mode": "policy.generation.colocated.enabled (sleeps on GPUs when colocated)",
 }
@@ -306,41 +412,43 @@ _RUN_OWNED_VLLM_KWARGS = {
 
 def validate_grpo_config(resolved: Mapping[str, Any]) -> GRPOMasterConfig:
     """The typed GRPO config, or one ConfigError listing every problem in `resolved`."""
-    return validate_master(GRPOMasterConfig, resolved, _grpo_errors(resolved))
+    errors = _rollout_batch_errors(resolved, "grpo", "GRPO") + _generation_errors(resolved, "grpo", "GRPO")
+    if _value(resolved, "policy.generation.temperature", float) == 0.0:
+        errors.append(
+            "policy.generation.temperature: 0 makes every response of a group identical (advantage 0, nothing "
+            "to learn); sample with a temperature > 0 (1.0 matches the policy's own distribution)"
+        )
+    return validate_master(GRPOMasterConfig, resolved, errors)
 
 
-def _grpo_errors(raw: Mapping[str, Any]) -> list[str]:
-    errors = _rollout_batch_errors(raw)
-    if _value(raw, "policy.generation", Mapping) is None:
-        return [*errors, "policy.generation: required by GRPO (the vLLM rollout engine: backend, max_new_tokens, ...)"]
-    return errors + _generation_errors(raw)
-
-
-def _rollout_batch_errors(raw: Mapping[str, Any]) -> list[str]:
-    prompts = _value(raw, "grpo.num_prompts_per_step", int)
-    group = _value(raw, "grpo.num_generations_per_prompt", int)
+def _rollout_batch_errors(raw: Mapping[str, Any], section: str, algorithm: str) -> list[str]:
+    prompts = _value(raw, f"{section}.num_prompts_per_step", int)
+    group = _value(raw, f"{section}.num_generations_per_prompt", int)
     global_batch = _value(raw, "policy.train_global_batch_size", int)
     if prompts is None or group is None or prompts <= 0 or group <= 0:
         return []
     rollout = prompts * group
     errors = []
+    rollout_keys = f"{section}.num_prompts_per_step * {section}.num_generations_per_prompt = {rollout}"
     if global_batch is not None and global_batch > 0 and rollout % global_batch:
         errors.append(
-            f"grpo.num_prompts_per_step * grpo.num_generations_per_prompt = {rollout} must be a multiple of "
-            f"policy.train_global_batch_size = {global_batch} (each GRPO step takes rollout / global batch "
-            "optimizer steps)"
+            f"{rollout_keys} must be a multiple of policy.train_global_batch_size = {global_batch} (each "
+            f"{algorithm} step takes rollout / global batch optimizer steps)"
         )
     dp = data_parallel_size(raw)
     micro = _value(raw, "policy.logprob_batch_size", int) or _value(raw, "policy.train_micro_batch_size", int)
     if dp is not None and micro is not None and micro > 0 and rollout % (micro * dp):
         errors.append(
-            f"grpo.num_prompts_per_step * grpo.num_generations_per_prompt = {rollout} is not divisible by "
+            f"{rollout_keys} is not divisible by "
             f"policy.logprob_batch_size (or train_micro_batch_size) * data-parallel size = {micro} * {dp}"
         )
     return errors
 
 
-def _generation_errors(raw: Mapping[str, Any]) -> list[str]:
+def _generation_errors(raw: Mapping[str, Any], section: str, algorithm: str) -> list[str]:
+    """The rollout engine's rules (``policy.generation``), for any algorithm that samples with vLLM."""
+    if _value(raw, "policy.generation", Mapping) is None:
+        return [f"policy.generation: required by {algorithm} (the vLLM rollout engine: backend, max_new_tokens, ...)"]
     errors = []
     max_new = _value(raw, "policy.generation.max_new_tokens", int)
     max_len = _value(raw, "policy.max_total_sequence_length", int)
@@ -348,11 +456,6 @@ def _generation_errors(raw: Mapping[str, Any]) -> list[str]:
         errors.append(
             f"policy.generation.max_new_tokens: {max_new} leaves no room for a prompt within "
             f"policy.max_total_sequence_length = {max_len}; lower it or raise the sequence length"
-        )
-    if _value(raw, "policy.generation.temperature", float) == 0.0:
-        errors.append(
-            "policy.generation.temperature: 0 makes every response of a group identical (advantage 0, nothing "
-            "to learn); sample with a temperature > 0 (1.0 matches the policy's own distribution)"
         )
     colocated = _value(raw, "policy.generation.colocated.enabled", bool)
     resources = [_value(raw, f"policy.generation.colocated.resources.{k}", int) for k in ("gpus_per_node", "num_nodes")]
@@ -368,7 +471,7 @@ def _generation_errors(raw: Mapping[str, Any]) -> list[str]:
         )
     kwargs = _value(raw, "policy.generation.vllm_kwargs", Mapping) or {}
     errors += [
-        f"policy.generation.vllm_kwargs.{key}: set by the run from {source}; remove it here"
+        f"policy.generation.vllm_kwargs.{key}: set by the run from {source.format(section=section)}; remove it here"
         for key, source in _RUN_OWNED_VLLM_KWARGS.items()
         if key in kwargs
     ]

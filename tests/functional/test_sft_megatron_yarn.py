@@ -104,7 +104,7 @@ def test_sft_trains_caches_resumes_and_exports(ray_local, tmp_path):
         assert sorted(losses) == list(range(1, 9)), "the resumed run continues at step 5, no step twice"
         # Training on sequences beyond the original window lowers the loss.
         assert losses[8] < losses[1] - 0.5, losses
-        assert resumed.last_val_loss is not None and resumed.last_val_loss < losses[1]
+        assert resumed.last_validation is not None and resumed.last_validation["loss"] < losses[1]
 
         # 2) The exported HF model computes what the Megatron worker computes, beyond the original window.
         from transformers import AutoModelForCausalLM

@@ -7,12 +7,24 @@ from pathlib import Path
 import pytest
 
 from nemo_rl.utils.config import load_config, redundant_keys, resolve_config
-from nemo_rl.utils.config_schema import validate_grpo_config, validate_sft_config
+from nemo_rl.utils.config_schema import (
+    validate_distillation_config,
+    validate_dpo_config,
+    validate_grpo_config,
+    validate_rm_config,
+    validate_sft_config,
+)
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "examples" / "configs" / "recipes" / "llm").glob("*.yaml"))
 
-# A recipe's file name starts with its algorithm: `sft-...yaml`, `grpo-...yaml`.
-VALIDATORS = {"sft-": validate_sft_config, "grpo-": validate_grpo_config}
+# A recipe's file name starts with its algorithm: `sft-...yaml`, `grpo-...yaml`, ...
+VALIDATORS = {
+    "sft-": validate_sft_config,
+    "grpo-": validate_grpo_config,
+    "dpo-": validate_dpo_config,
+    "rm-": validate_rm_config,
+    "distillation-": validate_distillation_config,
+}
 
 
 def validator_for(recipe: Path):
@@ -39,13 +51,13 @@ def test_validator_is_chosen_by_prefix(name, validator):
 
 def test_unknown_prefix_asks_for_its_validator():
     with pytest.raises(pytest.fail.Exception, match="add the algorithm's validator"):
-        validator_for(Path("dpo-tiny.yaml"))
+        validator_for(Path("ppo-tiny.yaml"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_recipe_validates(recipe):
     cfg = validator_for(recipe)(resolve_config(load_config(recipe)))
-    if recipe.name.startswith("grpo-"):
+    if recipe.name.startswith(("grpo-", "distillation-")):
         assert cfg.policy.generation is not None
     if "yarn" in recipe.name:
         yarn = cfg.policy.long_context

@@ -78,6 +78,7 @@ _GLOBAL_RENAMES = (
     ("model.embed_tokens.weight", "embedding.word_embeddings.weight"),
     ("model.norm.weight", "decoder.final_layernorm.weight"),
     ("lm_head.weight", "output_layer.weight"),  # absent when embeddings are tied
+    ("score.weight", "output_layer.score.weight"),  # reward models (*ForSequenceClassification), see reward_head
 )
 _LAYER_RENAMES = (
     ("self_attn.o_proj.weight", "self_attention.linear_proj.weight"),

@@ -41,13 +41,27 @@ def _micro_batches(shard: Batch, micro_batch_size: int) -> list[Batch]:
 
 class Policy:
     def __init__(
-        self, cluster: RayVirtualCluster, policy_cfg, model_path: Path, seed: int, init_reference_model: bool = False
+        self,
+        cluster: RayVirtualCluster,
+        policy_cfg,
+        model_path: Path,
+        seed: int,
+        init_reference_model: bool = False,
+        reward_head: bool = False,
     ):
-        """``init_reference_model`` keeps the starting weights for ``get_logprobs(..., reference=True)`` (KL in RL)."""
+        """``init_reference_model`` keeps the starting weights for ``get_logprobs(..., reference=True)`` (KL in
+        RL, DPO); ``reward_head`` makes the model a reward model (Megatron only, see ``reward_head``)."""
         self.cfg = policy_cfg
         worker_cls = DTensorPolicyWorker if policy_cfg.dtensor_cfg.enabled else MegatronPolicyWorker
+        head = {"reward_head": True} if reward_head else {}
         self.worker_group = RayWorkerGroup(
-            cluster, worker_cls, policy_cfg, str(model_path), seed=seed, init_reference_model=init_reference_model
+            cluster,
+            worker_cls,
+            policy_cfg,
+            str(model_path),
+            seed=seed,
+            init_reference_model=init_reference_model,
+            **head,
         )
         self.worker_info = self.worker_group.run_all("info")
         self.dp_size = 1 + max(info["dp_rank"] for info in self.worker_info)
@@ -120,18 +134,33 @@ class Policy:
         """log p(x_t | x_<t) of every token of ``batch["input_ids"]`` ([B, L], 0 at t = 0 and meaningless on padding).
 
         ``reference`` scores with the starting weights (``init_reference_model``).
-        With context parallelism every row is its own sample for megatron's
-        packed path (the row length is already a multiple of 2 x CP).
         """
+        return self._forward_rows("get_logprobs", batch, micro_batch_size, reference)
+
+    def get_topk_logprobs(self, batch: Batch, micro_batch_size: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` most likely tokens at every position, (log-probs, vocab ids) ``[B, L, k]`` indexed like
+        ``get_logprobs`` (row t: the distribution token t was drawn from); a teacher's summary for distillation."""
+        values, indices = zip(*self._forward_rows("get_topk_logprobs", batch, micro_batch_size, k, concat=False))
+        return torch.cat(values), torch.cat(indices)
+
+    def _forward_rows(self, method: str, batch: Batch, micro_batch_size: int, *args, concat: bool = True):
+        """A forward-only worker ``method`` over the rows of ``batch``, results in row order (one per DP rank
+        unless ``concat``). With context parallelism every row is its own sample for megatron's packed path
+        (the row length is already a multiple of 2 x CP)."""
         per_dp = [
             single_sample_rows(shard["input_ids"])
             if self.context_parallel_size > 1
             else _micro_batches(shard, micro_batch_size)
             for shard in split_rows({"input_ids": batch["input_ids"]}, self.dp_size)
         ]
-        args = [(per_dp[info["dp_rank"]], reference) for info in self.worker_info]
-        results = self.worker_group.run_each("get_logprobs", args)
-        return torch.cat([results[self._dp_reporters[dp]] for dp in range(self.dp_size)])
+        results = self.worker_group.run_each(method, [(per_dp[info["dp_rank"]], *args) for info in self.worker_info])
+        ordered = [results[self._dp_reporters[dp]] for dp in range(self.dp_size)]
+        return torch.cat(ordered) if concat else ordered
+
+    def get_scores(self, batch: Batch, micro_batch_size: int) -> torch.Tensor:
+        """A reward model's score of every row ([B]): the head's output at the row's last token (``input_lengths``)."""
+        scores = self._forward_rows("get_scores", batch, micro_batch_size)
+        return scores[torch.arange(scores.shape[0]), batch["input_lengths"] - 1]
 
     def hf_weights(self) -> dict[str, torch.Tensor]:
         """The full policy under HF names, gathered over every shard (what a generator loads at refit)."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from nemo_rl.algorithms.loss_functions import align_to_predictions
+from nemo_rl.algorithms.loss_functions import align_to_predictions, model_output_of
 from nemo_rl.distributed.worker_process_group import init_worker_process_group
 from nemo_rl.models.megatron.context_parallel import (
     gather_context_parallel,
@@ -54,6 +54,15 @@ def logprobs_at_tokens(predicted: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _loss_input(kind: str, output: torch.Tensor) -> torch.Tensor:
+    """What a loss asked for (``model_output_of``) from GPTModel's output: per-token CE, or ``[B, L, *]`` head output."""
+    if kind == "token_logprobs":
+        return token_logprobs_from_megatron_loss(output)
+    if kind == "scores":
+        return output[..., 0].float()  # the scalar head's [B, L, 1]
+    return output.float()  # "logits": this TP rank's slice of the vocabulary
+
+
 def _next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
     """Label at position t is token t+1; the last position gets a dummy label that masks exclude."""
     labels = torch.roll(input_ids, shifts=-1, dims=1)
@@ -72,10 +81,14 @@ class MegatronPolicyWorker:
         master_port: int,
         seed: int,
         init_reference_model: bool = False,
+        reward_head: bool = False,
     ) -> None:
+        """``reward_head`` builds a reward model: the transformer with a scalar head (see ``reward_head``)."""
         self.cfg = policy_cfg
         self.rank = rank
         self.world_size = world_size
+        self.seed = seed
+        self.reward_head = reward_head
         self._init_distributed(rank, world_size, master_addr, master_port)
         self._init_model_parallel(seed)
         self.checkpoint_dir, self.converted_now = self._ensure_converted(Path(model_path))
@@ -140,9 +153,12 @@ class MegatronPolicyWorker:
         from nemo_rl.models.megatron.checkpoint_cache import WEIGHTS_FILE
         from nemo_rl.models.megatron.model_builder import ParallelLayout, build_gpt_model, transformer_config_from_hf
         from nemo_rl.models.megatron.parallel_weights import shard_state
+        from nemo_rl.models.megatron.reward_head import SCORE_WEIGHT, attach_scalar_head, reward_model_config
 
         mcfg = self.cfg.megatron_cfg
         self.hf_config = AutoConfig.from_pretrained(self.checkpoint_dir)
+        if self.reward_head:
+            self.hf_config = reward_model_config(self.hf_config)
         self.tf_config = transformer_config_from_hf(
             self.hf_config,
             self.cfg.precision,
@@ -161,10 +177,14 @@ class MegatronPolicyWorker:
             pre_process=parallel_state.is_pipeline_first_stage(),
             post_process=parallel_state.is_pipeline_last_stage(),
         )
-        local_names = [k for k in model.state_dict() if not k.endswith("_extra_state")]
         dtype = self.tf_config.params_dtype
+        if self.reward_head:
+            attach_scalar_head(model, self.hf_config, mcfg.sequence_parallel, dtype, self.seed)
+        local_names = [k for k in model.state_dict() if not k.endswith("_extra_state")]
         with safe_open(str(self.checkpoint_dir / WEIGHTS_FILE), framework="pt") as weights:
             available = set(weights.keys())
+            # A causal LM has no score head: the reward model keeps the freshly initialised one.
+            local_names = [k for k in local_names if k != SCORE_WEIGHT or k in available]
 
             def read_full(name: str) -> torch.Tensor:
                 if name not in available:
@@ -173,7 +193,7 @@ class MegatronPolicyWorker:
 
             state = shard_state(local_names, read_full, self.layout, self.hf_config.num_hidden_layers)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
+        missing = [k for k in missing if not k.endswith("_extra_state") and k != SCORE_WEIGHT]
         if missing or unexpected:
             raise RuntimeError(
                 f"converted checkpoint does not fit the model: missing={missing} unexpected={unexpected}"
@@ -243,6 +263,7 @@ class MegatronPolicyWorker:
         }
         tokens |= align_to_predictions(batch)
         if "cu_seqlens" not in batch:
+            tokens |= {k: v for k, v in batch.items() if v.dim() == 1}  # per-sample fields, e.g. input_lengths
             return {k: v.to(self.device) for k, v in tokens.items()}, None
         cu_seqlens = batch["cu_seqlens"]
         if self.cp_size > 1:
@@ -309,10 +330,12 @@ class MegatronPolicyWorker:
     def _loss_schedule(
         self, microbatches: list[dict[str, torch.Tensor]], loss_fn: LossFn, forward_only: bool
     ) -> list[dict[str, Any]]:
-        def consume(batch, per_token_ce):
-            return loss_fn(token_logprobs_from_megatron_loss(per_token_ce), batch)
+        kind = model_output_of(loss_fn)
 
-        return self._run_schedule(microbatches, consume, forward_only)
+        def consume(batch, output):
+            return loss_fn(_loss_input(kind, output), batch)
+
+        return self._run_schedule(microbatches, consume, forward_only, with_labels=kind == "token_logprobs")
 
     def train_step(self, microbatches: list[dict[str, torch.Tensor]], loss_fn: LossFn) -> dict[str, Any]:
         """One optimizer step over this data-parallel rank's share of the global batch.
@@ -343,13 +366,14 @@ class MegatronPolicyWorker:
     def _collect(
         self,
         microbatches: list[dict[str, torch.Tensor]],
-        output: Callable[[torch.Tensor], torch.Tensor],
+        output: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]],
         with_labels: bool,
-    ) -> torch.Tensor | None:
+    ) -> Any:
         """Forward-only pass whose per-micro-batch ``output(model_output)`` is concatenated in row order.
 
         Runs on every rank; the result exists on the last pipeline stage (None
         elsewhere), with each context-parallel rank's chunks put back in order.
+        An ``output`` returning a tuple of ``[B, L, ...]`` tensors gives a tuple.
         """
         from megatron.core import parallel_state
 
@@ -360,13 +384,16 @@ class MegatronPolicyWorker:
         outputs = self._run_schedule(microbatches, consume, forward_only=True, with_labels=with_labels)
         if not parallel_state.is_pipeline_last_stage():
             return None
+        is_tuple = isinstance(outputs[0]["out"], tuple)
         pieces = []
         for out, mb in zip(outputs, microbatches, strict=True):
-            local = out["out"]
+            local = out["out"] if is_tuple else (out["out"],)
             if self.cp_size > 1:
-                local = gather_context_parallel(local, mb["cu_seqlens"], parallel_state.get_context_parallel_group())
-            pieces.append(local.cpu())
-        return torch.cat(pieces)
+                group = parallel_state.get_context_parallel_group()
+                local = tuple(gather_context_parallel(t, mb["cu_seqlens"], group) for t in local)
+            pieces.append(tuple(t.cpu() for t in local))
+        merged = tuple(torch.cat(parts) for parts in zip(*pieces, strict=True))
+        return merged if is_tuple else merged[0]
 
     @torch.no_grad()
     def get_logits(self, input_ids: torch.Tensor) -> torch.Tensor | None:
@@ -392,6 +419,31 @@ class MegatronPolicyWorker:
         with scoring_weights(self.reference, reference):
             predicted = self._collect(microbatches, token_logprobs_from_megatron_loss, with_labels=True)
         return None if predicted is None else logprobs_at_tokens(predicted)
+
+    @torch.no_grad()
+    def get_topk_logprobs(
+        self, microbatches: list[dict[str, torch.Tensor]], k: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The model's ``k`` most likely next tokens at every position: (log-probs, vocab ids), each ``[B, L, k]``.
+
+        Indexed by the token they predict, like ``get_logprobs`` (row t describes
+        the distribution of token t); computed on each TP rank's vocabulary
+        slice without gathering the logits. Last pipeline stage only, else None.
+        """
+        from nemo_rl.algorithms.distillation_loss import megatron_tp_group, topk_logprobs
+
+        self.model.eval()
+        group = megatron_tp_group()
+        predicted = self._collect(
+            microbatches, lambda logits: topk_logprobs(logits.float(), k, group), with_labels=False
+        )
+        return None if predicted is None else tuple(logprobs_at_tokens(t) for t in predicted)
+
+    @torch.no_grad()
+    def get_scores(self, microbatches: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+        """The reward model's score at every position ([B, L]) on the last pipeline stage, else None."""
+        self.model.eval()
+        return self._collect(microbatches, lambda scores: scores[..., 0].float(), with_labels=False)
 
     def hf_weights(self) -> dict[str, torch.Tensor] | None:
         """The full policy under HF names (what vLLM loads at refit), on global rank 0."""

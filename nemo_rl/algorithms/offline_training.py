@@ -1,0 +1,237 @@
+"""The loop shared by algorithms that train the policy on a fixed dataset: SFT, DPO and reward modeling.
+
+They differ in their data, their loss and what validation reports; the rest
+(set-up order, the resumable loader, periodic validation, checkpoints with
+exact resume, metrics, the final HF export) is this one loop, so a fix to
+resume or logging reaches all three. Everything here runs after the config was
+validated, so a bad recipe fails before Ray starts or any directory is created.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from nemo_rl.data.builtin_assets import resolve_dataset_paths, resolve_model_path
+from nemo_rl.data.dataloader import ResumableDataloader
+from nemo_rl.data.preference_dataset import PreferenceDataset, collate_pairs, load_preference_dataset
+from nemo_rl.distributed.ray_init import init_ray
+from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
+from nemo_rl.models.policy.lm_policy import Policy
+from nemo_rl.utils.checkpoint import CheckpointManager, restore_training_state, save_training_state
+from nemo_rl.utils.logger import open_run_log
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OfflineResult:
+    final_step: int
+    last_train: dict[str, float]
+    last_validation: dict[str, float] | None
+    converted_checkpoint: Path | None  # None on the DTensor backend (it trains the HF model directly)
+    hf_export: Path | None
+
+
+class OfflineRun:
+    """One run of an offline algorithm, set up in the order that keeps failures cheap.
+
+    Subclasses name their config section (``section``), load their data
+    (``load_dataset``), turn a batch of samples into a step's metrics
+    (``train_step``) and a validation batch into summable sums (``validation_sums``,
+    reduced by ``validation_metrics``). The data a subclass needs is ready before
+    any of that: the tokenizer, the data files and the section's config.
+    """
+
+    section: str
+    policy_kwargs: dict[str, Any] = {}  # e.g. a reference model (DPO) or the scalar head (reward model)
+
+    def __init__(self, cfg, resolved_config: dict[str, Any]):
+        self.cfg = cfg
+        self.loop = getattr(cfg, self.section)
+        pcfg = cfg.policy
+        self.model_path = resolve_model_path(pcfg.model_name)
+        self.tokenizer_path = resolve_model_path(pcfg.tokenizer.name)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        train_path, self.val_path = resolve_dataset_paths(
+            cfg.data.dataset_name, cfg.data.train_data_path, cfg.data.val_data_path
+        )
+        self.train_data = self.load_dataset(train_path)
+        self.val_data = self.load_dataset(self.val_path) if self.val_path else None
+        self.train_loader = ResumableDataloader(
+            self.train_data, pcfg.train_global_batch_size, cfg.data.shuffle, self.loop.seed
+        )
+
+        self.log_dir = Path(cfg.logger.log_dir)
+        self.metrics = open_run_log(cfg, resolved_config, ["megatron"])
+        self.checkpoints = CheckpointManager(Path(cfg.checkpointing.checkpoint_dir), cfg.checkpointing.keep_top_k)
+
+        init_ray(workers=cfg.cluster.gpus_per_node * cfg.cluster.num_nodes)
+        self.cluster = RayVirtualCluster(cfg.cluster.gpus_per_node, cfg.cluster.num_nodes)
+        self.policy = Policy(self.cluster, pcfg, self.model_path, seed=self.loop.seed, **self.policy_kwargs)
+        if self.policy.checkpoint_dir is not None:
+            cache_note = "converted now" if self.policy.converted_now else "reused from cache"
+            logger.info("Megatron checkpoint %s (%s)", self.policy.checkpoint_dir, cache_note)
+
+    # ------------------------------------------------------------ per algorithm
+    def load_dataset(self, path: Path) -> Sequence:
+        raise NotImplementedError
+
+    def train_step(self, samples: Sequence) -> dict[str, float]:
+        raise NotImplementedError
+
+    def validation_sums(self, samples: Sequence) -> dict[str, float]:
+        raise NotImplementedError
+
+    def validation_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def after_export(self, export: Path, step: int) -> None:
+        """Work scheduled on the exported model (SFT's long-context evaluation)."""
+
+    # ------------------------------------------------------------------ shared
+    def timed_step(self, samples: Sequence) -> dict[str, float]:
+        """The step's metrics with its wall time and throughput over the sequences' real (unpadded) tokens."""
+        start = time.perf_counter()
+        metrics = self.train_step(samples)
+        elapsed = time.perf_counter() - start
+        return metrics | {"step_time_s": elapsed, "tokens_per_s": metrics["input_tokens"] / elapsed}
+
+    def validate(self) -> dict[str, float] | None:
+        """The validation metrics over ``val_batches`` batches (fewer if the split is smaller), or None without data."""
+        if self.val_data is None:
+            return None
+        loader = ResumableDataloader(self.val_data, self.loop.val_global_batch_size, shuffle=False, seed=self.loop.seed)
+        sums: dict[str, float] = {}
+        for _ in range(self.loop.val_batches):
+            for key, value in self.validation_sums(loader.next_batch()).items():
+                sums[key] = sums.get(key, 0.0) + value
+            if loader.epoch > 0:
+                break
+        return self.validation_metrics(sums)
+
+    def save(self, step: int) -> Path:
+        return save_training_state(self.checkpoints, step, self.policy, self.tokenizer, self.train_loader)
+
+    def resume(self) -> int:
+        return restore_training_state(self.checkpoints, self.policy, self.train_loader, self.metrics)
+
+    def _log_validation(self, step: int, bar: tqdm | None = None) -> dict[str, float] | None:
+        metrics = self.validate()
+        if metrics is not None:
+            self.metrics.log(metrics, step, "validation")
+            if bar is not None:
+                bar.write(f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    def train(self) -> OfflineResult:
+        loop, ccfg = self.loop, self.cfg.checkpointing
+        step = self.resume() if ccfg.enabled else 0
+        last: dict[str, float] = {}
+        val = self._log_validation(step) if loop.val_at_start and step == 0 else None
+        with tqdm(total=loop.max_num_steps, initial=step, desc=self.section, dynamic_ncols=True) as bar:
+            while step < loop.max_num_steps and self.train_loader.epoch < loop.max_num_epochs:
+                last = self.timed_step(self.train_loader.next_batch())
+                step += 1
+                self.metrics.log(last, step, "train")
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+                if loop.val_period and step % loop.val_period == 0:
+                    val = self._log_validation(step, bar)
+                if ccfg.enabled and (step % ccfg.save_period == 0 or step == loop.max_num_steps):
+                    bar.write(f"step {step}: checkpoint {self.save(step)}")
+        export = None
+        if loop.export_hf_dir:
+            export = Path(loop.export_hf_dir)
+            self.policy.export_hf(export, self.model_path, self.tokenizer_path)
+            logger.info("Exported the trained policy to %s", export)
+            self.after_export(export, step)
+        return OfflineResult(step, last, val, self.policy.checkpoint_dir, export)
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.policy.shutdown()
+        self.cluster.shutdown()
+
+
+class PreferenceRun(OfflineRun):
+    """An offline run on (chosen, rejected) pairs (DPO, reward modeling); batch sizes count pairs.
+
+    ``pair_means`` maps the loss's per-pair sums to the names their means are
+    logged under; ``loss_fn`` and ``scored_batch`` are all a subclass adds.
+    """
+
+    pair_means: dict[str, str]
+
+    def load_dataset(self, path: Path) -> PreferenceDataset:
+        return load_preference_dataset(path, self.tokenizer, self.cfg.policy.max_total_sequence_length)
+
+    def loss_fn(self):
+        raise NotImplementedError
+
+    def scored_batch(self, pairs: Sequence, pair_micro_batch: int) -> dict:
+        """The collated pairs plus whatever per-token fields the loss needs."""
+        return collate_pairs(pairs, self.tokenizer.pad_token_id, self.cfg.policy.make_sequence_length_divisible_by)
+
+    def means(self, sums: dict[str, float]) -> dict[str, float]:
+        pairs = max(sums["num_pairs"], 1)
+        return {mean: sums[total] / pairs for total, mean in self.pair_means.items()}
+
+    def train_step(self, samples: Sequence) -> dict[str, float]:
+        micro = self.cfg.policy.train_micro_batch_size
+        batch = self.scored_batch(samples, micro)
+        result = self.policy.train(batch, self.loss_fn(), 2 * micro)  # two rows per pair
+        return self.means(result["metrics"]) | step_metrics(result, batch)
+
+    def validation_sums(self, samples: Sequence) -> dict[str, float]:
+        micro = self.loop.val_micro_batch_size
+        out = self.policy.evaluate(self.scored_batch(samples, micro), self.loss_fn(), 2 * micro)
+        return {k: out["metrics"][k] for k in [*self.pair_means, "num_pairs"]}
+
+    def validation_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        return self.means(sums)
+
+
+def run_offline(run_cls: type[OfflineRun], cfg, resolved_config: dict[str, Any]) -> OfflineResult:
+    run = run_cls(cfg, resolved_config)
+    try:
+        return run.train()
+    finally:
+        run.close()
+
+
+def step_metrics(result: dict[str, Any], batch: dict) -> dict[str, float]:
+    """What every training step reports besides its loss: the update and the batch's shape."""
+    return {
+        "grad_norm": result["grad_norm"],
+        "lr": result["lr"],
+        "sequence_length": batch["input_ids"].shape[1],
+        "max_input_length": int(batch["input_lengths"].max()),
+        "input_tokens": int(batch["input_lengths"].sum()),
+    }
+
+
+def summary(name: str, result: OfflineResult, cfg, reported: Sequence[str]) -> str:
+    """What an entry script prints at the end: the ``reported`` metrics and where the outputs are."""
+
+    def line(metrics: dict[str, float]) -> str:
+        return ", ".join(f"{key} {metrics[key]:.4f}" for key in reported if key in metrics)
+
+    text = f"{name} finished at step {result.final_step}: train {line(result.last_train)}"
+    if result.last_validation:
+        text += f"; validation {line(result.last_validation)}"
+    if result.converted_checkpoint:
+        text += f"\n  converted Megatron checkpoint: {result.converted_checkpoint}"
+    text += f"\n  logs and metrics: {cfg.logger.log_dir}"
+    if cfg.checkpointing.enabled:
+        text += f"\n  checkpoints: {cfg.checkpointing.checkpoint_dir}"
+    if result.hf_export:
+        text += f"\n  HF export: {result.hf_export}"
+    return text

@@ -1,0 +1,32 @@
+"""Reward modeling: a Bradley-Terry scalar head on the policy's transformer, trained on preference pairs.
+
+The export is an HF ``*ForSequenceClassification`` directory (one label)
+whose config carries the run's RoPE overrides, so the reward model scores
+long sequences in transformers exactly as it did in training.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nemo_rl.algorithms.loss_functions import BradleyTerryLoss
+from nemo_rl.algorithms.offline_training import OfflineResult, PreferenceRun, run_offline
+
+
+class RMRun(PreferenceRun):
+    section = "rm"
+    policy_kwargs = {"reward_head": True}
+    pair_means = {
+        "loss_sum": "loss",
+        "accuracy_sum": "accuracy",
+        "margin_sum": "margin",
+        "chosen_score_sum": "chosen_score",
+        "rejected_score_sum": "rejected_score",
+    }
+
+    def loss_fn(self) -> BradleyTerryLoss:
+        return BradleyTerryLoss()
+
+
+def run_rm(cfg, resolved_config: dict[str, Any]) -> OfflineResult:
+    return run_offline(RMRun, cfg, resolved_config)
