@@ -312,18 +312,23 @@ def _pairwise_layout_errors(raw: Mapping[str, Any], algorithm: str) -> list[str]
 # ----------------------------------------------------------------------------
 # GRPO
 # ----------------------------------------------------------------------------
-class GRPOConfig(_Section):
+class RolloutLoopConfig(_Section):
+    """The loop of algorithms that train on their own vLLM samples (GRPO, on-policy distillation)."""
+
     num_prompts_per_step: PositiveInt
-    num_generations_per_prompt: Annotated[int, Field(ge=2)]  # group-relative advantages need a group
     max_num_steps: PositiveInt
     max_num_epochs: PositiveInt
-    normalize_rewards: bool  # divide advantages by the group's reward std
     val_period: NonNegativeInt  # 0 disables periodic validation
     val_at_start: bool
     max_val_samples: PositiveInt
     seed: int
     # Step 1 stops when the generator's and the trainer's token probabilities differ by more than this factor.
     token_mult_prob_error_threshold: Annotated[float, Field(ge=1.0)]
+
+
+class GRPOConfig(RolloutLoopConfig):
+    num_generations_per_prompt: Annotated[int, Field(ge=2)]  # group-relative advantages need a group
+    normalize_rewards: bool  # divide advantages by the group's reward std
 
 
 class ClippedPGLossConfig(_Section):
@@ -353,18 +358,10 @@ class GRPOMasterConfig(MasterConfig):
 # ----------------------------------------------------------------------------
 # On-policy distillation
 # ----------------------------------------------------------------------------
-class DistillationConfig(_Section):
-    """GRPO's rollout loop (same keys) with the teacher's top-k in place of rewards."""
+class DistillationConfig(RolloutLoopConfig):
+    """GRPO's rollout loop with the teacher's top-k in place of rewards."""
 
-    num_prompts_per_step: PositiveInt
     num_generations_per_prompt: PositiveInt
-    max_num_steps: PositiveInt
-    max_num_epochs: PositiveInt
-    val_period: NonNegativeInt
-    val_at_start: bool
-    max_val_samples: PositiveInt
-    seed: int
-    token_mult_prob_error_threshold: Annotated[float, Field(ge=1.0)]
     topk_logits_k: PositiveInt  # teacher log-probs kept per position
 
 

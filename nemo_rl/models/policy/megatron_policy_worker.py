@@ -443,7 +443,7 @@ class MegatronPolicyWorker:
     def get_scores(self, microbatches: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
         """The reward model's score at every position ([B, L]) on the last pipeline stage, else None."""
         self.model.eval()
-        return self._collect(microbatches, lambda scores: scores[..., 0].float(), with_labels=False)
+        return self._collect(microbatches, partial(_loss_input, "scores"), with_labels=False)
 
     def hf_weights(self) -> dict[str, torch.Tensor] | None:
         """The full policy under HF names (what vLLM loads at refit), on global rank 0."""
