@@ -67,7 +67,7 @@ class DistillationRun(GRPORun):
         """The student, and next to it the teacher: the same policy config with the teacher's weights."""
         student = Policy(self.cluster, self.cfg.policy, self.model_path, seed=self.loop.seed)
         teacher_cfg = self.cfg.policy.model_copy(update={"model_name": self.cfg.teacher.model_name})
-        self.teacher = Policy(self.cluster, teacher_cfg, self.teacher_path, seed=self.loop.seed)
+        self.teacher = Policy(self.cluster, teacher_cfg, self.teacher_path, seed=self.loop.seed, trainable=False)
         return student
 
     def chunk_fields(self, chunk: Batch) -> Batch:

@@ -48,12 +48,14 @@ class Policy:
         seed: int,
         init_reference_model: bool = False,
         reward_head: bool = False,
+        trainable: bool = True,
     ):
         """``init_reference_model`` keeps the starting weights for ``get_logprobs(..., reference=True)`` (KL in
-        RL, DPO); ``reward_head`` makes the model a reward model (Megatron only, see ``reward_head``)."""
+        RL, DPO); ``reward_head`` makes the model a reward model; ``trainable=False`` a forward-only model
+        without optimizer state (a distillation teacher). The last two are Megatron-only."""
         self.cfg = policy_cfg
         worker_cls = DTensorPolicyWorker if policy_cfg.dtensor_cfg.enabled else MegatronPolicyWorker
-        head = {"reward_head": True} if reward_head else {}
+        megatron_only = ({"reward_head": True} if reward_head else {}) | ({} if trainable else {"trainable": False})
         self.worker_group = RayWorkerGroup(
             cluster,
             worker_cls,
@@ -61,7 +63,7 @@ class Policy:
             str(model_path),
             seed=seed,
             init_reference_model=init_reference_model,
-            **head,
+            **megatron_only,
         )
         self.worker_info = self.worker_group.run_all("info")
         self.dp_size = 1 + max(info["dp_rank"] for info in self.worker_info)

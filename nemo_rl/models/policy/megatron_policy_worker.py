@@ -82,8 +82,14 @@ class MegatronPolicyWorker:
         seed: int,
         init_reference_model: bool = False,
         reward_head: bool = False,
+        trainable: bool = True,
     ) -> None:
-        """``reward_head`` builds a reward model: the transformer with a scalar head (see ``reward_head``)."""
+        """``reward_head`` builds a reward model: the transformer with a scalar head (see ``reward_head``).
+
+        A model that is never trained (``trainable=False``: a distillation
+        teacher) gets no optimizer, so it holds no fp32 master weights or Adam
+        moments: only its parameters take accelerator memory.
+        """
         self.cfg = policy_cfg
         self.rank = rank
         self.world_size = world_size
@@ -93,7 +99,8 @@ class MegatronPolicyWorker:
         self._init_model_parallel(seed)
         self.checkpoint_dir, self.converted_now = self._ensure_converted(Path(model_path))
         self._build_model()
-        self._build_optimizer()
+        if trainable:
+            self._build_optimizer()
         self.reference = ReferenceWeights(self.model.module) if init_reference_model else None
 
     # ------------------------------------------------------------------ setup
