@@ -4,7 +4,7 @@ Without YaRN both backends train the same tiny Qwen2 (plain RoPE, 256-token
 window) on the same batch with the same AdamW settings, so the loss, the
 gradients (Megatron's converted back to HF names) and the parameters after one
 step must match, and so must the per-token log-probabilities RL uses (after
-the step: DP2 versus DP1; the reference policy's equal the starting ones). Tolerances follow tests/functional/test_megatron_parallel_parity.py
+the step: DP2 versus DP1; the reference policy's equal the starting ones to 1e-5). Tolerances follow tests/functional/test_megatron_parallel_parity.py
 (float32; Adam's first step can flip the update of entries whose gradient is
 at rounding level).
 """
@@ -74,8 +74,10 @@ def _run(workers: int, dtensor: bool, batch, checkpoint: Path | None = None) -> 
         hf_config = _hf_config()
         grads, params = megatron_to_hf(grads, hf_config), megatron_to_hf(params, hf_config)
     params = {k: v for k, v in params.items() if k != "lm_head.weight"}  # tied: the embedding
-    # The reference policy is the starting model: swapping it in reproduces the first scores exactly.
-    torch.testing.assert_close(reference_logprobs, logprobs, rtol=0, atol=0)
+    # The reference policy is the starting model: swapping it in reproduces the first scores. Not bit for
+    # bit: the same CPU forward pass run twice differed once in CI by 2.9e-6 (the same code passed bit for
+    # bit in the CI run before), so GEMMs here are not bitwise reproducible; one step moves them by > 1e-2.
+    torch.testing.assert_close(reference_logprobs, logprobs, rtol=0, atol=1e-5)
     assert (trained_logprobs - logprobs).abs().max() > 1e-2
     return {"result": result, "grads": grads, "params": params, "logprobs": logprobs, "trained": trained_logprobs}
 

@@ -12,7 +12,7 @@ batch's tokens, however they are laid out.
 
 The per-token log-probabilities RL uses (``Policy.get_logprobs``) are compared
 the same way, and after the step the reference policy's log-probabilities
-(the starting weights swapped in) must equal the ones taken before it.
+(the starting weights swapped in) must equal the ones taken before it (to 1e-5).
 
 After the optimizer step: Adam's first update is lr * g / (|g| + eps), so where
 a gradient is far above its rounding noise (|g| > 1e-6, the gradients' atol)
@@ -118,7 +118,10 @@ def test_logprobs_are_the_logits_scores_and_the_reference_is_the_starting_model(
     from_logits = torch.log_softmax(reference["logits"][0, :-1].double(), -1).gather(-1, ids[1:, None])[:, 0]
     torch.testing.assert_close(reference["logprobs"][0, 1:].double(), from_logits, rtol=0, atol=1e-5)
     assert (reference["logprobs"][:, 0] == 0).all()
-    torch.testing.assert_close(reference["reference_logprobs"], reference["logprobs"], rtol=0, atol=0)
+    # The reference policy is the starting model: swapping it in reproduces the first scores. Not bit for
+    # bit: the same CPU forward pass run twice differed once in CI by 2.9e-6 (the same code passed bit for
+    # bit in the CI run before), so GEMMs here are not bitwise reproducible; one step moves them by > 1e-2.
+    torch.testing.assert_close(reference["reference_logprobs"], reference["logprobs"], rtol=0, atol=1e-5)
     assert (reference["trained_logprobs"] - reference["logprobs"]).abs().max() > 1e-2  # the step changed them
 
 
