@@ -24,11 +24,11 @@ from transformers import AutoConfig
 
 from nemo_rl.algorithms.distillation_loss import DistillationLoss
 from nemo_rl.algorithms.grpo import Batch, GRPOResult, GRPORun, _Timer, rollout_batch, rollout_seeds
-from nemo_rl.algorithms.logprob_parity import check_first_step, token_mult_prob_error
 from nemo_rl.data.builtin_assets import resolve_model_path
 from nemo_rl.data.prompt_dataset import PromptSample
 from nemo_rl.models.policy.lm_policy import Policy
 from nemo_rl.utils.config import ConfigError
+from nemo_rl.utils.entry import run_and_close
 
 
 def check_teacher_compatible(student_dir, teacher_dir, k: int) -> None:
@@ -73,47 +73,32 @@ class DistillationRun(GRPORun):
     def chunk_fields(self, chunk: Batch) -> Batch:
         return {}
 
-    def _teacher_topk(self, batch: Batch) -> Batch:
-        values, indices = self.teacher.get_topk_logprobs(batch, self._logprob_batch(), self.loop.topk_logits_k)
-        return {"teacher_topk_logprobs": values, "teacher_topk_indices": indices}
-
-    def _logprob_batch(self) -> int:
-        return self.cfg.policy.logprob_batch_size or self.cfg.policy.train_micro_batch_size
-
     def _rollout(self, samples: Sequence[PromptSample], seeds: list[int], greedy: bool, timer: _Timer):
+        """Sampled responses, their rewards, and the trainer's rows with the teacher's top-k at every token."""
         completions, rewards = self._generate(samples, seeds, greedy, timer)
-        batch = rollout_batch(
-            samples,
-            completions,
-            torch.zeros(len(samples)),
-            self.tokenizer.pad_token_id,
-            self.cfg.policy.make_sequence_length_divisible_by,
-        )
-        del batch["advantages"]
+        pad, divisible_by = self.tokenizer.pad_token_id, self.cfg.policy.make_sequence_length_divisible_by
+        batch = rollout_batch(samples, completions, None, pad, divisible_by)
         with timer("teacher"):
-            batch |= self._teacher_topk(batch)
-        return completions, rewards, batch
+            values, indices = self.teacher.get_topk_logprobs(batch, self.logprob_batch(), self.loop.topk_logits_k)
+        return completions, rewards, batch | {"teacher_topk_logprobs": values, "teacher_topk_indices": indices}
 
     def _step(self, prompts: list[PromptSample], step: int, check_parity: bool) -> dict[str, float]:
-        loop, pcfg = self.loop, self.cfg.policy
+        loop = self.loop
         timer = _Timer()
         with timer("step"):
             samples = [prompt for prompt in prompts for _ in range(loop.num_generations_per_prompt)]
             seeds = rollout_seeds(loop.seed, step, len(samples))
             completions, rewards, batch = self._rollout(samples, seeds, False, timer)
-            with timer("logprobs"):
-                student = self.policy.get_logprobs(batch, self._logprob_batch())
-            parity = token_mult_prob_error(batch["generation_logprobs"], student, batch["loss_mask"])
-            if check_parity:
-                check_first_step(parity, loop.token_mult_prob_error_threshold, pcfg.long_context is not None)
+            _, parity = self._trainer_logprobs(batch, check_parity, timer)
             with timer("training"):
                 train = self._train(batch)
             self.generation_is_stale = True
         m = train["metrics"]
+        kl = m["kl_sum"] / max(m["num_tokens"], 1)
         lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
         return {
-            "kl": m["kl_sum"] / max(m["num_tokens"], 1),
-            "loss": m["kl_sum"] / max(m["num_tokens"], 1),
+            "kl": kl,
+            "loss": kl,
             "reward_mean": float(rewards.mean()),
             "generation_length_mean": float(lengths.mean()),
             "sequence_length_max": int(batch["input_lengths"].max()),
@@ -127,13 +112,13 @@ class DistillationRun(GRPORun):
         """The student's KL to the teacher on its greedy answers to the first ``max_val_samples`` prompts."""
         if self.val_data is None:
             return None
-        samples = [self.val_data[i] for i in range(min(self.loop.max_val_samples, len(self.val_data)))]
+        samples = self.validation_samples()
         timer = _Timer()
         _, rewards, batch = self._rollout(samples, rollout_seeds(self.loop.seed, 0, len(samples)), True, timer)
         metrics = {"reward_mean": float(rewards.mean())}
-        rows = len(samples) - len(samples) % (self.policy.dp_size * self._logprob_batch())  # whole micro-batches
+        rows = len(samples) - len(samples) % (self.policy.dp_size * self.logprob_batch())  # whole micro-batches
         if rows:
-            out = self.policy.evaluate({k: v[:rows] for k, v in batch.items()}, self.loss_fn, self._logprob_batch())
+            out = self.policy.evaluate({k: v[:rows] for k, v in batch.items()}, self.loss_fn, self.logprob_batch())
             metrics["kl"] = out["metrics"]["kl_sum"] / max(out["metrics"]["num_tokens"], 1)
         self.metrics.log(metrics, step, "validation")
         return metrics
@@ -144,8 +129,4 @@ class DistillationRun(GRPORun):
 
 
 def run_distillation(cfg, resolved_config: dict[str, Any]) -> GRPOResult:
-    run = DistillationRun(cfg, resolved_config)
-    try:
-        return run.train()
-    finally:
-        run.close()
+    return run_and_close(DistillationRun, cfg, resolved_config)

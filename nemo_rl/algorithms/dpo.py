@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from nemo_rl.algorithms.loss_functions import DPOLoss
-from nemo_rl.algorithms.offline_training import OfflineResult, PreferenceRun, run_offline
+from nemo_rl.algorithms.offline_training import OfflineResult, PreferenceRun
+from nemo_rl.utils.entry import run_and_close
 
 
 class DPORun(PreferenceRun):
@@ -40,4 +41,4 @@ class DPORun(PreferenceRun):
 
 
 def run_dpo(cfg, resolved_config: dict[str, Any]) -> OfflineResult:
-    return run_offline(DPORun, cfg, resolved_config)
+    return run_and_close(DPORun, cfg, resolved_config)

@@ -41,6 +41,7 @@ from nemo_rl.models.generation.vllm_generation import VllmGeneration
 from nemo_rl.models.generation.vllm_worker import Completion
 from nemo_rl.models.policy.lm_policy import Policy, split_rows
 from nemo_rl.utils.checkpoint import CheckpointManager, restore_training_state, save_training_state
+from nemo_rl.utils.entry import run_and_close
 from nemo_rl.utils.logger import open_run_log
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def rollout_seeds(seed: int, step: int, count: int) -> list[int]:
 def rollout_batch(
     samples: Sequence[PromptSample],
     completions: Sequence[Completion],
-    advantages: torch.Tensor,
+    advantages: torch.Tensor | None,
     pad_id: int,
     divisible_by: int,
 ) -> Batch:
@@ -74,7 +75,7 @@ def rollout_batch(
     Every per-token field is indexed by the token it describes: ``loss_mask``
     marks the response tokens (the ones the policy chose), the generator's
     log-probability of each sampled token sits at that token, and each
-    response token carries its sequence's advantage.
+    response token carries its sequence's advantage (when given: distillation has none).
     """
     rows = [
         SFTSample(s.input_ids + c.token_ids, [0] * len(s.input_ids) + [1] * len(c.token_ids))
@@ -85,8 +86,10 @@ def rollout_batch(
     for row, (sample, completion) in enumerate(zip(samples, completions, strict=True)):
         start = len(sample.input_ids)
         generation_logprobs[row, start : start + len(completion.logprobs)] = torch.tensor(completion.logprobs)
-    advantages_per_token = batch["loss_mask"] * advantages.float()[:, None]
-    return batch | {"generation_logprobs": generation_logprobs, "advantages": advantages_per_token}
+    batch["generation_logprobs"] = generation_logprobs
+    if advantages is not None:
+        batch["advantages"] = batch["loss_mask"] * advantages.float()[:, None]
+    return batch
 
 
 class _Timer:
@@ -218,13 +221,9 @@ class GRPORun:
             batch = rollout_batch(
                 samples, completions, advantages, self.tokenizer.pad_token_id, pcfg.make_sequence_length_divisible_by
             )
+            batch["prev_logprobs"], parity = self._trainer_logprobs(batch, check_parity, timer)
             with timer("logprobs"):
-                logprob_batch = pcfg.logprob_batch_size or pcfg.train_micro_batch_size
-                batch["prev_logprobs"] = self.policy.get_logprobs(batch, logprob_batch)
-                batch["reference_logprobs"] = self.policy.get_logprobs(batch, logprob_batch, reference=True)
-            parity = token_mult_prob_error(batch["generation_logprobs"], batch["prev_logprobs"], batch["loss_mask"])
-            if check_parity:
-                check_first_step(parity, gcfg.token_mult_prob_error_threshold, pcfg.long_context is not None)
+                batch["reference_logprobs"] = self.policy.get_logprobs(batch, self.logprob_batch(), reference=True)
             with timer("training"):
                 train = self._train(batch)
             self.generation_is_stale = True
@@ -248,6 +247,28 @@ class GRPORun:
             **({"packing_efficiency": m["packing_efficiency"]} if "packing_efficiency" in m else {}),
             **{f"timing/{phase}_s": seconds for phase, seconds in timer.seconds.items()},
         }
+
+    def logprob_batch(self) -> int:
+        return self.cfg.policy.logprob_batch_size or self.cfg.policy.train_micro_batch_size
+
+    def _trainer_logprobs(self, batch: Batch, check_parity: bool, timer: _Timer) -> tuple[torch.Tensor, float]:
+        """The trainer's log-probs of the sampled tokens, and the parity probe against the generator's.
+
+        ``check_parity`` (the process's first step) stops the run before any
+        update when the two engines disagree.
+        """
+        with timer("logprobs"):
+            logprobs = self.policy.get_logprobs(batch, self.logprob_batch())
+        parity = token_mult_prob_error(batch["generation_logprobs"], logprobs, batch["loss_mask"])
+        if check_parity:
+            check_first_step(
+                parity, self.loop.token_mult_prob_error_threshold, self.cfg.policy.long_context is not None
+            )
+        return logprobs, parity
+
+    def validation_samples(self) -> list[PromptSample]:
+        """The first ``max_val_samples`` validation prompts (the same ones every time)."""
+        return [self.val_data[i] for i in range(min(self.loop.max_val_samples, len(self.val_data)))]
 
     def _train(self, batch: Batch) -> dict[str, Any]:
         """One optimizer step per ``train_global_batch_size`` rows of the rollout (off-policy after the first)."""
@@ -273,7 +294,7 @@ class GRPORun:
         """Greedy answers to the first ``max_val_samples`` validation prompts, scored by the environment."""
         if self.val_data is None:
             return None
-        samples = [self.val_data[i] for i in range(min(self.loop.max_val_samples, len(self.val_data)))]
+        samples = self.validation_samples()
         timer = _Timer()
         completions, rewards = self._generate(samples, rollout_seeds(self.loop.seed, 0, len(samples)), True, timer)
         lengths = [len(c.token_ids) for c in completions]
@@ -326,8 +347,4 @@ class GRPORun:
 
 
 def run_grpo(cfg, resolved_config: dict[str, Any]) -> GRPOResult:
-    run = GRPORun(cfg, resolved_config)
-    try:
-        return run.train()
-    finally:
-        run.close()
+    return run_and_close(GRPORun, cfg, resolved_config)

@@ -199,14 +199,6 @@ class PreferenceRun(OfflineRun):
         return self.means(sums)
 
 
-def run_offline(run_cls: type[OfflineRun], cfg, resolved_config: dict[str, Any]) -> OfflineResult:
-    run = run_cls(cfg, resolved_config)
-    try:
-        return run.train()
-    finally:
-        run.close()
-
-
 def step_metrics(result: dict[str, Any], batch: dict) -> dict[str, float]:
     """What every training step reports besides its loss: the update and the batch's shape."""
     return {

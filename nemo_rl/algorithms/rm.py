@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from nemo_rl.algorithms.loss_functions import BradleyTerryLoss
-from nemo_rl.algorithms.offline_training import OfflineResult, PreferenceRun, run_offline
+from nemo_rl.algorithms.offline_training import OfflineResult, PreferenceRun
+from nemo_rl.utils.entry import run_and_close
 
 
 class RMRun(PreferenceRun):
@@ -29,4 +30,4 @@ class RMRun(PreferenceRun):
 
 
 def run_rm(cfg, resolved_config: dict[str, Any]) -> OfflineResult:
-    return run_offline(RMRun, cfg, resolved_config)
+    return run_and_close(RMRun, cfg, resolved_config)

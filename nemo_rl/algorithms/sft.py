@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from nemo_rl.algorithms.loss_functions import NLLLoss
-from nemo_rl.algorithms.offline_training import OfflineResult, OfflineRun, run_offline, step_metrics
+from nemo_rl.algorithms.offline_training import OfflineResult, OfflineRun, step_metrics
 from nemo_rl.data.sft_dataset import SFTDataset, collate, load_sft_dataset
+from nemo_rl.utils.entry import run_and_close
 
 logger = logging.getLogger(__name__)
 
@@ -58,4 +59,4 @@ class SFTRun(OfflineRun):
 
 
 def run_sft(cfg, resolved_config: dict[str, Any]) -> OfflineResult:
-    return run_offline(SFTRun, cfg, resolved_config)
+    return run_and_close(SFTRun, cfg, resolved_config)

@@ -31,3 +31,12 @@ def run_entry(
     except ConfigError as err:
         print(f"Invalid configuration ({config_path}):\n{err}", file=sys.stderr)
         return 2
+
+
+def run_and_close(run_cls: type, cfg, resolved_config: dict[str, Any]) -> Any:
+    """``run_cls(cfg, resolved).train()``, releasing its workers, engines and cluster however training ends."""
+    run = run_cls(cfg, resolved_config)
+    try:
+        return run.train()
+    finally:
+        run.close()
