@@ -1,5 +1,7 @@
-"""Long-context evaluation (perplexity vs context length, passkey retrieval) of an HF directory
-or of a run's ``step_N`` training checkpoint (exported to HF first).
+"""Long-context evaluation (sliding-window perplexity by length, the passkey grid, RULER-style tasks) of an HF
+directory or of a run's ``step_N`` training checkpoint (exported to HF first). Without ``long_context_eval.data_path``
+perplexity is measured on the built-in python-stdlib validation split (long documents: the interpreter's own
+standard library, nothing downloaded).
 
 uv run examples/run_long_context_eval.py [--config examples/configs/long_context_eval.yaml] [key=value ...]
 """
@@ -23,8 +25,8 @@ def run(cfg, resolved) -> int:
     model_dir = Path(cfg.model_dir)
     if is_training_checkpoint(model_dir):  # a step_N directory of a run: export it to HF first
         model_dir = export_training_checkpoint(model_dir, Path(cfg.output_dir) / f"hf_{model_dir.name}")
-    _, default_data = resolve_dataset_paths("tiny-chat", None, None)
-    perplexity, passkey, report = run_long_context_eval(
+    _, default_data = resolve_dataset_paths("python-stdlib", None, None)
+    report = run_long_context_eval(
         resolve_model_path(str(model_dir)),
         cfg.hf_config_overrides,
         cfg.max_total_sequence_length,
@@ -32,8 +34,8 @@ def run(cfg, resolved) -> int:
         Path(cfg.output_dir),
         default_data=default_data,
     )
-    print(format_table(perplexity, passkey))
-    print(f"report: {report}")
+    print(format_table(report))
+    print(f"report: {report.report_path}")
     return 0
 
 

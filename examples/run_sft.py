@@ -2,8 +2,10 @@
 
     uv run examples/run_sft.py [--config RECIPE.yaml] [key=value ...]
 
-Without --config it runs examples/configs/sft.yaml: the built-in tiny Qwen2
-model trained at 4x its original context with YaRN.
+Without --config it runs examples/configs/sft_long_context.yaml: the built-in
+base model (pre-trained by this project at a 128-token window) extended 4x
+with YaRN by fine-tuning on long documents, with a before/after evaluation.
+``--config examples/configs/sft.yaml`` is chat SFT of the tiny model.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from nemo_rl.utils.config_schema import validate_sft_config
 from nemo_rl.utils.entry import run_entry
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "sft.yaml"
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "sft_long_context.yaml"
 
 
 def run(cfg, resolved) -> int:

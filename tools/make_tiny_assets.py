@@ -1,9 +1,12 @@
 """uv run python tools/make_tiny_assets.py [--out-dir DIR] [--seed N]
 
 Creates the built-in tiny Qwen2 model (``tiny-qwen2``) and chat dataset
-(``tiny-chat``). Runs create them on first use anyway; this script does it
-ahead of time (e.g. before launching many workers), or into ``--out-dir`` to
-inspect them or to use them as explicit paths in a config.
+(``tiny-chat``), and materialises the pre-trained base (``tiny-qwen2-base``,
+committed; ``tools/build_base_model.py`` rebuilds it) and the long-document
+corpus (``python-stdlib``) in the cache. Runs create them on first use anyway;
+this script does it ahead of time (e.g. before launching many workers), or
+writes the tiny model and chat data into ``--out-dir`` to inspect them or to
+use them as explicit paths in a config.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ def main() -> None:
     if args.out_dir is None:
         model = resolve_model_path("tiny-qwen2")
         train, val = resolve_dataset_paths("tiny-chat", None, None)
+        print(f"base:       {resolve_model_path('tiny-qwen2-base')}")
+        print(f"documents:  {resolve_dataset_paths('python-stdlib', None, None)[0].parent}")
     else:
         model = create_tiny_model(args.out_dir / "tiny-qwen2", seed=args.seed)
         data = write_tiny_chat(args.out_dir / "tiny-chat", seed=args.seed)

@@ -63,8 +63,8 @@ class OfflineRun:
         train_path, self.val_path = resolve_dataset_paths(
             cfg.data.dataset_name, cfg.data.train_data_path, cfg.data.val_data_path
         )
-        self.train_data = self.load_dataset(train_path)
-        self.val_data = self.load_dataset(self.val_path) if self.val_path else None
+        self.train_data = self.load_dataset(train_path, "train")
+        self.val_data = self.load_dataset(self.val_path, "validation") if self.val_path else None
         self.train_loader = ResumableDataloader(
             self.train_data, pcfg.train_global_batch_size, cfg.data.shuffle, self.loop.seed
         )
@@ -81,7 +81,7 @@ class OfflineRun:
             logger.info("Megatron checkpoint %s (%s)", self.policy.checkpoint_dir, cache_note)
 
     # ------------------------------------------------------------ per algorithm
-    def load_dataset(self, path: Path) -> Sequence:
+    def load_dataset(self, path: Path, split: str) -> Sequence:
         raise NotImplementedError
 
     def train_step(self, samples: Sequence) -> dict[str, float]:
@@ -170,7 +170,7 @@ class PreferenceRun(OfflineRun):
 
     pair_means: dict[str, str]
 
-    def load_dataset(self, path: Path) -> PreferenceDataset:
+    def load_dataset(self, path: Path, split: str) -> PreferenceDataset:
         return load_preference_dataset(path, self.tokenizer, self.cfg.policy.max_total_sequence_length)
 
     def loss_fn(self):

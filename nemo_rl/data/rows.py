@@ -14,6 +14,17 @@ from pathlib import Path
 SUPPORTED_SUFFIXES = (".jsonl", ".parquet")
 
 
+class DataError(ValueError):
+    """A data file the run cannot use; the message names the file (and row) and the fix.
+
+    Entry scripts report it as one line, like a bad config, instead of a traceback.
+    """
+
+
+class MissingDataFile(DataError, FileNotFoundError):
+    """A configured data file that does not exist."""
+
+
 def read_rows(path: Path) -> list[dict]:
     """The rows of a ``.jsonl`` (one JSON object per non-empty line) or ``.parquet`` file, in file order."""
     path = Path(path)
@@ -24,7 +35,7 @@ def read_rows(path: Path) -> list[dict]:
         import pyarrow.parquet as pq  # only runs that read Parquet pay for the import
 
         return pq.read_table(path).to_pylist()
-    raise ValueError(
+    raise DataError(
         f"{path}: unsupported data file suffix {path.suffix!r}; supported: {', '.join(SUPPORTED_SUFFIXES)}"
     )
 
@@ -38,8 +49,8 @@ def _read_jsonl(path: Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
+                raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
     return rows

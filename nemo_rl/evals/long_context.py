@@ -1,50 +1,106 @@
-"""Long-context evaluation: perplexity as a function of context length, and passkey retrieval.
+"""Long-context evaluation: sliding-window perplexity by length, the passkey grid and RULER-style tasks.
 
 Runs on any HF directory (a base model, an SFT export, a checkpoint exported to
 HF) with the same ``hf_config_overrides`` the run trains with, applied through
-``nemo_rl.models.rope_scaling`` so the evaluation sees the trainer's RoPE.
-Perplexity is computed per document truncated to each length, so a length is
-only scored on documents that really are that long; data with nothing beyond
-the original window cannot say anything about the extension, and is flagged.
+``nemo_rl.models.rope_scaling`` so the evaluation sees the trainer's RoPE; the
+retrieval tasks generate through transformers or through a vLLM engine built
+with the same overrides (``long_context_eval.generation_backend``).
+
+:func:`evaluate` works on an in-memory model and tokenizer (what a benchmark
+holds), :func:`run_long_context_eval` loads a directory and writes the report
+(``long_context_eval.json``, ``passkey_heatmap.png``, ``perplexity_vs_length.png``).
+The pieces (``sliding_window_perplexity``, ``passkey_grid``, ``ruler_accuracy``,
+the generators and the figures) live in their modules and can be called alone.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import random
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from nemo_rl.data.passkey import make_passkey_prompt, passkey_correct
+from nemo_rl.evals.generators import Generator, HFGenerator, VllmGenerator, open_generator
+from nemo_rl.evals.perplexity import (
+    PerplexityPoint,
+    read_documents,
+    select_documents,
+    sliding_window_perplexity,
+    warn_if_uninformative,
+)
+from nemo_rl.evals.plots import write_passkey_heatmap, write_perplexity_plot
+from nemo_rl.evals.retrieval import PasskeyPoint, RulerPoint, passkey_grid, ruler_accuracy
 from nemo_rl.models import rope_scaling
+from nemo_rl.utils.config_schema import LongContextEvalConfig
+
+# The evaluation's whole public API, importable from this one module (the pieces live in their own).
+__all__ = [
+    "Generator",
+    "HFGenerator",
+    "LongContextReport",
+    "PasskeyPoint",
+    "PerplexityPoint",
+    "RulerPoint",
+    "VllmGenerator",
+    "compare_table",
+    "evaluate",
+    "format_table",
+    "load_model",
+    "open_generator",
+    "original_window",
+    "passkey_grid",
+    "read_documents",
+    "ruler_accuracy",
+    "run_long_context_eval",
+    "select_documents",
+    "sliding_window_perplexity",
+    "warn_if_uninformative",
+    "write_passkey_heatmap",
+    "write_perplexity_plot",
+    "write_report",
+]
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class PerplexityPoint:
-    length: int
-    perplexity: float  # nan when no document reaches this length
-    num_documents: int
+REPORT_NAME = "long_context_eval.json"
+HEATMAP_NAME = "passkey_heatmap.png"
+PERPLEXITY_PLOT_NAME = "perplexity_vs_length.png"
 
 
 @dataclass(frozen=True)
-class PasskeyPoint:
-    length: int
-    depth: float
-    accuracy: float
-    trials: int
+class LongContextReport:
+    """Everything one evaluation measured, in one object: what a caller logs, prints, plots or compares."""
+
+    perplexity: list[PerplexityPoint]
+    passkey: list[PasskeyPoint]
+    ruler: dict[str, list[RulerPoint]]  # task name -> one point per length
+    info: dict[str, Any] = field(default_factory=dict)  # model, data, RoPE and settings of the evaluation
+    report_path: Path | None = None  # set by write_report
+    passkey_heatmap: Path | None = None
+    perplexity_plot: Path | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """Flat scalars for a metrics logger: ``perplexity@L``, ``passkey@L/depthD``, ``passkey@L`` (mean over
+        depths) and ``ruler/{task}@L``."""
+        metrics = {f"perplexity@{p.length}": p.perplexity for p in self.perplexity}
+        metrics |= {f"passkey@{p.length}/depth{p.depth:g}": p.accuracy for p in self.passkey}
+        for length in dict.fromkeys(p.length for p in self.passkey):
+            cell = [p.accuracy for p in self.passkey if p.length == length]
+            metrics[f"passkey@{length}"] = sum(cell) / len(cell)
+        metrics |= {f"ruler/{task}@{p.length}": p.accuracy for task, points in self.ruler.items() for p in points}
+        return metrics
 
 
-def load_model(model_dir: Path, overrides: Mapping[str, Any] | None, max_length: int):
+def load_model(
+    model_dir: Path, overrides: Mapping[str, Any] | None, max_length: int
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The HF model with the run's overrides; ``sdpa`` keeps memory linear in length where it can."""
     config = rope_scaling.apply_hf_config_overrides(AutoConfig.from_pretrained(model_dir), overrides, max_length)
     model = AutoModelForCausalLM.from_pretrained(
@@ -53,128 +109,158 @@ def load_model(model_dir: Path, overrides: Mapping[str, Any] | None, max_length:
     return model.eval(), AutoTokenizer.from_pretrained(model_dir)
 
 
-def read_documents(path: Path, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
-    """Token ids per document of a JSONL file of ``{"text": ...}`` or chat ``{"messages": [...]}`` rows."""
-    documents = []
-    for line in Path(path).read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if "messages" in row:
-            ids = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
-        elif "text" in row:
-            ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
-        else:
-            raise ValueError(f"{path}: each row needs 'text' or 'messages', got keys {sorted(row)}")
-        documents.append(list(ids))
-    return documents
-
-
-def warn_if_uninformative(documents: Sequence[Sequence[int]], original_window: int | None) -> bool:
-    """True (and a warning) when no document is longer than the original window."""
-    longest = max((len(d) for d in documents), default=0)
-    if original_window is not None and longest <= original_window:
-        logger.warning(
-            "No evaluation document is longer than the original window (%d tokens; the longest has %d): "
-            "perplexity here says nothing about the context extension.",
-            original_window,
-            longest,
-        )
-        return True
-    return False
-
-
-@torch.no_grad()
-def perplexity_by_length(model, documents: Sequence[Sequence[int]], lengths: Sequence[int]) -> list[PerplexityPoint]:
-    points = []
-    for length in tqdm(sorted(lengths), desc="perplexity", leave=False):
-        usable = [d[:length] for d in documents if len(d) >= length]
-        nll, tokens = 0.0, 0
-        for doc in usable:
-            ids = torch.tensor([doc])
-            logits = model(ids).logits[0, :-1].float()
-            nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-            tokens += len(doc) - 1
-        if not usable:
-            logger.warning("No evaluation document has %d tokens; perplexity at that length is undefined", length)
-        points.append(PerplexityPoint(length, math.exp(nll / tokens) if tokens else float("nan"), len(usable)))
-    return points
-
-
-@torch.no_grad()
-def passkey_accuracy(
-    model,
-    tokenizer: PreTrainedTokenizerBase,
-    lengths: Sequence[int],
-    depths: Sequence[float],
-    trials: int,
-    seed: int = 0,
-) -> list[PasskeyPoint]:
-    rng = random.Random(seed)
-    points = []
-    grid = [(length, depth) for length in lengths for depth in depths]
-    for length, depth in tqdm(grid, desc="passkey", leave=False):
-        correct = 0
-        for _ in range(trials):
-            prompt = make_passkey_prompt(tokenizer, length, depth, rng)
-            ids = tokenizer(prompt.text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-            out = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            correct += passkey_correct(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True), prompt.key)
-        points.append(PasskeyPoint(length, depth, correct / trials, trials))
-    return points
-
-
-def format_table(perplexity: Sequence[PerplexityPoint], passkey: Sequence[PasskeyPoint]) -> str:
-    lines = ["length | perplexity | documents", "------ | ---------- | ---------"]
-    lines += [f"{p.length:6d} | {p.perplexity:10.3f} | {p.num_documents:9d}" for p in perplexity]
-    if passkey:
-        lines += ["", "length | depth | passkey accuracy | trials", "------ | ----- | ---------------- | ------"]
-        lines += [f"{p.length:6d} | {p.depth:5.2f} | {p.accuracy:16.2f} | {p.trials:6d}" for p in passkey]
-    return "\n".join(lines)
-
-
-def write_report(
-    out_dir: Path, perplexity: Sequence[PerplexityPoint], passkey: Sequence[PasskeyPoint], info: dict
-) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "long_context_eval.json"
-    report = {**info, "perplexity": [asdict(p) for p in perplexity], "passkey": [asdict(p) for p in passkey]}
-    path.write_text(json.dumps(report, indent=2))
-    return path
-
-
 def original_window(config) -> int:
     """The pretraining window: the YaRN block's original length, else max_position_embeddings."""
     params = rope_scaling.hf_rope_parameters(config)
     return int(params.get("original_max_position_embeddings") or config.max_position_embeddings)
 
 
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    documents: Sequence[Sequence[int]],
+    eval_cfg: LongContextEvalConfig,
+    generator: Generator | None = None,
+) -> LongContextReport:
+    """Every measurement ``eval_cfg`` asks for, on token-id ``documents`` (all of them, long or not: the
+    perplexity documents are chosen from them); nothing is written. ``generator`` None: greedy HF generation on
+    ``model``."""
+    generator = generator or HFGenerator(model, tokenizer, eval_cfg.batch_size)
+    cfg, seconds = eval_cfg, {}
+    window = original_window(model.config)
+    uninformative = warn_if_uninformative(documents, window)  # said before the minutes of work, not after
+    with _timed(seconds, "perplexity"):
+        perplexity = sliding_window_perplexity(
+            model, documents, cfg.lengths, cfg.stride, cfg.max_documents, cfg.document_tokens, cfg.seed, cfg.batch_size
+        )
+    with _timed(seconds, "passkey"):
+        passkey = passkey_grid(
+            generator, tokenizer, cfg.passkey_lengths, cfg.passkey_depths, cfg.passkey_trials, cfg.seed
+        )
+    with _timed(seconds, "ruler"):
+        ruler = {
+            task: ruler_accuracy(generator, tokenizer, task, cfg.ruler_lengths, cfg.ruler_trials, cfg.seed)
+            for task in (cfg.ruler_tasks if cfg.ruler_lengths else [])
+        }
+    info = {
+        "original_window": window,
+        "max_position_embeddings": model.config.max_position_embeddings,
+        "rope_parameters": rope_scaling.hf_rope_parameters(model.config),
+        "no_document_beyond_original_window": uninformative,
+        "settings": cfg.model_dump(),
+        "seconds": seconds,
+    }
+    return LongContextReport(perplexity, passkey, ruler, info)
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
+    """Wall time of one phase into ``seconds`` (a benchmark running many evaluations reads where the time goes)."""
+    start = time.perf_counter()
+    yield
+    seconds[phase] = round(time.perf_counter() - start, 3)
+
+
 def run_long_context_eval(
     model_dir: Path,
     overrides: Mapping[str, Any] | None,
     max_total_sequence_length: int,
-    eval_cfg,
+    eval_cfg: LongContextEvalConfig,
     out_dir: Path,
     default_data: Path | None = None,
-) -> tuple[list[PerplexityPoint], list[PasskeyPoint], Path]:
-    """Evaluate ``model_dir`` and write ``long_context_eval.json`` into ``out_dir``."""
+) -> LongContextReport:
+    """Evaluate ``model_dir`` with the run's RoPE ``overrides`` and write the report files into ``out_dir``."""
     model, tokenizer = load_model(Path(model_dir), overrides, max_total_sequence_length)
     data_path = Path(eval_cfg.data_path) if eval_cfg.data_path else default_data
     if data_path is None:
         raise ValueError("long_context_eval.data_path is required when no default evaluation data exists")
     documents = read_documents(data_path, tokenizer)
-    window = original_window(model.config)
-    uninformative = warn_if_uninformative(documents, window)
-    perplexity = perplexity_by_length(model, documents, eval_cfg.lengths)
-    passkey = passkey_accuracy(
-        model, tokenizer, eval_cfg.passkey_lengths, eval_cfg.passkey_depths, eval_cfg.passkey_trials, eval_cfg.seed
+    with open_generator(
+        eval_cfg.generation_backend,
+        model,
+        tokenizer,
+        Path(model_dir),
+        overrides,
+        max_total_sequence_length,
+        eval_cfg.batch_size,
+    ) as generator:
+        report = evaluate(model, tokenizer, documents, eval_cfg, generator)
+    report = replace(report, info={"model_dir": str(model_dir), "data_path": str(data_path), **report.info})
+    return write_report(report, Path(out_dir))
+
+
+def write_report(report: LongContextReport, out_dir: Path) -> LongContextReport:
+    """``long_context_eval.json`` (all points and the info block) and the figures; the report with their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    heatmap = write_passkey_heatmap(report.passkey, out_dir / HEATMAP_NAME) if report.passkey else None
+    plot = (
+        write_perplexity_plot(report.perplexity, out_dir / PERPLEXITY_PLOT_NAME, report.info.get("original_window"))
+        if report.perplexity
+        else None
     )
-    info = {
-        "model_dir": str(model_dir),
-        "data_path": str(data_path),
-        "original_window": window,
-        "max_position_embeddings": model.config.max_position_embeddings,
-        "rope_parameters": rope_scaling.hf_rope_parameters(model.config),
-        "no_document_beyond_original_window": uninformative,
+    path = out_dir / REPORT_NAME
+    report = replace(report, report_path=path, passkey_heatmap=heatmap, perplexity_plot=plot)
+    body = {
+        **report.info,
+        "perplexity": [asdict(p) for p in report.perplexity],
+        "passkey": [asdict(p) for p in report.passkey],
+        "ruler": {task: [asdict(p) for p in points] for task, points in report.ruler.items()},
+        "metrics": report.metrics(),
+        "files": {"passkey_heatmap": _name(heatmap), "perplexity_plot": _name(plot)},
     }
-    return perplexity, passkey, write_report(Path(out_dir), perplexity, passkey, info)
+    path.write_text(json.dumps(body, indent=2))
+    return report
+
+
+def _name(path: Path | None) -> str | None:
+    return path.name if path is not None else None
+
+
+def format_table(report: LongContextReport) -> str:
+    """The report as plain-text tables: perplexity by length, passkey by length x depth, RULER by length x task."""
+    lines = ["length | stride | perplexity | documents", "------ | ------ | ---------- | ---------"]
+    lines += [f"{p.length:6d} | {p.stride:6d} | {p.perplexity:10.3f} | {p.num_documents:9d}" for p in report.perplexity]
+    if report.passkey:
+        depths = list(dict.fromkeys(p.depth for p in report.passkey))
+        accuracy = {(p.length, p.depth): p.accuracy for p in report.passkey}
+        lines += ["", "passkey accuracy (rows: length, columns: depth)", _row(["length", *depths, "mean"])]
+        for length in dict.fromkeys(p.length for p in report.passkey):
+            cells = [accuracy[length, depth] for depth in depths]
+            lines.append(_row([length, *cells, sum(cells) / len(cells)]))
+    if report.ruler:
+        tasks = list(report.ruler)
+        accuracy = {(task, p.length): p.accuracy for task, points in report.ruler.items() for p in points}
+        lines += ["", "RULER accuracy (rows: length, columns: task)", _row(["length", *tasks])]
+        for length in dict.fromkeys(p.length for points in report.ruler.values() for p in points):
+            lines.append(_row([length, *(accuracy[task, length] for task in tasks)]))
+    return "\n".join(lines)
+
+
+COMPARED_STAGES = {
+    "base": "base (as it ships)",
+    "base_extended": "base + run's RoPE, not trained",
+    "fine_tuned": "fine-tuned",
+}
+
+
+def compare_table(reports: Mapping[str, LongContextReport]) -> str:
+    """Side by side, one column per report: passkey accuracy (mean over depths) and perplexity by length.
+
+    Columns are the ``reports`` in order, headed by ``COMPARED_STAGES`` where
+    the name is one of its keys; rows are every ``passkey@L``, ``ruler/...`` and
+    ``perplexity@L`` metric of the first report.
+    """
+    metrics = {name: report.metrics() for name, report in reports.items()}
+    first = next(iter(metrics.values()))
+    rows = [k for k in first if k.startswith("passkey@") and "/depth" not in k]
+    rows += [k for k in first if k.startswith("ruler/")] + [k for k in first if k.startswith("perplexity@")]
+    header = ["metric", *(COMPARED_STAGES.get(name, name) for name in reports)]
+    body = [[key, *(f"{m.get(key, float('nan')):.3f}" for m in metrics.values())] for key in rows]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *body]]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _row(cells: Sequence[Any]) -> str:
+    return " | ".join(f"{c:.2f}" if isinstance(c, float) else str(c) for c in cells)

@@ -328,6 +328,16 @@ def _adopt(module: Any, fresh: Any) -> None:
         setattr(module, name, value)
 
 
+def run_overrides(cfg: LongContextConfig | None, model_config: Any) -> dict[str, Any] | None:
+    """The ``policy.hf_config_overrides`` that make a run train (and vLLM generate) with ``cfg``'s RoPE.
+
+    The same block :func:`apply_rope_scaling` writes into an HF model, so a
+    model extended in memory and one trained through a recipe compute the same
+    RoPE; ``None`` (no extension) gives no overrides: plain RoPE at any length.
+    """
+    return None if cfg is None else {"rope_scaling": cfg.rope_block(model_config)}
+
+
 def apply_rope_scaling(model: Any, cfg: LongContextConfig) -> dict[str, Any]:
     """Extend ``model``'s context in place and return the receipt (see ``make_receipt``).
 
@@ -414,20 +424,20 @@ def make_receipt(
     """``{"long_context": {...}, "sha256": ...}``; ``factor`` is the applied (compounded) factor."""
     yarn = cfg.method == YARN
     return _receipt(
+        cfg.method,
+        plan.factor,
+        plan.original,
+        plan.new_max,
+        plan.attention_factor,
+        cfg.beta_fast if yarn else None,
+        cfg.beta_slow if yarn else None,
         {
-            "method": cfg.method,
-            "factor": plan.factor,
-            "original_max_position_embeddings": plan.original,
-            "new_max_position_embeddings": plan.new_max,
-            "attention_factor": plan.attention_factor,
-            "beta_fast": cfg.beta_fast if yarn else None,
-            "beta_slow": cfg.beta_slow if yarn else None,
             "rope_block": dict(plan.block),
             "compounded_from_factor": plan.existing_factor,
             "patched_configs": list(patched_configs),
             "rotary_modules": list(rotary_modules),
             "attn_implementation": attn_implementation,
-        }
+        },
     )
 
 
@@ -436,24 +446,39 @@ def run_receipt(
 ) -> dict[str, Any]:
     """The receipt of a run configured through ``policy.hf_config_overrides`` (trainer and generator)."""
     return _receipt(
-        {
-            "method": YARN,
-            "factor": yarn.factor,
-            "original_max_position_embeddings": yarn.original_max_position_embeddings,
-            "new_max_position_embeddings": max(
-                math.ceil(yarn.factor * yarn.original_max_position_embeddings), max_total_sequence_length
-            ),
-            "attention_factor": yarn.attention_factor,
-            "beta_fast": yarn.beta_fast,
-            "beta_slow": yarn.beta_slow,
-            "rope_block": dict(rope_block),
-            "engines": list(engines),
-        }
+        YARN,
+        yarn.factor,
+        yarn.original_max_position_embeddings,
+        max(math.ceil(yarn.factor * yarn.original_max_position_embeddings), max_total_sequence_length),
+        yarn.attention_factor,
+        yarn.beta_fast,
+        yarn.beta_slow,
+        {"rope_block": dict(rope_block), "engines": list(engines)},
     )
 
 
-def _receipt(block: dict[str, Any]) -> dict[str, Any]:
-    block = {**block, "references": list(REFERENCES)}
+def _receipt(
+    method: str,
+    factor: float,
+    original: int,
+    new_max: int,
+    attn_factor: float,
+    beta_fast: float | None,
+    beta_slow: float | None,
+    extra: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The block in the receipt format auditors read (its first eight keys, in this order), then ``extra``."""
+    block = {
+        "method": method,
+        "factor": factor,
+        "original_max_position_embeddings": original,
+        "new_max_position_embeddings": new_max,
+        "attn_factor": attn_factor,
+        "beta_fast": beta_fast,
+        "beta_slow": beta_slow,
+        "papers": list(REFERENCES),
+        **extra,
+    }
     return {"long_context": block, "sha256": receipt_sha256(block)}
 
 
@@ -472,7 +497,7 @@ def write_receipt(receipt: Mapping[str, Any], run_dir: str | os.PathLike) -> Pat
     fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{RECEIPT_NAME}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(receipt, f, indent=2, sort_keys=True, allow_nan=False)
+            json.dump(receipt, f, indent=2, allow_nan=False)  # key order is the format's; the hash sorts
             f.write("\n")
         os.replace(tmp, target)
     except BaseException:

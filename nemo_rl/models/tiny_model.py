@@ -12,6 +12,7 @@ exactly as it would be for a pretrained model.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -45,17 +46,16 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE with Qwen2's exact pipeline, trained on the tiny-chat corpus.
+def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with Qwen2's exact pipeline, trained on ``corpus``, with the ChatML specials and template.
 
     ``AutoTokenizer`` (and so vLLM) loads any ``model_type: qwen2`` tokenizer as
     ``Qwen2Tokenizer``, which rebuilds the NFC normalizer and the Qwen2 split
     regex around the saved vocabulary and merges; training with that same
     pipeline is what makes every loader tokenize identically. Byte level means
-    any text round-trips; training on the project's own corpus makes its words
-    single tokens, so samples stay well inside 4x the original window. The
-    corpus seed is fixed so that every model seed shares one vocabulary with
-    the built-in dataset.
+    any text round-trips, and Qwen2's split keeps every digit its own token
+    (numbers are copied digit by digit). ``vocab_size`` is an upper bound: a
+    small closed corpus runs out of merges first.
     """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFC()
@@ -67,12 +67,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(tiny_chat_corpus(seed=0), trainer=trainer)
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token=EOS_TOKEN,
@@ -83,8 +83,23 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_qwen2_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2Config:
-    """Qwen2 shape kept as small as the runtimes allow.
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny model's tokenizer, trained on the tiny-chat corpus.
+
+    Training on the project's own corpus makes its words single tokens, so
+    samples stay well inside 4x the original window. The corpus seed is fixed
+    so that every model seed shares one vocabulary with the built-in dataset.
+    """
+    return train_tokenizer(tiny_chat_corpus(seed=0), TOKENIZER_VOCAB_SIZE)
+
+
+def tiny_qwen2_config(
+    tokenizer: PreTrainedTokenizerFast,
+    num_hidden_layers: int = 2,
+    window: int = ORIGINAL_WINDOW,
+    rope_theta: float = 10000.0,
+) -> Qwen2Config:
+    """Qwen2 shape kept as small as the runtimes allow (the pre-trained base only adds layers and its RoPE).
 
     head_dim = 128 / 2 = 64 because vLLM's CPU attention supports no smaller head;
     one KV head exercises the GQA paths; the vocabulary is padded to a multiple
@@ -96,11 +111,11 @@ def tiny_qwen2_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2Config:
         vocab_size=vocab_size,
         hidden_size=128,
         intermediate_size=384,
-        num_hidden_layers=2,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=2,
         num_key_value_heads=1,
-        max_position_embeddings=ORIGINAL_WINDOW,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        max_position_embeddings=window,
+        rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta)},
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,
         bos_token_id=eos_id,
@@ -113,15 +128,22 @@ def tiny_qwen2_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2Config:
 def create_tiny_model(out_dir: Path, seed: int = 0, initializer_range: float | None = None) -> Path:
     """Write the tiny model (safetensors), its generation config and tokenizer into ``out_dir``.
 
-    Weights come from ``seed`` in a forked RNG, so creation is reproducible and
-    leaves the caller's torch random state untouched. ``initializer_range``
-    overrides the init scale (larger: more peaked next-token distributions).
+    ``initializer_range`` overrides the init scale (larger: more peaked next-token distributions).
     """
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
     config = tiny_qwen2_config(tokenizer)
     if initializer_range is not None:
         config.initializer_range = initializer_range
+    return save_initialized(config, tokenizer, out_dir, seed)
+
+
+def save_initialized(config: Qwen2Config, tokenizer: PreTrainedTokenizerFast, out_dir: Path, seed: int) -> Path:
+    """A freshly initialised model of ``config`` with its tokenizer and stop tokens, written to ``out_dir``.
+
+    Weights come from ``seed`` in a forked RNG, so creation is reproducible and
+    leaves the caller's torch random state untouched.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config).to(torch.float32)

@@ -190,6 +190,25 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
         raise ConfigError(errors)
 
 
+def override_value(value: Any) -> str:
+    """``value`` in Hydra override syntax, so tools can build command lines from Python values.
+
+    ``{"rope_scaling": {"rope_type": "linear", "factor": 4.0}}`` gives
+    ``{rope_scaling:{rope_type:'linear',factor:4.0}}``.
+    """
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{key}:{override_value(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_value(item) for item in value) + "]"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return repr(value)
+
+
 def _parse_override(parser: OverridesParser, line: str) -> Override:
     try:
         override = parser.parse_override(line)

@@ -29,7 +29,10 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
+    field_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from nemo_rl.models import rope_scaling
 from nemo_rl.models.rope_scaling import YarnScaling
@@ -220,21 +223,95 @@ class DataConfig(_Section):
     shuffle: bool
 
 
+# Generated on access (needs the tokenizer and a length), so it can only be an extra source of a blend.
+SYNTHETIC_RETRIEVAL = "synthetic-retrieval"
+
+
+class DocumentSourceConfig(_Section):
+    """An extra source of a document blend: its chunks hold ``share`` of the training tokens."""
+
+    dataset_name: str  # a built-in name (python-stdlib, synthetic-retrieval) or a label for data_path
+    data_path: str | None = None  # JSONL/Parquet of document rows; null: the built-in's train split
+    share: Annotated[float, Field(gt=0, lt=1)]
+    max_document_tokens: PositiveInt | None = None  # chunk length; null: policy.max_total_sequence_length
+
+
+class SFTDataConfig(DataConfig):
+    """Chat rows (``{"messages"}``, loss on assistant turns) or documents (``{"text"}``, loss on every token)."""
+
+    format: Literal["chat", "document"] = "chat"
+    input_key: str = "text"  # the field holding a document's text (NeMo RL's name)
+    add_eos: bool = True  # end each document with the tokenizer's eos token
+    blend: list[DocumentSourceConfig] = []  # extra training sources of the document format
+
+
 class LongContextEvalConfig(_Section):
-    """Perplexity-vs-length and passkey evaluation (see nemo_rl.evals.long_context)."""
+    """Sliding-window perplexity by length, the passkey grid and RULER-style tasks (see nemo_rl.evals.long_context)."""
 
     enabled: bool
-    data_path: str | None  # JSONL of {"text"} or {"messages"} rows; null: the built-in tiny-chat validation split
-    lengths: list[PositiveInt]
-    passkey_lengths: list[PositiveInt]
+    data_path: str | None  # JSONL/Parquet of {"text"} or {"messages"} rows; null: the caller's default data
+    lengths: list[Annotated[int, Field(ge=2)]]  # perplexity context lengths; [] skips perplexity
+    stride: PositiveInt | None = None  # sliding-window stride (the YaRN paper: 256); null: half of each length
+    document_tokens: PositiveInt | None = None  # each document's scored prefix; null: max(lengths)
+    max_documents: PositiveInt = 10  # of those with >= max(lengths) tokens: a seeded sample, used at every length
+    passkey_lengths: list[PositiveInt]  # prompt + answer tokens; [] skips the passkey grid
     passkey_depths: list[Annotated[float, Field(ge=0.0, le=1.0)]]
-    passkey_trials: PositiveInt
+    passkey_trials: PositiveInt  # prompts per (length, depth) cell
+    ruler_tasks: list[str] = ["niah_multikey", "variable_tracking"]  # names in nemo_rl.data.ruler.RULER_TASKS
+    ruler_lengths: list[PositiveInt] = []  # [] skips the RULER tasks
+    ruler_trials: PositiveInt = 10  # prompts per (task, length)
+    generation_backend: Literal["hf", "vllm"] = "hf"  # vllm: an in-process engine with the run's RoPE overrides
+    batch_size: PositiveInt = 16  # sequences per forward pass (perplexity windows, prompts)
+    # After an SFT run: also evaluate the starting model as it ships and with the run's RoPE but no training,
+    # and print the three side by side (what the extension and the fine-tuning each bought).
+    compare_with_base: bool = False
     seed: int
+
+    @field_validator("stride")
+    @classmethod
+    def _stride_within_lengths(cls, stride: int | None, info: ValidationInfo) -> int | None:
+        lengths = info.data.get("lengths")
+        if stride is not None and lengths and stride > min(lengths):
+            raise PydanticCustomError(
+                "stride_too_long",
+                "{stride} is above the shortest of long_context_eval.lengths ({shortest}); windows that far apart "
+                "would skip tokens",
+                {"stride": stride, "shortest": min(lengths)},
+            )
+        return stride
+
+    @field_validator("document_tokens")
+    @classmethod
+    def _documents_hold_every_length(cls, tokens: int | None, info: ValidationInfo) -> int | None:
+        lengths = info.data.get("lengths")
+        if tokens is not None and lengths and tokens < max(lengths):
+            raise PydanticCustomError(
+                "document_tokens_too_short",
+                "{tokens} is below the longest of long_context_eval.lengths ({longest}); every length must fit "
+                "in the scored documents",
+                {"tokens": tokens, "longest": max(lengths)},
+            )
+        return tokens
+
+    @field_validator("ruler_tasks")
+    @classmethod
+    def _known_ruler_tasks(cls, tasks: list[str]) -> list[str]:
+        from nemo_rl.data.ruler import RULER_TASKS
+
+        unknown = [task for task in tasks if task not in RULER_TASKS]
+        if unknown:
+            known = ", ".join(RULER_TASKS)
+            raise PydanticCustomError(
+                "ruler_task_unknown", "unknown task {unknown}; known: {known}", {"unknown": unknown[0], "known": known}
+            )
+        if len(set(tasks)) < len(tasks):
+            raise PydanticCustomError("ruler_task_repeated", "a task is listed twice: {tasks}", {"tasks": tasks})
+        return tasks
 
 
 class SFTMasterConfig(MasterConfig):
     sft: SFTConfig
-    data: DataConfig
+    data: SFTDataConfig
     # Scheduled after training on the exported HF model (needs sft.export_hf_dir).
     long_context_eval: LongContextEvalConfig | None = None
 
@@ -258,12 +335,60 @@ def validate_long_context_eval_config(resolved: Mapping[str, Any]) -> LongContex
         overrides = _value(resolved, "hf_config_overrides", Mapping)
         _, long_errors, notes = rope_scaling.validate_long_context(overrides, max_len, True, False)
         errors = [e.replace(rope_scaling.OVERRIDES_PATH, "hf_config_overrides") for e in long_errors]
+        errors += _eval_length_errors(resolved, max_len)
     return _validated(LongContextEvalRunConfig, resolved, errors, notes)
+
+
+def _eval_length_errors(raw: Mapping[str, Any], max_len: int) -> list[str]:
+    """Evaluation lengths beyond the window the model is configured for (and vLLM's ``max_model_len``)."""
+    errors = []
+    for key in ("lengths", "passkey_lengths", "ruler_lengths"):
+        lengths = [n for n in _value(raw, f"long_context_eval.{key}", list) or [] if isinstance(n, int)]
+        if lengths and max(lengths) > max_len:
+            errors.append(
+                f"long_context_eval.{key}: {max(lengths)} is above max_total_sequence_length = {max_len}, the window "
+                "the model is configured (and vLLM sized) for; raise max_total_sequence_length or drop the length"
+            )
+    return errors
 
 
 def validate_sft_config(resolved: Mapping[str, Any]) -> SFTMasterConfig:
     """The typed SFT config, or one ConfigError listing every problem in `resolved`."""
-    return validate_master(SFTMasterConfig, resolved, _validation_batch_errors(resolved, "sft"))
+    errors = _validation_batch_errors(resolved, "sft") + _document_data_errors(resolved)
+    return validate_master(SFTMasterConfig, resolved, errors)
+
+
+def _document_data_errors(raw: Mapping[str, Any]) -> list[str]:
+    """Rules of document data that span fields: blends, chunk lengths, the synthetic source's place."""
+    errors = []
+    document = _value(raw, "data.format", str) == "document"
+    if _value(raw, "data.dataset_name", str) == SYNTHETIC_RETRIEVAL:
+        errors.append(
+            f"data.dataset_name: {SYNTHETIC_RETRIEVAL} is generated for a blend; name a corpus here (e.g. "
+            f"python-stdlib) and add {{dataset_name: {SYNTHETIC_RETRIEVAL}, share: 0.2}} to data.blend"
+        )
+    blend = _value(raw, "data.blend", list) or []
+    if blend and not document:
+        errors.append("data.blend: blends are of documents; set data.format=document or remove data.blend")
+    shares = [s["share"] for s in blend if isinstance(s, Mapping) and isinstance(s.get("share"), (int, float))]
+    if sum(shares) >= 1:
+        errors.append(
+            f"data.blend: the shares sum to {sum(shares):g}; they must sum to less than 1 (the main "
+            "dataset, data.dataset_name, keeps the rest)"
+        )
+    max_len = _value(raw, "policy.max_total_sequence_length", int)
+    for i, source in enumerate(blend):
+        if not isinstance(source, Mapping):
+            continue
+        tokens = source.get("max_document_tokens")
+        if isinstance(tokens, int) and max_len is not None and tokens > max_len:
+            errors.append(
+                f"data.blend.{i}.max_document_tokens: {tokens} is above policy.max_total_sequence_length = "
+                f"{max_len}; chunks must fit a training row"
+            )
+        if source.get("dataset_name") == SYNTHETIC_RETRIEVAL and source.get("data_path") is not None:
+            errors.append(f"data.blend.{i}.data_path: {SYNTHETIC_RETRIEVAL} is generated, not read; remove it")
+    return errors
 
 
 def _validation_batch_errors(raw: Mapping[str, Any], section: str) -> list[str]:
@@ -730,6 +855,8 @@ def _field_error(error: Mapping[str, Any], model: type[BaseModel]) -> str:
 def _field_names(model: type[BaseModel], loc: Sequence[str]) -> list[str]:
     """Field names of the nested model at `loc`, to suggest the key a typo meant."""
     for part in loc:
+        if part.isdigit():  # an index into a list of sections: the item's model is already `model`
+            continue
         field = model.model_fields.get(part)
         nested = _section_model(field.annotation) if field else None
         if nested is None:
@@ -739,7 +866,7 @@ def _field_names(model: type[BaseModel], loc: Sequence[str]) -> list[str]:
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:
-    """The section model of a field annotated ``Section`` or ``Section | None``."""
+    """The section model of a field annotated ``Section``, ``Section | None`` or ``list[Section]``."""
     for candidate in (annotation, *get_args(annotation)):
         if isinstance(candidate, type) and issubclass(candidate, BaseModel):
             return candidate

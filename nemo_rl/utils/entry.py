@@ -2,7 +2,8 @@
 
 A bad recipe (including a problem found while setting up, such as vLLM
 arguments that contradict the policy's RoPE) exits with status 2 and every
-problem listed, never with a traceback from deep inside a run.
+problem listed, never with a traceback from deep inside a run; so does a data
+file the run cannot use (named with its row), found before anything is written.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from nemo_rl.data.rows import DataError
 from nemo_rl.utils.config import ConfigError, load_config, parse_args, resolve_config
 
 
@@ -30,6 +32,9 @@ def run_entry(
         return run(validate(resolved), resolved)
     except ConfigError as err:
         print(f"Invalid configuration ({config_path}):\n{err}", file=sys.stderr)
+        return 2
+    except DataError as err:
+        print(f"Invalid data: {err}", file=sys.stderr)
         return 2
 
 

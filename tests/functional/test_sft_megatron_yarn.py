@@ -91,7 +91,7 @@ def test_sft_trains_caches_resumes_and_exports(ray_local, tmp_path):
         256,
         1024,
     )
-    assert stamped["attention_factor"] == pytest.approx(0.1 * math.log(4) + 1)
+    assert stamped["attn_factor"] == pytest.approx(0.1 * math.log(4) + 1)
     assert sorted(p.name for p in (tmp_path / "a" / "ckpt").iterdir()) == ["step_2", "step_4"]
 
     run, resumed = _train(
@@ -153,6 +153,16 @@ def test_sft_trains_caches_resumes_and_exports(ray_local, tmp_path):
     )
     report = json.loads((out / "long_context_eval.json").read_text())
     assert report["original_window"] == 256 and report["perplexity"][0]["num_documents"] > 0
+    # Each leg evaluated its export (sft.yaml's long_context_eval): report files in the log dir, metrics logged.
+    logs = tmp_path / "a" / "logs"
+    written = {p.name for p in logs.iterdir()}
+    assert {"long_context_eval.json", "passkey_heatmap.png", "perplexity_vs_length.png"} <= written
+    evaluations = read_metrics(logs, "long_context_eval")
+    assert evaluations[-1]["step"] == 8
+    names = {"perplexity@512", "passkey@512/depth0.5", "passkey@512"}
+    names |= {"ruler/niah_multikey@512", "ruler/variable_tracking@512"}
+    assert all(names <= set(row) for row in evaluations)
+    assert math.isfinite(evaluations[-1]["perplexity@512"])
 
     # 3) An uninterrupted 8-step run gives the same loss curve as the 4 + 4 resumed run.
     straight = _train(tmp_path / "b", "sft.max_num_steps=8", "checkpointing.enabled=false", "sft.val_period=4")

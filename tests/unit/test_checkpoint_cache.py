@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Qwen2ForCausalLM
+from transformers import AutoConfig, Qwen2ForCausalLM
 
 from nemo_rl.models import rope_scaling
 from nemo_rl.models.megatron import checkpoint_cache
@@ -78,6 +78,23 @@ def test_convert_reuse_and_force(hf_dir, tmp_path):
     other, _ = checkpoint_cache.ensure_converted(hf_dir, "tiny", _yarn(2.0), 128, root=tmp_path)
     assert other != path and checkpoint_cache.is_complete(path)
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == sorted([path.name, other.name])
+
+
+def test_changed_source_weights_are_converted_again(tmp_path):
+    source = tmp_path / "hf"
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(tiny_qwen2_config()).save_pretrained(source)
+    path, converted = checkpoint_cache.ensure_converted(source, "tiny", _yarn(), 256, root=tmp_path / "cache")
+    assert converted
+    # The same directory re-written with other weights (a rebuilt built-in, a re-exported run).
+    torch.manual_seed(1)
+    Qwen2ForCausalLM(tiny_qwen2_config()).save_pretrained(source)
+    again, converted = checkpoint_cache.ensure_converted(source, "tiny", _yarn(), 256, root=tmp_path / "cache")
+    assert again == path and converted
+    weights = load_file(str(path / checkpoint_cache.WEIGHTS_FILE))
+    expected = hf_to_megatron(checkpoint_cache.load_hf_state_dict(source), AutoConfig.from_pretrained(path))
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    assert not checkpoint_cache.ensure_converted(source, "tiny", _yarn(), 256, root=tmp_path / "cache")[1]
 
 
 def test_crash_during_conversion_leaves_nothing_usable(hf_dir, tmp_path, monkeypatch):

@@ -240,7 +240,7 @@ def test_ntk_base_formula():
     expected = 1.0 / expected_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
     torch.testing.assert_close(model.model.rotary_emb.inv_freq.double(), expected, rtol=1e-6, atol=0)
     assert receipt["long_context"]["new_max_position_embeddings"] == 3 * WINDOW
-    assert receipt["long_context"]["attention_factor"] == 1.0
+    assert receipt["long_context"]["attn_factor"] == 1.0
     assert LongContextConfig("ntk", 3.0).rope_block(qwen2_config()) == model.config.rope_parameters
 
 
@@ -471,16 +471,16 @@ def test_receipt_fields_and_hash():
     assert block["factor"] == 4.0
     assert block["original_max_position_embeddings"] == WINDOW
     assert block["new_max_position_embeddings"] == 4 * WINDOW
-    assert block["attention_factor"] == pytest.approx(0.1 * math.log(4) + 1)
+    assert block["attn_factor"] == pytest.approx(0.1 * math.log(4) + 1)
     assert (block["beta_fast"], block["beta_slow"]) == (32, 1)
-    assert block["references"] == list(REFERENCES) == ["arXiv:2309.00071", "arXiv:2306.15595"]
+    assert block["papers"] == list(REFERENCES) == ["arXiv:2309.00071", "arXiv:2306.15595"]
     assert block["compounded_from_factor"] is None
     assert receipt["sha256"] == _independent_sha256(block)
 
 
 def test_receipt_of_linear_has_no_yarn_knobs():
     block = apply_rope_scaling(tiny_qwen2(), LongContextConfig("linear", 2.0))["long_context"]
-    assert block["beta_fast"] is None and block["beta_slow"] is None and block["attention_factor"] == 1.0
+    assert block["beta_fast"] is None and block["beta_slow"] is None and block["attn_factor"] == 1.0
 
 
 def test_write_and_verify_receipt(tmp_path):
@@ -489,6 +489,18 @@ def test_write_and_verify_receipt(tmp_path):
     assert path == tmp_path / "run" / RECEIPT_NAME
     assert verify_receipt(path)
     assert json.loads(path.read_text()) == receipt
+    # Seed 002's key names, in its order, as written on disk; the extras follow them.
+    written = list(json.loads(path.read_text())["long_context"])
+    assert written[:8] == [
+        "method",
+        "factor",
+        "original_max_position_embeddings",
+        "new_max_position_embeddings",
+        "attn_factor",
+        "beta_fast",
+        "beta_slow",
+        "papers",
+    ]
     assert [p.name for p in path.parent.iterdir()] == [RECEIPT_NAME]  # no temp file left behind
 
 
@@ -497,7 +509,7 @@ def test_write_and_verify_receipt(tmp_path):
     [
         lambda r: r["long_context"].update(factor=8.0),
         lambda r: r["long_context"].update(original_max_position_embeddings=128),
-        lambda r: r["long_context"]["references"].pop(),
+        lambda r: r["long_context"]["papers"].pop(),
         lambda r: r.update(sha256="0" * 64),
         lambda r: r.pop("sha256"),
         lambda r: r.update(extra=1),

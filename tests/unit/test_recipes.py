@@ -119,3 +119,33 @@ def test_expand_recipe_prints_the_resolved_config_and_checks_minimality(tmp_path
     (tmp_path / "r.yaml").write_text("defaults: base.yaml\na: 1\n")
     assert expand(["--check-minimal", str(tmp_path / "r.yaml")]) == 1
     assert "a repeats the value of its defaults" in capsys.readouterr().out
+
+
+def test_paper_scale_extension_recipe_is_the_yarn_papers_run():
+    """Llama-2-7B 4k -> 64k on PG19 documents: 400 steps at batch 64, lr 2e-5, 20 warm-up steps (YaRN, sec. 4)."""
+    cfg = validate_sft_config(resolve_config(load_config(RECIPE_DIR / "sft-llama2-7B-4n8g-megatron-yarn-64k-pg19.yaml")))
+    yarn = cfg.policy.long_context
+    assert (yarn.original_max_position_embeddings, yarn.factor, yarn.rope_theta) == (4096, 16.0, 10000.0)
+    assert (yarn.beta_fast, yarn.beta_slow) == (32.0, 1.0)
+    assert cfg.policy.max_total_sequence_length == 65536
+    assert (cfg.sft.max_num_steps, cfg.policy.train_global_batch_size) == (400, 64)
+    optimizer, scheduler = cfg.policy.megatron_cfg.optimizer, cfg.policy.megatron_cfg.scheduler
+    assert (optimizer.lr, scheduler.lr_warmup_iters, scheduler.lr_decay_style) == (2e-5, 20, "constant")
+    assert cfg.data.format == "document" and cfg.data.input_key == "text"
+    tokens = cfg.sft.max_num_steps * cfg.policy.train_global_batch_size * cfg.policy.max_total_sequence_length
+    assert tokens == pytest.approx(1.68e9, rel=0.01)  # ~0.1 % of Llama-2's 2T pre-training tokens
+    assert cfg.cluster.gpus_per_node * cfg.cluster.num_nodes == 32
+
+
+def test_the_main_job_config_extends_the_base_four_times_on_documents():
+    """examples/configs/sft_long_context.yaml, the README's first command (run_sft.py's default)."""
+    path = RECIPE_DIR.parents[1] / "sft_long_context.yaml"
+    assert redundant_keys(path) == []
+    cfg = validate_sft_config(resolve_config(load_config(path)))
+    yarn = cfg.policy.long_context
+    assert cfg.policy.model_name == "tiny-qwen2-base"
+    assert (yarn.original_max_position_embeddings, yarn.factor, yarn.rope_theta) == (128, 4.0, 500.0)
+    assert cfg.data.format == "document" and cfg.data.dataset_name == "python-stdlib"
+    # Short data kept in the mix never exceeds the original window: retrieval beyond it measures the extension.
+    assert all(source.max_document_tokens == 128 for source in cfg.data.blend)
+    assert cfg.long_context_eval.compare_with_base and 512 in cfg.long_context_eval.passkey_lengths

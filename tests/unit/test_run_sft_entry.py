@@ -34,3 +34,25 @@ def test_unknown_override_key_suggests_the_nearest(tmp_path, capsys, monkeypatch
     assert _main()(["policy.max_total_sequence_lenght=2048"]) == 2
     assert "policy.max_total_sequence_length" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_data_row_is_one_clear_line_and_nothing_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"text": "def f(): pass"}\n{"body": "no text here"}\n')
+    code = _main()(
+        [
+            "data.dataset_name=my-corpus",
+            f"data.train_data_path={data / 'train.jsonl'}",
+            "data.blend=[]",
+            f"logger.log_dir={tmp_path / 'logs'}",
+            f"checkpointing.checkpoint_dir={tmp_path / 'checkpoints'}",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("Invalid data: ") and "train.jsonl: row 2: " in err and "data.input_key" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"], "nothing may be written for bad data"
+    assert "ray" not in sys.modules or not __import__("ray").is_initialized()

@@ -6,11 +6,15 @@ A converted checkpoint depends on the HF weights *and* on ``hf_config_overrides`
 two override sets can never share a cache entry. Conversion goes through
 :func:`nemo_rl.utils.atomic_dir.build_atomically` (temporary sibling, file lock,
 rename), so concurrent workers convert once and a crash never leaves a
-directory that looks usable.
+directory that looks usable. The manifest also records a fingerprint of the
+source files (names, sizes, modification times: cheap even for a 16 GB model),
+so a model directory whose weights changed since (a rebuilt built-in, a
+re-exported run) is converted again instead of silently reusing old weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -51,6 +55,20 @@ def is_complete(path: Path) -> bool:
     return (path / MANIFEST_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
 
+def source_fingerprint(model_path: Path) -> str:
+    """A digest of the HF directory's weight and config files by name, size and modification time."""
+    files = sorted([*Path(model_path).glob("*.safetensors"), Path(model_path) / "config.json"])
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+
+
+def _is_current(path: Path, fingerprint: str) -> bool:
+    """A complete conversion of the source as it is now."""
+    if not is_complete(path):
+        return False
+    return json.loads((path / MANIFEST_FILE).read_text()).get("source_fingerprint") == fingerprint
+
+
 def load_hf_state_dict(model_path: Path) -> dict[str, torch.Tensor]:
     """All tensors of an HF safetensors checkpoint (single file or sharded with an index)."""
     files = sorted(model_path.glob("*.safetensors"))
@@ -76,6 +94,7 @@ def _convert_into(
     manifest = {
         "format_version": FORMAT_VERSION,
         "source": str(model_path),
+        "source_fingerprint": source_fingerprint(model_path),
         "hf_config_overrides": json.loads(rope_scaling.canonical_overrides_json(overrides or {})),
         "overrides_hash": rope_scaling.overrides_hash(overrides or {}),
         "megatron_core_version": megatron.core.__version__,
@@ -94,11 +113,17 @@ def ensure_converted(
 ) -> tuple[Path, bool]:
     """The converted checkpoint for (model, overrides), and whether this call converted it."""
     target = converted_checkpoint_dir(model_name, overrides, root)
-    reason = "force_reconvert_from_hf=true" if is_complete(target) else "no cached conversion"
+    fingerprint = source_fingerprint(model_path)
+    if force_reconvert and is_complete(target):
+        reason = "force_reconvert_from_hf=true"
+    elif is_complete(target):
+        reason = "the source model changed since it was converted"
+    else:
+        reason = "no cached conversion"
     built = build_atomically(
         target,
         lambda tmp: _convert_into(tmp, model_path, overrides, max_total_sequence_length),
-        is_complete,
+        lambda path: _is_current(path, fingerprint),
         force=force_reconvert,
     )
     if built:
