@@ -58,7 +58,13 @@ def pretrain(work_dir: Path, steps: int | None) -> Path:
 def check(export: Path) -> dict:
     """Passkey accuracy per length with plain RoPE (the base as it ships) and in-window perplexity."""
     from nemo_rl.data.builtin_assets import resolve_dataset_paths
-    from nemo_rl.evals.long_context import HFGenerator, load_model, passkey_grid, read_documents, sliding_window_perplexity
+    from nemo_rl.evals.long_context import (
+        HFGenerator,
+        load_model,
+        passkey_grid,
+        read_documents,
+        sliding_window_perplexity,
+    )
     from nemo_rl.models.tiny_base_model import BASE_WINDOW
 
     lengths = [BASE_WINDOW, 2 * BASE_WINDOW, 4 * BASE_WINDOW]

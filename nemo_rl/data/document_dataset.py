@@ -287,4 +287,3 @@ class DocumentLoader:
         blended = BlendedDocuments(parts)
         logger.info("training documents: %s", ", ".join(f"{k}: {v} chunks" for k, v in blended.composition().items()))
         return blended
-

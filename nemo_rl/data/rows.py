@@ -35,9 +35,7 @@ def read_rows(path: Path) -> list[dict]:
         import pyarrow.parquet as pq  # only runs that read Parquet pay for the import
 
         return pq.read_table(path).to_pylist()
-    raise DataError(
-        f"{path}: unsupported data file suffix {path.suffix!r}; supported: {', '.join(SUPPORTED_SUFFIXES)}"
-    )
+    raise DataError(f"{path}: unsupported data file suffix {path.suffix!r}; supported: {', '.join(SUPPORTED_SUFFIXES)}")
 
 
 def _read_jsonl(path: Path) -> list[dict]:

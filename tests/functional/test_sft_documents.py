@@ -15,7 +15,7 @@ import pytest
 
 from nemo_rl.data.python_stdlib import stdlib_documents
 from nemo_rl.utils.logger import read_metrics
-from tests.helpers import entry_main, local_ray
+from tests.helpers import SFT_YAML, entry_main, local_ray
 
 pytestmark = [pytest.mark.functional, pytest.mark.slow]
 
@@ -43,6 +43,7 @@ def _losses(tmp_path: Path, corpus, name: str, *overrides: str) -> list[float]:
     out = tmp_path / name
     status = entry_main("run_sft")(
         [
+            f"--config={SFT_YAML}",  # the tiny model's base config, no blend: only the user's corpus is trained on
             "data.format=document",
             "data.dataset_name=my-corpus",
             f"data.train_data_path={train}",
@@ -63,7 +64,7 @@ def _losses(tmp_path: Path, corpus, name: str, *overrides: str) -> list[float]:
     assert status == 0
     rows = read_metrics(out / "logs", "train")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    # Loss on every token: every real token but each chunk's first is a target.
+    # Loss on every token: every real token but each chunk's first (8 chunks a step) is a target.
     assert all(r["num_loss_tokens"] == r["input_tokens"] - 8 for r in rows)
     return [r["loss"] for r in rows]
 

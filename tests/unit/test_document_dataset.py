@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from nemo_rl.data.dataloader import ResumableDataloader
-from nemo_rl.data.document_dataset import DocumentChunks, DocumentLoader, BlendSource, chunk_bounds, draw
+from nemo_rl.data.document_dataset import BlendSource, DocumentChunks, DocumentLoader, chunk_bounds, draw
 from nemo_rl.data.packing import pack_batch
 from nemo_rl.data.python_stdlib import split_of, stdlib_documents
 from nemo_rl.data.retrieval_documents import RetrievalDocuments
@@ -71,7 +71,9 @@ def test_packed_documents_restart_positions_and_do_not_see_each_other(tokenizer)
     for start, end in zip(bounds[:-2], bounds[1:-1]):
         assert row["position_ids"][0, start:end].tolist() == list(range(end - start))
         # The first token of each document is not a target: nothing of its own document precedes it.
-        assert row["loss_mask"][0, start] == 0 and row["loss_mask"][0, start + 1 : end].tolist() == [1] * (end - start - 1)
+        assert row["loss_mask"][0, start] == 0 and row["loss_mask"][0, start + 1 : end].tolist() == [1] * (
+            end - start - 1
+        )
     assert row["loss_mask"][0, 12:].sum() == 0
 
 
@@ -80,7 +82,9 @@ def test_rows_without_text_name_file_row_and_fix(tokenizer, tmp_path):
     with pytest.raises(DataError, match=r"bad.jsonl: row 2: .*'text' \(data.input_key\).*\['content'\]"):
         DocumentLoader(tokenizer, "text", add_eos=True, cache_root=None).documents(path)
     with pytest.raises(DataError, match="row 1: .*found a int"):
-        DocumentLoader(tokenizer, "text", add_eos=True, cache_root=None).documents(_write(tmp_path / "int.jsonl", [{"text": 3}]))
+        DocumentLoader(tokenizer, "text", add_eos=True, cache_root=None).documents(
+            _write(tmp_path / "int.jsonl", [{"text": 3}])
+        )
 
 
 def test_tokenized_documents_are_cached_until_file_or_tokenizer_change(tokenizer, tmp_path, monkeypatch):
@@ -151,14 +155,18 @@ def test_draw_repeats_only_after_a_full_pass():
 
 def test_resume_mid_epoch_gives_the_uninterrupted_batches(tokenizer, tmp_path):
     main = _write(tmp_path / "main.jsonl", [{"text": " ".join(["plum"] * (20 + 7 * i))} for i in range(30)])
-    blend = DocumentLoader(tokenizer, "text", add_eos=True, cache_root=None).blend(main, 128, [BlendSource("s", 0.3, 128, None)], 0)
+    blend = DocumentLoader(tokenizer, "text", add_eos=True, cache_root=None).blend(
+        main, 128, [BlendSource("s", 0.3, 128, None)], 0
+    )
     straight = ResumableDataloader(blend, 4, shuffle=True, seed=1)
     seen = [straight.next_batch() for _ in range(len(blend) // 4 + 3)]  # crosses an epoch boundary
     first = ResumableDataloader(blend, 4, shuffle=True, seed=1)
     for _ in range(5):
         first.next_batch()
     state = json.loads(json.dumps(first.state_dict()))  # as written into a checkpoint
-    rebuilt = DocumentLoader(tokenizer, "text", add_eos=True, cache_root=None).blend(main, 128, [BlendSource("s", 0.3, 128, None)], 0)
+    rebuilt = DocumentLoader(tokenizer, "text", add_eos=True, cache_root=None).blend(
+        main, 128, [BlendSource("s", 0.3, 128, None)], 0
+    )
     resumed = ResumableDataloader(rebuilt, 4, shuffle=True, seed=1)
     resumed.load_state_dict(state)
     rest = [resumed.next_batch() for _ in range(len(seen) - 5)]

@@ -297,14 +297,14 @@ def test_the_new_keys_default_so_an_old_section_still_validates():
     assert (old.ruler_lengths, old.ruler_trials, old.generation_backend) == ([], 10, "hf")
     assert old.ruler_tasks == ["niah_multikey", "variable_tracking"]
     shown = _eval_config().long_context_eval
-    assert shown.passkey_trials == 10 and shown.ruler_lengths == [512, 768, 1024]
+    assert shown.passkey_trials == 10 and shown.ruler_lengths == [512, 1024]
     assert sft_config().long_context_eval.ruler_lengths == [512]
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("stride=300", "long_context_eval.stride: 300 is above the shortest of long_context_eval.lengths (256)"),
+        ("stride=300", "long_context_eval.stride: 300 is above the shortest of long_context_eval.lengths (128)"),
         ("document_tokens=512", "long_context_eval.document_tokens: 512 is below the longest of long_context_eval"),
         ("ruler_tasks=[niah_multikey,qa]", "long_context_eval.ruler_tasks: unknown task qa; known: niah_multikey, "),
         ("ruler_tasks=[niah_multikey,niah_multikey]", "long_context_eval.ruler_tasks: a task is listed twice"),

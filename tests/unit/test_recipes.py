@@ -123,7 +123,9 @@ def test_expand_recipe_prints_the_resolved_config_and_checks_minimality(tmp_path
 
 def test_paper_scale_extension_recipe_is_the_yarn_papers_run():
     """Llama-2-7B 4k -> 64k on PG19 documents: 400 steps at batch 64, lr 2e-5, 20 warm-up steps (YaRN, sec. 4)."""
-    cfg = validate_sft_config(resolve_config(load_config(RECIPE_DIR / "sft-llama2-7B-4n8g-megatron-yarn-64k-pg19.yaml")))
+    cfg = validate_sft_config(
+        resolve_config(load_config(RECIPE_DIR / "sft-llama2-7B-4n8g-megatron-yarn-64k-pg19.yaml"))
+    )
     yarn = cfg.policy.long_context
     assert (yarn.original_max_position_embeddings, yarn.factor, yarn.rope_theta) == (4096, 16.0, 10000.0)
     assert (yarn.beta_fast, yarn.beta_slow) == (32.0, 1.0)
