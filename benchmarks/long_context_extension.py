@@ -21,7 +21,8 @@ short-context perplexity (inside the window) against the base.
 Writes ``results.json``, ``perplexity_vs_length.png`` (every method before and
 after fine-tuning), ``passkey_heatmaps.png`` (one length x depth heatmap per
 method), ``budget_curve.png`` (quality vs fine-tuning tokens) under ``--out``
-and prints the table. ``--quick`` (a slow test) runs one small budget and a
+and prints the table and the study's goals, each with what was measured
+(also in ``results.json``: a goal missed is a finding, not an error). ``--quick`` (a slow test) runs one small budget and a
 smaller evaluation.
 """
 
@@ -96,6 +97,12 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings]:
         default="paper",
         help="YaRN's beta_fast/beta_slow: the paper's 32/1, or scaled by window/4096 (1 and 1/32)",
     )
+    parser.add_argument(
+        "--passkey-trials",
+        type=int,
+        default=None,
+        help="random keys per (length, depth) cell (default 20: a depth's accuracy to 5 %%; 4 with --quick)",
+    )
     parser.add_argument("--quick", action="store_true", help="one budget (1 %%), a smaller evaluation")
     args = parser.parse_args(argv)
     betas = (32.0, 1.0) if args.betas == "paper" else (1.0, 1.0 / 32)
@@ -108,7 +115,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings]:
         beta_slow=betas[1],
         perplexity_documents=4 if args.quick else 10,
         passkey_depths=(0.1, 0.5, 0.9) if args.quick else (0.05, 0.25, 0.5, 0.75, 0.95),
-        passkey_trials=4 if args.quick else 8,
+        passkey_trials=args.passkey_trials or (4 if args.quick else 20),
     )
     return args, settings
 
@@ -119,6 +126,7 @@ def main(argv=None) -> dict:
     results = study.run()
     summary = study.write(results)
     print(format_table(summary))
+    print(format_goals(summary["goals"]))
     print(f"results: {args.out / 'results.json'}")
     return summary
 
@@ -268,6 +276,7 @@ class Study:
             "base_short_context_perplexity": results[0].before.perplexity[self.window] if results else None,
             "methods": {r.method: _method_json(r) for r in results},
         }
+        summary["goals"] = goals(summary)
         (self.out / "results.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
         plot_perplexity(results, self.eval_lengths, self.window, self.length, self.out / "perplexity_vs_length.png")
         plot_heatmaps(results, self.out / "passkey_heatmaps.png")
@@ -307,8 +316,8 @@ def format_table(summary: dict) -> str:
         ["method", "budget %", "tokens"]
         + [f"ppl@{n}" for n in lengths]
         + [f"key@{n}" for n in summary["passkey_lengths"]]
+        + [f"worst depth@{length}", "short ppl vs base"]
     )
-    head.append("short ppl vs base")
     base_short = summary["base_short_context_perplexity"]
     rows = []
     for method, r in summary["methods"].items():
@@ -319,17 +328,61 @@ def format_table(summary: dict) -> str:
             ppl = [e["perplexity"][str(n)] for n in lengths]
             keys = [_mean(e["passkey"][str(n)].values()) for n in summary["passkey_lengths"]]
             short = e["perplexity"][str(window)] / base_short - 1
+            worst = min(e["passkey"][str(length)].values())
             rows.append(
                 [method, str(budget), str(tokens)]
                 + [f"{p:.2f}" for p in ppl]
                 + [f"{k:.2f}" for k in keys]
-                + [f"{short:+.1%}"]
+                + [f"{worst:.2f}", f"{short:+.1%}"]
             )
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
     lines += [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     title = f"window {window}, fine-tuned at {length} ({summary['factor']:g}x), base pre-trained on {summary['pretraining_tokens']:,} tokens"
     return title + "\n" + "\n".join(lines)
+
+
+def goals(summary: dict) -> list[dict]:
+    """The study's targets, each with what was measured: YaRN at the largest budget, plain RoPE before any training."""
+    window, length, methods = summary["window"], summary["fine_tuning_length"], summary["methods"]
+    out = []
+    if "yarn" in methods and methods["yarn"]["after"]:
+        budget = max(methods["yarn"]["after"], key=float)
+        after = methods["yarn"]["after"][budget]
+        ppl = after["perplexity"]
+        short = ppl[str(window)] / summary["base_short_context_perplexity"] - 1
+        out += [
+            _goal(
+                f"YaRN, {budget} %: passkey at {length} at every depth",
+                min(after["passkey"][str(length)].values()),
+                ">=",
+                0.95,
+            ),
+            _goal(
+                f"YaRN, {budget} %: perplexity at {length} / at {window}",
+                ppl[str(length)] / ppl[str(window)],
+                "<=",
+                1.0,
+            ),
+            _goal(f"YaRN, {budget} %: short-context perplexity vs base", short, "<=", 0.02),
+        ]
+    if "none" in methods:
+        before = methods["none"]["before"]["passkey"]
+        out.append(
+            _goal(f"plain RoPE, no fine-tuning: passkey at {length}", _mean(before[str(length)].values()), "<=", 0.1)
+        )
+    return out
+
+
+def _goal(name: str, value: float, relation: str, target: float) -> dict:
+    met = value >= target if relation == ">=" else value <= target
+    return {"goal": name, "measured": value, "target": f"{relation} {target:g}", "met": met}
+
+
+def format_goals(rows: list[dict]) -> str:
+    return "goals:\n" + "\n".join(
+        f"  [{'met' if g['met'] else 'MISSED'}] {g['goal']}: {g['measured']:.3f} (target {g['target']})" for g in rows
+    )
 
 
 def _mean(values) -> float:

@@ -52,6 +52,9 @@ def test_quick_comparison_orders_the_methods_as_the_paper_does(tmp_path):
     # After the same small budget YaRN beats plain RoPE and PI at the new length, in perplexity and retrieval.
     assert ppl("yarn", "after", length) < min(ppl("none", "after", length), ppl("linear", "after", length))
     assert passkey("yarn", "after", length) > passkey("none", "after", length)
+    # Every goal of the study is reported with its measurement, met or not.
+    assert [g["target"] for g in results["goals"]] == [">= 0.95", "<= 1", "<= 0.02", "<= 0.1"]
+    assert all(isinstance(g["met"], bool) and g["measured"] == g["measured"] for g in results["goals"])
     # The budget is what it says: 1 % of the base's pre-training tokens.
     tokens = methods["yarn"]["budget_tokens"]["1.0"]
     assert tokens == pytest.approx(0.01 * results["pretraining_tokens"], rel=0.2)
