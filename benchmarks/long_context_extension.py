@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -70,8 +71,7 @@ class Evaluation:
     passkey: dict[int, dict[float, float]]
 
     def passkey_at(self, length: int) -> float:
-        cells = self.passkey.get(length, {})
-        return sum(cells.values()) / len(cells) if cells else float("nan")
+        return _mean(self.passkey.get(length, {}).values())
 
 
 @dataclass
@@ -193,13 +193,11 @@ class Study:
 
     def fine_tune(self, method: str, overrides: dict | None, steps: list[int]) -> Path:
         """``examples/run_sft.py`` with this method's RoPE, checkpoints at ``steps``; returns the run directory."""
-        import math as _math
-
         from examples.run_sft import main as run_sft
         from nemo_rl.utils.config import override_value
 
         run_dir = self.out / method
-        save_period = _math.gcd(*steps)
+        save_period = math.gcd(*steps)
         argv = [
             "--config",
             str(RECIPE),
