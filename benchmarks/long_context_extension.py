@@ -137,8 +137,9 @@ class Study:
     def __init__(self, settings: Settings, out: Path):
         from transformers import AutoConfig, AutoTokenizer
 
-        from nemo_rl.data.builtin_assets import resolve_dataset_paths, resolve_model_path
+        from nemo_rl.data.builtin_datasets import resolve_dataset_paths
         from nemo_rl.evals.long_context import read_documents
+        from nemo_rl.models.builtin_models import resolve_model_path
         from nemo_rl.models.tiny_base_model import BASE_NAME, build_report
 
         self.settings, self.out = settings, out
@@ -194,7 +195,7 @@ class Study:
     def fine_tune(self, method: str, overrides: dict | None, steps: list[int]) -> Path:
         """``examples/run_sft.py`` with this method's RoPE, checkpoints at ``steps``; returns the run directory."""
         from examples.run_sft import main as run_sft
-        from nemo_rl.utils.config import override_value
+        from nemo_rl.config.loader import override_value
 
         run_dir = self.out / method
         save_period = math.gcd(*steps)
@@ -246,9 +247,9 @@ class Study:
     def estimate_tokens_per_step(self) -> float:
         """Real (unpadded) tokens in a step of the recipe's batch, from its training data: what budgets count."""
         from nemo_rl.algorithms.sft import document_dataset, document_loader
-        from nemo_rl.data.builtin_assets import resolve_dataset_paths
-        from nemo_rl.utils.config import load_config, resolve_config
-        from nemo_rl.utils.config_schema import validate_sft_config
+        from nemo_rl.config.loader import load_config, resolve_config
+        from nemo_rl.config.schema import validate_sft_config
+        from nemo_rl.data.builtin_datasets import resolve_dataset_paths
 
         cfg = validate_sft_config(resolve_config(load_config(RECIPE, self.recipe_overrides)))
         train, _ = resolve_dataset_paths(cfg.data.dataset_name, cfg.data.train_data_path, None)

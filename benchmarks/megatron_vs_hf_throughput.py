@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_sft_config(seq_len: int, batch_size: int, micro_batch_size: int):
-    from nemo_rl.utils.config import load_config, resolve_config
-    from nemo_rl.utils.config_schema import validate_sft_config
+    from nemo_rl.config.loader import load_config, resolve_config
+    from nemo_rl.config.schema import validate_sft_config
 
     overrides = [
         f"policy.max_total_sequence_length={seq_len}",  # the YaRN factor follows (seq_len / 256)
@@ -98,7 +98,7 @@ def run_megatron(cfg, model_path: Path, batch, micro_batch_size: int, args) -> t
 def run_hf(cfg, model_path: Path, batch, micro_batch_size: int, args, device) -> tuple[float, list[float]]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from nemo_rl.models.rope_scaling import apply_hf_config_overrides
+    from nemo_rl.rope.hf_config import apply_hf_config_overrides
 
     pcfg = cfg.policy
     config = apply_hf_config_overrides(
@@ -152,7 +152,7 @@ def main() -> None:
 
     from transformers import AutoConfig
 
-    from nemo_rl.data.builtin_assets import resolve_model_path
+    from nemo_rl.models.builtin_models import resolve_model_path
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":

@@ -47,12 +47,12 @@ def measure(length: int, max_len: int, batch_size: int, activation_checkpointing
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from transformers import AutoConfig
 
-    from nemo_rl.data.builtin_assets import resolve_model_path
+    from nemo_rl.config.loader import load_config, resolve_config
+    from nemo_rl.config.schema import validate_sft_config
+    from nemo_rl.models.builtin_models import resolve_model_path
     from nemo_rl.models.megatron.cpu_compat import enable_cpu_compat
     from nemo_rl.models.megatron.model_builder import ParallelLayout, build_gpt_model, transformer_config_from_hf
-    from nemo_rl.models.rope_scaling import apply_hf_config_overrides
-    from nemo_rl.utils.config import load_config, resolve_config
-    from nemo_rl.utils.config_schema import validate_sft_config
+    from nemo_rl.rope.hf_config import apply_hf_config_overrides
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")

@@ -11,15 +11,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from nemo_rl.utils.config_schema import validate_long_context_eval_config
-from nemo_rl.utils.entry import run_entry
+from nemo_rl.config.entry import run_entry
+from nemo_rl.config.schema import validate_long_context_eval_config
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "long_context_eval.yaml"
 
 
 def run(cfg, resolved) -> int:
-    from nemo_rl.data.builtin_assets import resolve_dataset_paths, resolve_model_path
+    from nemo_rl.data.builtin_datasets import resolve_dataset_paths
     from nemo_rl.evals.long_context import format_table, run_long_context_eval
+    from nemo_rl.models.builtin_models import resolve_model_path
     from nemo_rl.models.megatron.hf_export import export_training_checkpoint, is_training_checkpoint
 
     model_dir = Path(cfg.model_dir)

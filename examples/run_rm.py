@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from nemo_rl.utils.config_schema import validate_rm_config
-from nemo_rl.utils.entry import run_entry
+from nemo_rl.config.entry import run_entry
+from nemo_rl.config.schema import validate_rm_config
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "rm.yaml"
 

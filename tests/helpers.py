@@ -49,8 +49,8 @@ SFT_YAML = Path(__file__).resolve().parents[1] / "examples" / "configs" / "sft.y
 
 def sft_config(*overrides: str):
     """The validated default SFT config with Hydra-style ``overrides``."""
-    from nemo_rl.utils.config import load_config, resolve_config
-    from nemo_rl.utils.config_schema import validate_sft_config
+    from nemo_rl.config.loader import load_config, resolve_config
+    from nemo_rl.config.schema import validate_sft_config
 
     return validate_sft_config(resolve_config(load_config(SFT_YAML, list(overrides))))
 
@@ -74,8 +74,8 @@ def local_ray(num_cpus: int, megatron_cache: Path) -> Iterator[None]:
 @contextmanager
 def running_policy(policy_cfg, workers: int, seed: int = 0, **policy_kwargs: Any) -> Iterator[Any]:
     """A Policy of the tiny built-in model on ``workers`` workers, shut down afterwards."""
-    from nemo_rl.data.builtin_assets import resolve_model_path
     from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
+    from nemo_rl.models.builtin_models import resolve_model_path
     from nemo_rl.models.policy.lm_policy import Policy
 
     cluster = RayVirtualCluster(workers)

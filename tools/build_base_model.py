@@ -57,7 +57,7 @@ def pretrain(work_dir: Path, steps: int | None) -> Path:
 
 def check(export: Path) -> dict:
     """Passkey accuracy per length with plain RoPE (the base as it ships) and in-window perplexity."""
-    from nemo_rl.data.builtin_assets import resolve_dataset_paths
+    from nemo_rl.data.builtin_datasets import resolve_dataset_paths
     from nemo_rl.evals.long_context import (
         HFGenerator,
         load_model,

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from nemo_rl.utils.config import ConfigError, load_config, redundant_keys, resolve_config
+from nemo_rl.config.loader import load_config, redundant_keys, resolve_config
+from nemo_rl.utils.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,8 +15,9 @@ import argparse
 import time
 from pathlib import Path
 
-from nemo_rl.data.builtin_assets import resolve_dataset_paths, resolve_model_path
+from nemo_rl.data.builtin_datasets import resolve_dataset_paths
 from nemo_rl.data.tiny_chat import write_tiny_chat
+from nemo_rl.models.builtin_models import resolve_model_path
 from nemo_rl.models.tiny_model import create_tiny_model
 
 

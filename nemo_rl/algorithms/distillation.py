@@ -24,11 +24,11 @@ from transformers import AutoConfig
 
 from nemo_rl.algorithms.distillation_loss import DistillationLoss
 from nemo_rl.algorithms.grpo import Batch, GRPOResult, GRPORun, _Timer, rollout_batch, rollout_seeds
-from nemo_rl.data.builtin_assets import resolve_model_path
+from nemo_rl.algorithms.run_setup import run_and_close
 from nemo_rl.data.prompt_dataset import PromptSample
+from nemo_rl.models.builtin_models import resolve_model_path
 from nemo_rl.models.policy.lm_policy import Policy
-from nemo_rl.utils.config import ConfigError
-from nemo_rl.utils.entry import run_and_close
+from nemo_rl.utils.errors import ConfigError
 
 
 def check_teacher_compatible(student_dir, teacher_dir, k: int) -> None:

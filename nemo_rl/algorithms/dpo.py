@@ -13,7 +13,7 @@ from typing import Any
 
 from nemo_rl.algorithms.loss_functions import DPOLoss
 from nemo_rl.algorithms.offline_training import OfflineResult, PreferenceRun
-from nemo_rl.utils.entry import run_and_close
+from nemo_rl.algorithms.run_setup import run_and_close
 
 
 class DPORun(PreferenceRun):

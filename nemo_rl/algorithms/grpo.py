@@ -29,20 +29,20 @@ from transformers import AutoConfig, AutoTokenizer
 from nemo_rl.algorithms.advantages import group_advantages, token_weights
 from nemo_rl.algorithms.logprob_parity import check_first_step, token_mult_prob_error
 from nemo_rl.algorithms.loss_functions import ClippedPGLoss
-from nemo_rl.data.builtin_assets import resolve_dataset_paths, resolve_model_path
+from nemo_rl.algorithms.run_setup import open_run_log, run_and_close
+from nemo_rl.data.builtin_datasets import resolve_dataset_paths
 from nemo_rl.data.dataloader import ResumableDataloader
 from nemo_rl.data.prompt_dataset import PromptSample, load_prompt_dataset
 from nemo_rl.data.sft_dataset import SFTSample, collate
 from nemo_rl.distributed.ray_init import init_ray
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
 from nemo_rl.environments.math_environment import MathEnvironmentPool
-from nemo_rl.models import rope_scaling
+from nemo_rl.models.builtin_models import resolve_model_path
 from nemo_rl.models.generation.vllm_generation import VllmGeneration
 from nemo_rl.models.generation.vllm_worker import Completion
 from nemo_rl.models.policy.lm_policy import Policy, split_rows
+from nemo_rl.rope.vllm_engine import vllm_engine_kwargs
 from nemo_rl.utils.checkpoint import CheckpointManager, restore_training_state, save_training_state
-from nemo_rl.utils.entry import run_and_close
-from nemo_rl.utils.logger import open_run_log
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class GRPORun:
         self.model_path = resolve_model_path(pcfg.model_name)
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(pcfg.tokenizer.name))
         # The generator's arguments, merged with the recipe's own; a contradiction is a ConfigError now, not in Ray.
-        rope_scaling.vllm_engine_kwargs(
+        vllm_engine_kwargs(
             AutoConfig.from_pretrained(self.model_path),
             pcfg.effective_hf_config_overrides,
             pcfg.max_total_sequence_length,

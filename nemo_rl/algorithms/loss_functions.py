@@ -26,48 +26,11 @@ their per-sample fields (``[B]``, e.g. ``input_lengths``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar
 
 import torch
 
-# Per-position inputs of the model itself; every other [B, L] field describes the token at its index.
-_MODEL_INPUTS = ("input_ids", "position_ids")
-
-
-def next_token_mask(loss_mask: torch.Tensor) -> torch.Tensor:
-    """Align a per-token mask with next-token log-probs: position t predicts token t+1."""
-    return _shift(loss_mask.float())
-
-
-def _shift(field: torch.Tensor) -> torch.Tensor:
-    shifted = torch.zeros_like(field)
-    shifted[:, :-1] = field[:, 1:]
-    return shifted
-
-
-def token_fields(batch: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the per-token fields of a batch (``[B, L, ...]`` like ``input_ids``, not model inputs)."""
-    shape = batch["input_ids"].shape
-    return [
-        k
-        for k, v in batch.items()
-        if k not in _MODEL_INPUTS and torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == shape
-    ]
-
-
-ModelOutput = Literal["token_logprobs", "scores", "logits"]
-
-
-def model_output_of(loss_fn) -> ModelOutput:
-    return getattr(loss_fn, "model_output", "token_logprobs")
-
-
-def align_to_predictions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every per-token field moved to the position that predicts its token; ``loss_mask`` becomes ``token_mask``."""
-    aligned = {("token_mask" if k == "loss_mask" else k): _shift(batch[k]) for k in token_fields(batch)}
-    if "token_mask" in aligned:
-        aligned["token_mask"] = aligned["token_mask"].float()
-    return aligned
+from nemo_rl.models.policy.interfaces import ModelOutput
 
 
 @dataclass(frozen=True)
@@ -78,6 +41,8 @@ class NLLLoss:
     responses from being down-weighted and makes the result independent of
     micro-batch size and data-parallel layout.
     """
+
+    model_output: ClassVar[ModelOutput] = "token_logprobs"
 
     def __call__(
         self, token_logprobs: torch.Tensor, batch: dict[str, torch.Tensor]
@@ -109,6 +74,8 @@ class ClippedPGLoss:
     has n_i loss tokens, N sequences and T tokens are in the global batch), so
     that megatron's division by the global token count gives either mean.
     """
+
+    model_output: ClassVar[ModelOutput] = "token_logprobs"
 
     ratio_clip_min: float = 0.2
     ratio_clip_max: float = 0.2
@@ -164,6 +131,8 @@ class DPOLoss:
     batch's pairs. Needs ``reference_logprobs`` (aligned per-token field).
     """
 
+    model_output: ClassVar[ModelOutput] = "token_logprobs"
+
     beta: float
     sft_loss_weight: float = 0.0
     average_log_probs: bool = False
@@ -207,7 +176,7 @@ class BradleyTerryLoss:
     also where HF's ``*ForSequenceClassification`` pools.
     """
 
-    model_output = "scores"
+    model_output: ClassVar[ModelOutput] = "scores"
 
     def __call__(
         self, scores: torch.Tensor, batch: dict[str, torch.Tensor]

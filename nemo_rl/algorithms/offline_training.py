@@ -19,14 +19,15 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from nemo_rl.data.builtin_assets import resolve_dataset_paths, resolve_model_path
+from nemo_rl.algorithms.run_setup import open_run_log
+from nemo_rl.data.builtin_datasets import resolve_dataset_paths
 from nemo_rl.data.dataloader import ResumableDataloader
 from nemo_rl.data.preference_dataset import PreferenceDataset, collate_pairs, load_preference_dataset
 from nemo_rl.distributed.ray_init import init_ray
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
+from nemo_rl.models.builtin_models import resolve_model_path
 from nemo_rl.models.policy.lm_policy import Policy
 from nemo_rl.utils.checkpoint import CheckpointManager, restore_training_state, save_training_state
-from nemo_rl.utils.logger import open_run_log
 
 logger = logging.getLogger(__name__)
 

@@ -12,12 +12,12 @@ from typing import Any
 
 from nemo_rl.algorithms.loss_functions import NLLLoss
 from nemo_rl.algorithms.offline_training import OfflineResult, OfflineRun, step_metrics
-from nemo_rl.data.builtin_assets import resolve_dataset_paths
+from nemo_rl.algorithms.run_setup import run_and_close
+from nemo_rl.config.schema import SYNTHETIC_RETRIEVAL
+from nemo_rl.data.builtin_datasets import resolve_dataset_paths
 from nemo_rl.data.document_dataset import BlendSource, DocumentLoader
 from nemo_rl.data.sft_dataset import collate, load_sft_dataset
 from nemo_rl.utils.cache_paths import nemo_rl_cache_dir
-from nemo_rl.utils.config_schema import SYNTHETIC_RETRIEVAL
-from nemo_rl.utils.entry import run_and_close
 
 logger = logging.getLogger(__name__)
 

@@ -32,9 +32,10 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from nemo_rl.data.retrieval_documents import RetrievalDocuments
-from nemo_rl.data.rows import DataError, read_rows
+from nemo_rl.data.rows import read_rows
 from nemo_rl.data.sft_dataset import SFTSample
 from nemo_rl.utils.atomic_dir import build_atomically
+from nemo_rl.utils.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nemo_rl.algorithms.loss_functions import token_fields
+from nemo_rl.data.token_alignment import token_fields
 
 
 @dataclass(frozen=True)

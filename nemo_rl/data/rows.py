@@ -11,18 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from nemo_rl.utils.errors import DataError
+
 SUPPORTED_SUFFIXES = (".jsonl", ".parquet")
-
-
-class DataError(ValueError):
-    """A data file the run cannot use; the message names the file (and row) and the fix.
-
-    Entry scripts report it as one line, like a bad config, instead of a traceback.
-    """
-
-
-class MissingDataFile(DataError, FileNotFoundError):
-    """A configured data file that does not exist."""
 
 
 def read_rows(path: Path) -> list[dict]:

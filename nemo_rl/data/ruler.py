@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from nemo_rl.config.schema import RulerTask
 from nemo_rl.data.passkey import fill_to_budget, token_count
 
 NIAH_NEEDLE = "One of the special magic numbers for {word} is: {number}. "
@@ -137,7 +138,7 @@ def ruler_score(completion: str, answers: Sequence[str]) -> float:
     return found / len(answers)
 
 
-RULER_TASKS: dict[str, Callable[[PreTrainedTokenizerBase, int, random.Random], RulerPrompt]] = {
+RULER_TASKS: dict[RulerTask, Callable[[PreTrainedTokenizerBase, int, random.Random], RulerPrompt]] = {
     "niah_multikey": make_multikey_prompt,
     "variable_tracking": make_variable_tracking_prompt,
 }

@@ -4,7 +4,7 @@ The retrieval tasks only need "token ids in, greedy text out", so both backends
 sit behind one small interface. The HF generator runs any in-memory model (a
 benchmark's freshly trained ``nn.Module``) and batches prompts with left
 padding; the vLLM generator builds its engine with the trainer's RoPE through
-``rope_scaling.vllm_engine_kwargs``, so a YaRN run is evaluated with the RoPE
+``vllm_engine_kwargs``, so a YaRN run is evaluated with the RoPE
 it was trained with, by the engine it will be served with.
 
 Both stop at the same tokens (the tokenizer's end-of-sequence token and the
@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
-from nemo_rl.models import rope_scaling
+from nemo_rl.rope.vllm_engine import vllm_engine_kwargs
 
 
 class Generator(Protocol):
@@ -107,7 +107,7 @@ class VllmGenerator:
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM-CPU's default takes a large share
         hf_config = AutoConfig.from_pretrained(model_dir)
-        kwargs = rope_scaling.vllm_engine_kwargs(hf_config, overrides, max_total_sequence_length)
+        kwargs = vllm_engine_kwargs(hf_config, overrides, max_total_sequence_length)
         self.max_model_len = kwargs["max_model_len"]
         self.tokenizer = tokenizer
         self.stop_ids = stop_token_ids(tokenizer, _generation_config(model_dir, hf_config))

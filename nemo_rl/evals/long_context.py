@@ -2,7 +2,7 @@
 
 Runs on any HF directory (a base model, an SFT export, a checkpoint exported to
 HF) with the same ``hf_config_overrides`` the run trains with, applied through
-``nemo_rl.models.rope_scaling`` so the evaluation sees the trainer's RoPE; the
+``nemo_rl.rope`` so the evaluation sees the trainer's RoPE; the
 retrieval tasks generate through transformers or through a vLLM engine built
 with the same overrides (``long_context_eval.generation_backend``).
 
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from nemo_rl.config.schema import LongContextEvalConfig
 from nemo_rl.evals.generators import Generator, HFGenerator, VllmGenerator, open_generator
 from nemo_rl.evals.perplexity import (
     PerplexityPoint,
@@ -37,8 +38,7 @@ from nemo_rl.evals.perplexity import (
 )
 from nemo_rl.evals.plots import write_passkey_heatmap, write_perplexity_plot
 from nemo_rl.evals.retrieval import PasskeyPoint, RulerPoint, passkey_grid, ruler_accuracy
-from nemo_rl.models import rope_scaling
-from nemo_rl.utils.config_schema import LongContextEvalConfig
+from nemo_rl.rope.hf_config import apply_hf_config_overrides, hf_rope_parameters
 
 # The evaluation's whole public API, importable from this one module (the pieces live in their own).
 __all__ = [
@@ -102,7 +102,7 @@ def load_model(
     model_dir: Path, overrides: Mapping[str, Any] | None, max_length: int
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The HF model with the run's overrides; ``sdpa`` keeps memory linear in length where it can."""
-    config = rope_scaling.apply_hf_config_overrides(AutoConfig.from_pretrained(model_dir), overrides, max_length)
+    config = apply_hf_config_overrides(AutoConfig.from_pretrained(model_dir), overrides, max_length)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, config=config, dtype=torch.float32, attn_implementation="sdpa"
     )
@@ -111,7 +111,7 @@ def load_model(
 
 def original_window(config) -> int:
     """The pretraining window: the YaRN block's original length, else max_position_embeddings."""
-    params = rope_scaling.hf_rope_parameters(config)
+    params = hf_rope_parameters(config)
     return int(params.get("original_max_position_embeddings") or config.max_position_embeddings)
 
 
@@ -145,7 +145,7 @@ def evaluate(
     info = {
         "original_window": window,
         "max_position_embeddings": model.config.max_position_embeddings,
-        "rope_parameters": rope_scaling.hf_rope_parameters(model.config),
+        "rope_parameters": hf_rope_parameters(model.config),
         "no_document_beyond_original_window": uninformative,
         "settings": cfg.model_dump(),
         "seconds": seconds,

@@ -28,7 +28,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from nemo_rl.data.rows import DataError, MissingDataFile, read_rows
+from nemo_rl.data.rows import read_rows
+from nemo_rl.utils.errors import DataError, MissingDataFile
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ Three published RoPE remappings are offered (seed 002):
 
 What a RoPE block *means* (its validation, attention factor, how it is written
 into an HF config, the NTK base and the canonical JSON used for hashing) is
-owned by :mod:`nemo_rl.models.rope_scaling`; this module only decides which
+owned by :mod:`nemo_rl.rope`; this module only decides which
 block to write, refuses unsafe requests, patches a live model (top-level config,
 nested ``text_config`` and every rotary-embedding module) and writes a receipt
 an auditor can verify.
@@ -31,20 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from nemo_rl.models.rope_scaling import (
-    STRUCTURAL_ROPE_KEYS,
-    YARN,
-    LinearScaling,
-    NTKAwareScaling,
-    YarnScaling,
-    apply_hf_config_overrides,
-    canonical_overrides_json,
-    hf_rope_parameters,
-    rope_theta_of,
-    rotary_dim,
-    validate_long_context,
-)
-from nemo_rl.utils.config import ConfigError
+from nemo_rl.rope.blocks import STRUCTURAL_ROPE_KEYS, YARN, LinearScaling, NTKAwareScaling, YarnScaling, rotary_dim
+from nemo_rl.rope.canonical import canonical_overrides_json
+from nemo_rl.rope.hf_config import apply_hf_config_overrides, hf_rope_parameters, rope_theta_of
+from nemo_rl.rope.rules import validate_long_context
+from nemo_rl.utils.errors import ConfigError
 
 Method = Literal["yarn", "ntk", "linear"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -114,7 +105,7 @@ class LongContextConfig:
     def rope_block(self, model_config: Any) -> dict[str, Any]:
         """The canonical RoPE block (with ``rope_theta``) this request writes into ``model_config``.
 
-        Validated by :mod:`nemo_rl.models.rope_scaling` (``YarnScaling.from_dict``
+        Validated by :mod:`nemo_rl.rope` (``YarnScaling.from_dict``
         for YaRN). Raises ConfigError if the request is refused for this config
         (compounding, stable band).
         """

@@ -9,16 +9,20 @@ never leaves a directory that passes ``is_complete``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock
 
 logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = ".nemo_rl_complete"  # written last inside the temporary dir, before the rename
 
 
 def build_atomically(
@@ -51,3 +55,26 @@ def build_atomically(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return True
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE_MARKER).is_file()
+
+
+def _write_with_marker(build: Callable[[Path], object]) -> Callable[[Path], None]:
+    def write(tmp: Path) -> None:
+        build(tmp)
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"created_unix": time.time()}))
+
+    return write
+
+
+def materialize(target: Path, build: Callable[[Path], object]) -> Path:
+    """``target``, built by ``build(tmp_dir)`` unless a complete copy (with the marker written last) exists.
+
+    Built-in models and datasets are made this way on first use. A ``target`` left
+    without the marker (e.g. made by hand or by an older layout) is replaced, not trusted.
+    """
+    if build_atomically(target, _write_with_marker(build), is_complete):
+        logger.info("Created built-in asset %s", target)
+    return target

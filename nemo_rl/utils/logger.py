@@ -15,27 +15,6 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 
 
-def open_run_log(cfg, resolved_config: Mapping[str, Any], engines: list[str]) -> Logger:
-    """The run directory: resolved config, long-context receipt (which RoPE each engine uses) and the metrics log."""
-    from nemo_rl.models import rope_scaling
-    from nemo_rl.models.long_context import run_receipt, write_receipt
-    from nemo_rl.utils.config import save_config
-
-    log_dir = Path(cfg.logger.log_dir)
-    save_config(resolved_config, log_dir / "config.yaml")
-    yarn = cfg.policy.long_context
-    if yarn is not None:
-        block = json.loads(rope_scaling.canonical_overrides_json(cfg.policy.effective_hf_config_overrides))
-        receipt = run_receipt(yarn, block["rope_scaling"], cfg.policy.max_total_sequence_length, engines)
-        logger.info("Long-context receipt: %s", write_receipt(receipt, log_dir))
-    return Logger(
-        log_dir,
-        tensorboard=cfg.logger.tensorboard_enabled,
-        wandb_cfg=cfg.logger.wandb.model_dump() if cfg.logger.wandb_enabled else None,
-        run_config=resolved_config,
-    )
-
-
 class Logger:
     def __init__(
         self,

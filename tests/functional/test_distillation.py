@@ -40,8 +40,8 @@ def _hf_teacher(run):
 def test_distillation_kl_falls_and_teacher_topk_matches_hf(tmp_path):
     from nemo_rl.algorithms.distillation import DistillationRun
     from nemo_rl.algorithms.grpo import rollout_batch
-    from nemo_rl.utils.config import load_config, resolve_config
-    from nemo_rl.utils.config_schema import validate_distillation_config
+    from nemo_rl.config.loader import load_config, resolve_config
+    from nemo_rl.config.schema import validate_distillation_config
 
     resolved = resolve_config(
         load_config(

@@ -30,8 +30,8 @@ ORIGINAL_WINDOW = 256
 
 def _dpo(tmp_path: Path, run_dir: Path, *overrides: str):
     from nemo_rl.algorithms.dpo import run_dpo
-    from nemo_rl.utils.config import load_config, resolve_config
-    from nemo_rl.utils.config_schema import validate_dpo_config
+    from nemo_rl.config.loader import load_config, resolve_config
+    from nemo_rl.config.schema import validate_dpo_config
 
     resolved = resolve_config(
         load_config(

@@ -85,7 +85,7 @@ def _run(workers: int, dtensor: bool, batch, checkpoint: Path | None = None) -> 
 def _hf_config():
     from transformers import AutoConfig
 
-    from nemo_rl.data.builtin_assets import resolve_model_path
+    from nemo_rl.models.builtin_models import resolve_model_path
 
     return AutoConfig.from_pretrained(resolve_model_path("tiny-qwen2"))
 

@@ -36,8 +36,8 @@ PARITY_BOUND = 1.001
 
 
 def _config(config: Path, run_dir: Path, *overrides: str):
-    from nemo_rl.utils.config import load_config, resolve_config
-    from nemo_rl.utils.config_schema import validate_grpo_config
+    from nemo_rl.config.loader import load_config, resolve_config
+    from nemo_rl.config.schema import validate_grpo_config
 
     resolved = resolve_config(
         load_config(

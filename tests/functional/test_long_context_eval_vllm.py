@@ -14,13 +14,13 @@ import random
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from nemo_rl.data.builtin_assets import resolve_model_path
+from nemo_rl.config.schema import LongContextEvalConfig
 from nemo_rl.data.passkey import make_passkey_prompt
 from nemo_rl.data.ruler import RULER_TASKS
 from nemo_rl.evals.generators import HFGenerator, open_generator
 from nemo_rl.evals.long_context import evaluate, load_model
 from nemo_rl.evals.retrieval import PASSKEY_NEW_TOKENS, generate_each, prompt_ids
-from nemo_rl.utils.config_schema import LongContextEvalConfig
+from nemo_rl.models.builtin_models import resolve_model_path
 from tests.helpers import yarn_block
 from tests.unit.test_long_context_eval import sharpen
 

@@ -32,9 +32,9 @@ def test_reward_model_learns_and_exports_to_hf(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     from nemo_rl.algorithms.rm import RMRun
+    from nemo_rl.config.loader import load_config, resolve_config
+    from nemo_rl.config.schema import validate_rm_config
     from nemo_rl.data.preference_dataset import collate_pairs
-    from nemo_rl.utils.config import load_config, resolve_config
-    from nemo_rl.utils.config_schema import validate_rm_config
 
     resolved = resolve_config(
         load_config(

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemo_rl.models import rope_scaling
-from nemo_rl.utils.config import load_config, resolve_config
-from nemo_rl.utils.config_schema import validate_sft_config
+from nemo_rl.config.loader import load_config, resolve_config
+from nemo_rl.config.schema import validate_sft_config
+from nemo_rl.rope.canonical import overrides_hash
 from nemo_rl.utils.logger import read_metrics
 
 pytestmark = pytest.mark.functional
@@ -79,7 +79,7 @@ def test_sft_trains_caches_resumes_and_exports(ray_local, tmp_path):
     name = first.converted_checkpoint.name
     cfg, _ = _config(tmp_path / "a")
     assert re.fullmatch(r"tiny-qwen2__hfovr_[0-9a-f]{12}", name)
-    assert name.endswith(rope_scaling.overrides_hash(cfg.policy.effective_hf_config_overrides))
+    assert name.endswith(overrides_hash(cfg.policy.effective_hf_config_overrides))
     assert (tmp_path / "a" / "logs" / "config.yaml").is_file()
     from nemo_rl.models.long_context import RECEIPT_NAME, verify_receipt
 

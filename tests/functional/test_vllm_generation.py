@@ -30,7 +30,7 @@ def _policy_logprobs(policy, ids: torch.Tensor) -> torch.Tensor:
 def test_generation_matches_the_policy_and_follows_a_refit(tmp_path):
     import ray
 
-    from nemo_rl.data.builtin_assets import resolve_model_path
+    from nemo_rl.models.builtin_models import resolve_model_path
     from nemo_rl.models.generation.vllm_weight_refit import pack_weights
     from nemo_rl.models.generation.vllm_worker import VllmGenerationWorker
     from nemo_rl.models.megatron.hf_weights import megatron_to_hf
@@ -66,9 +66,9 @@ def test_generation_matches_the_policy_and_follows_a_refit(tmp_path):
 def policy_hf_config(model_path: str, cfg):
     from transformers import AutoConfig
 
-    from nemo_rl.models import rope_scaling
+    from nemo_rl.rope.hf_config import apply_hf_config_overrides
 
-    return rope_scaling.apply_hf_config_overrides(
+    return apply_hf_config_overrides(
         AutoConfig.from_pretrained(model_path),
         cfg.policy.effective_hf_config_overrides,
         cfg.policy.max_total_sequence_length,

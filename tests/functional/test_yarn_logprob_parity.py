@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from nemo_rl.data.builtin_assets import resolve_model_path
-from nemo_rl.models import rope_scaling
+from nemo_rl.models.builtin_models import resolve_model_path
+from nemo_rl.rope.hf_config import apply_hf_config_overrides
+from nemo_rl.rope.vllm_engine import vllm_engine_kwargs
 from tests.helpers import yarn_block
 
 pytestmark = [pytest.mark.functional, pytest.mark.slow]
@@ -53,7 +54,7 @@ def _logprobs_from_logits(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tens
 
 
 def _hf_logprobs(path: Path, ids: torch.Tensor, overrides) -> torch.Tensor:
-    config = rope_scaling.apply_hf_config_overrides(AutoConfig.from_pretrained(path), overrides, MAX_LEN)
+    config = apply_hf_config_overrides(AutoConfig.from_pretrained(path), overrides, MAX_LEN)
     model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).eval()
     with torch.no_grad():
         return _logprobs_from_logits(model(ids).logits, ids)
@@ -62,11 +63,11 @@ def _hf_logprobs(path: Path, ids: torch.Tensor, overrides) -> torch.Tensor:
 def _megatron_logprobs(path: Path, ids: torch.Tensor, tmp: Path) -> torch.Tensor:
     import ray
 
+    from nemo_rl.config.loader import load_config, resolve_config
+    from nemo_rl.config.schema import validate_sft_config
     from nemo_rl.distributed.ray_init import init_ray
     from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
     from nemo_rl.models.policy.lm_policy import Policy
-    from nemo_rl.utils.config import load_config, resolve_config
-    from nemo_rl.utils.config_schema import validate_sft_config
 
     base = Path(__file__).resolve().parents[2] / "examples" / "configs" / "sft.yaml"
     cfg = validate_sft_config(resolve_config(load_config(base, [f"policy.model_name={path}"])))
@@ -87,7 +88,7 @@ def _vllm_logprobs(path: Path, ids: torch.Tensor) -> torch.Tensor:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
-    kwargs = rope_scaling.vllm_engine_kwargs(AutoConfig.from_pretrained(path), OVERRIDES, MAX_LEN)
+    kwargs = vllm_engine_kwargs(AutoConfig.from_pretrained(path), OVERRIDES, MAX_LEN)
     llm = LLM(model=str(path), dtype="float32", enforce_eager=True, seed=0, **kwargs)
     try:
         out = llm.generate(

@@ -11,7 +11,8 @@ import warnings
 
 from transformers import Qwen2Config, __version__
 
-from nemo_rl.models.rope_scaling import apply_hf_config_overrides, hf_rope_parameters, rope_theta_of, vllm_engine_kwargs
+from nemo_rl.rope.hf_config import apply_hf_config_overrides, hf_rope_parameters, rope_theta_of
+from nemo_rl.rope.vllm_engine import vllm_engine_kwargs
 from tests.helpers import yarn_block
 
 # Integer-valued fields on purpose: the translations must write them in their declared (float) types.

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, Qwen2ForCausalLM
 
-from nemo_rl.models import rope_scaling
 from nemo_rl.models.megatron import checkpoint_cache
 from nemo_rl.models.megatron.hf_weights import hf_to_megatron
+from nemo_rl.rope.canonical import overrides_hash
 from tests.helpers import tiny_qwen2_config
 
 
@@ -45,7 +45,7 @@ def hf_dir(tmp_path_factory):
 def test_directory_name_carries_the_override_hash(tmp_path):
     name = checkpoint_cache.cache_dir_name("Qwen/Qwen3-0.6B", _yarn())
     assert re.fullmatch(r"Qwen__Qwen3-0\.6B__hfovr_[0-9a-f]{12}", name)
-    assert name.endswith(rope_scaling.overrides_hash(_yarn()))
+    assert name.endswith(overrides_hash(_yarn()))
     assert checkpoint_cache.cache_dir_name("m", _yarn(4.0)) != checkpoint_cache.cache_dir_name("m", _yarn(2.0))
     assert checkpoint_cache.cache_dir_name("m", _yarn(4)) == checkpoint_cache.cache_dir_name("m", _yarn(4.0))
     assert checkpoint_cache.cache_dir_name("m", None) == "m"
@@ -55,7 +55,7 @@ def test_convert_reuse_and_force(hf_dir, tmp_path):
     path, converted = checkpoint_cache.ensure_converted(hf_dir, "tiny", _yarn(), 256, root=tmp_path)
     assert converted and checkpoint_cache.is_complete(path)
     manifest = json.loads((path / checkpoint_cache.MANIFEST_FILE).read_text())
-    assert manifest["overrides_hash"] == rope_scaling.overrides_hash(_yarn())
+    assert manifest["overrides_hash"] == overrides_hash(_yarn())
     # The cached config carries the overrides: what the trainer builds is what the exporter writes.
     from transformers import AutoConfig
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from nemo_rl.utils.config import ConfigError, load_config, parse_args, resolve_config, save_config
+from nemo_rl.config.loader import load_config, parse_args, resolve_config, save_config
+from nemo_rl.utils.errors import ConfigError
 
 SFT_YAML = Path(__file__).resolve().parents[2] / "examples" / "configs" / "sft.yaml"
 
@@ -290,7 +291,7 @@ def test_broken_interpolations_and_missing_values_are_all_reported():
 def test_resolver_registration_is_idempotent():
     # In a subprocess: reloading here would leave other modules holding a stale ConfigError class.
     code = (
-        "import importlib; import nemo_rl.utils.config as c; importlib.reload(c); importlib.reload(c); "
+        "import importlib; import nemo_rl.config.loader as c; importlib.reload(c); importlib.reload(c); "
         "from omegaconf import OmegaConf; print(c.resolve_config(OmegaConf.create({'v': '${div:1,4}'}))['v'])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from nemo_rl.models.rope_scaling import YarnScaling
-from nemo_rl.utils.config import ConfigError, load_config, resolve_config
-from nemo_rl.utils.config_schema import PolicyConfig, SFTMasterConfig, validate_sft_config
+from nemo_rl.config.loader import load_config, resolve_config
+from nemo_rl.config.schema import PolicyConfig, SFTMasterConfig, validate_sft_config
+from nemo_rl.rope.blocks import YarnScaling
+from nemo_rl.utils.errors import ConfigError
 
 SFT_YAML = Path(__file__).resolve().parents[2] / "examples" / "configs" / "sft.yaml"
 _BASE = resolve_config(load_config(SFT_YAML))
@@ -226,7 +227,7 @@ def test_fixed_factor_that_no_longer_covers_is_an_error():
 def test_no_extension_note_is_logged(raw, caplog):
     raw["policy"]["max_total_sequence_length"] = 256
     raw["policy"]["hf_config_overrides"]["rope_scaling"]["factor"] = 2.0
-    with caplog.at_level(logging.INFO, logger="nemo_rl.utils.config_schema"):
+    with caplog.at_level(logging.INFO, logger="nemo_rl.config.schema"):
         cfg = validate_sft_config(raw)
     assert cfg.policy.long_context is None and cfg.policy.effective_hf_config_overrides is None
     assert any("YaRN is a no-op here" in record.getMessage() for record in caplog.records)

@@ -19,12 +19,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from nemo_rl.algorithms.distillation_loss import (
-    DistillationLoss,
-    logprobs_at,
-    topk_logprobs,
-    vocab_parallel_log_normalizer,
-)
+from nemo_rl.algorithms.distillation_loss import DistillationLoss
+from nemo_rl.models.megatron.vocab_parallel import logprobs_at, topk_logprobs, vocab_parallel_log_normalizer
 
 B, L, V, K = 2, 5, 16, 4
 KL_TYPES = ["forward", "reverse", "mixed"]

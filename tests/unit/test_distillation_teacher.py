@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from nemo_rl.algorithms.distillation import check_teacher_compatible
 from nemo_rl.models.tiny_model import create_tiny_model, create_tiny_teacher
-from nemo_rl.utils.config import ConfigError
+from nemo_rl.utils.errors import ConfigError
 from tests.helpers import tiny_qwen2_config
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from nemo_rl.utils.config import ConfigError, load_config, resolve_config
-from nemo_rl.utils.config_schema import validate_dpo_config, validate_sft_config
+from nemo_rl.config.loader import load_config, resolve_config
+from nemo_rl.config.schema import validate_dpo_config, validate_sft_config
+from nemo_rl.utils.errors import ConfigError
 from tests.helpers import SFT_YAML
 
 

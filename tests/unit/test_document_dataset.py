@@ -14,9 +14,9 @@ from nemo_rl.data.document_dataset import BlendSource, DocumentChunks, DocumentL
 from nemo_rl.data.packing import pack_batch
 from nemo_rl.data.python_stdlib import split_of, stdlib_documents
 from nemo_rl.data.retrieval_documents import RetrievalDocuments
-from nemo_rl.data.rows import DataError
 from nemo_rl.data.sft_dataset import collate
 from nemo_rl.models.tiny_model import create_tiny_model
+from nemo_rl.utils.errors import DataError
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from nemo_rl.utils.config import ConfigError, load_config, resolve_config
-from nemo_rl.utils.config_schema import (
+from nemo_rl.config.loader import load_config, resolve_config
+from nemo_rl.config.schema import (
     GenerationConfig,
     GRPOMasterConfig,
     SFTMasterConfig,
     validate_grpo_config,
     validate_sft_config,
 )
+from nemo_rl.utils.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
 GRPO_YAML = CONFIGS / "grpo_math.yaml"

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nemo_rl.algorithms.advantages import group_advantages, token_weights
-from nemo_rl.algorithms.loss_functions import ClippedPGLoss, align_to_predictions
+from nemo_rl.algorithms.loss_functions import ClippedPGLoss
+from nemo_rl.data.token_alignment import align_to_predictions
 
 
 def test_group_advantages_with_and_without_std():

@@ -28,8 +28,9 @@ from nemo_rl.models.long_context import (
     verify_receipt,
     write_receipt,
 )
-from nemo_rl.models.rope_scaling import YarnScaling, rope_frequencies
-from nemo_rl.utils.config import ConfigError
+from nemo_rl.rope.blocks import YarnScaling
+from nemo_rl.rope.reference import rope_frequencies
+from nemo_rl.utils.errors import ConfigError
 
 WINDOW = 64
 THETA = 10000.0

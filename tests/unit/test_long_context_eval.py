@@ -13,9 +13,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from nemo_rl.data.builtin_assets import resolve_dataset_paths, resolve_model_path
+from nemo_rl.config.loader import load_config, resolve_config
+from nemo_rl.config.schema import LongContextEvalConfig, validate_long_context_eval_config
+from nemo_rl.data.builtin_datasets import resolve_dataset_paths
 from nemo_rl.data.passkey import FILLER, NEEDLE, QUESTION, make_passkey_prompt, passkey_correct
-from nemo_rl.data.rows import DataError, MissingDataFile
 from nemo_rl.data.ruler import RULER_TASKS
 from nemo_rl.evals.generators import HFGenerator, completion_text, stop_token_ids
 from nemo_rl.evals.long_context import evaluate, format_table, load_model, write_report
@@ -27,8 +28,8 @@ from nemo_rl.evals.perplexity import (
     window_starts,
 )
 from nemo_rl.evals.retrieval import PASSKEY_NEW_TOKENS, passkey_grid, prompt_ids
-from nemo_rl.utils.config import ConfigError, load_config, resolve_config
-from nemo_rl.utils.config_schema import LongContextEvalConfig, validate_long_context_eval_config
+from nemo_rl.models.builtin_models import resolve_model_path
+from nemo_rl.utils.errors import ConfigError, DataError, MissingDataFile
 from tests.helpers import sft_config, yarn_block
 
 EVAL_YAML = "examples/configs/long_context_eval.yaml"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from nemo_rl.algorithms.loss_functions import NLLLoss, next_token_mask
+from nemo_rl.algorithms.loss_functions import NLLLoss
+from nemo_rl.data.token_alignment import next_token_mask
 
 
 def test_next_token_mask_aligns_with_predictions():

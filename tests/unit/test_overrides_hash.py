@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from nemo_rl.models.rope_scaling import canonical_overrides_json, overrides_hash
-from nemo_rl.utils.config import ConfigError
+from nemo_rl.rope.canonical import canonical_overrides_json, overrides_hash
+from nemo_rl.utils.errors import ConfigError
 from tests.helpers import yarn_block
 
 BASE_YARN = yarn_block()

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from nemo_rl.utils.config import ConfigError, load_config, resolve_config
-from nemo_rl.utils.config_schema import (
+from nemo_rl.config.loader import load_config, resolve_config
+from nemo_rl.config.schema import (
     DistillationMasterConfig,
     DPOMasterConfig,
     RMMasterConfig,
@@ -21,6 +21,7 @@ from nemo_rl.utils.config_schema import (
     validate_grpo_config,
     validate_rm_config,
 )
+from nemo_rl.utils.errors import ConfigError
 from tests.helpers import entry_main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"

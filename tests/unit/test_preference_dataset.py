@@ -10,11 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from nemo_rl.data.builtin_assets import resolve_dataset_paths, resolve_model_path
+from nemo_rl.data.builtin_datasets import resolve_dataset_paths
 from nemo_rl.data.preference_dataset import collate_pairs, load_preference_dataset
 from nemo_rl.data.rows import read_rows
 from nemo_rl.data.tiny_chat import WORDS
 from nemo_rl.data.tiny_preference import NUM_TRAIN, NUM_VALIDATION, generate_split
+from nemo_rl.models.builtin_models import resolve_model_path
 
 
 @pytest.fixture(scope="module")

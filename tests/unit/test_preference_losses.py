@@ -16,11 +16,10 @@ from nemo_rl.algorithms.loss_functions import (
     ClippedPGLoss,
     DPOLoss,
     NLLLoss,
-    align_to_predictions,
-    model_output_of,
-    token_fields,
 )
 from nemo_rl.data.packing import pack_batch
+from nemo_rl.data.token_alignment import align_to_predictions, token_fields
+from nemo_rl.models.policy.interfaces import model_output_of
 
 
 def _preference_batch(pairs: int = 3, length: int = 7, seed: int = 0):

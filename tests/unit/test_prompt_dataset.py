@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from nemo_rl.data.builtin_assets import resolve_dataset_paths, resolve_model_path
+from nemo_rl.data.builtin_datasets import resolve_dataset_paths
 from nemo_rl.data.prompt_dataset import PromptSample, load_prompt_dataset
 from nemo_rl.data.rows import read_rows
+from nemo_rl.models.builtin_models import resolve_model_path
 
 
 @pytest.fixture(scope="module")

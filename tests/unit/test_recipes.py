@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from nemo_rl.utils.config import load_config, redundant_keys, resolve_config
-from nemo_rl.utils.config_schema import (
+from nemo_rl.config.loader import load_config, redundant_keys, resolve_config
+from nemo_rl.config.schema import (
     validate_distillation_config,
     validate_dpo_config,
     validate_grpo_config,

@@ -1,4 +1,4 @@
-"""Every engine computes the RoPE that ``nemo_rl.models.rope_scaling`` says a block means.
+"""Every engine computes the RoPE that ``nemo_rl.rope`` says a block means.
 
 The project's RoPE math (``rope_frequencies``, float64) is the reference; the
 installed transformers, megatron-core and vLLM are each compared with it, never
@@ -35,16 +35,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nemo_rl.models.rope_scaling import (
-    NTKAwareScaling,
-    YarnScaling,
-    dynamic_ntk_theta,
-    megatron_rope_fields,
-    rope_cos_sin,
-    rope_frequencies,
-    rotary_dim,
-    yarn_correction_range,
-)
+from nemo_rl.rope.blocks import NTKAwareScaling, YarnScaling, rotary_dim
+from nemo_rl.rope.megatron_config import megatron_rope_fields
+from nemo_rl.rope.reference import dynamic_ntk_theta, rope_cos_sin, rope_frequencies, yarn_correction_range
 from tests.helpers import yarn_block as shared_yarn_block
 
 HEAD_DIMS = [(64, 1.0), (128, 1.0), (128, 0.5)]  # (head_dim, partial_rotary_factor)
@@ -389,7 +382,7 @@ def test_megatron_refuses_partial_rotary_yarn(hf, megatron):
 
 def test_megatron_refuses_dynamic_and_maps_linear_to_interpolation(hf):
     """Megatron builds one RoPE table, so per-length (dynamic) scaling is refused; linear is its interpolation."""
-    from nemo_rl.models.rope_scaling import megatron_gpt_rope_kwargs
+    from nemo_rl.rope.megatron_config import megatron_gpt_rope_kwargs
 
     dynamic = {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}
     with pytest.raises(ValueError, match="'dynamic' cannot be built by megatron-core"):
@@ -581,7 +574,7 @@ def test_vllm_translation_refuses_dynamic_ntk():
     """vLLM's fixed-table dynamic NTK differs from transformers' per-length one (see above)."""
     from transformers import Qwen2Config
 
-    from nemo_rl.models.rope_scaling import vllm_engine_kwargs
+    from nemo_rl.rope.vllm_engine import vllm_engine_kwargs
 
     config = Qwen2Config(hidden_size=128, num_attention_heads=2, head_dim=64, max_position_embeddings=256)
     with pytest.raises(ValueError, match="rope_type: vLLM computes dynamic scaling"):
@@ -595,7 +588,8 @@ def test_vllm_translation_refuses_dynamic_ntk():
 
 def test_dynamic_yarn_reference_math_follows_the_running_length():
     """Dynamic-YaRN: plain RoPE inside the window, YaRN with s = L / original beyond it, capped at factor."""
-    from nemo_rl.models.rope_scaling import DYNAMIC_YARN, rope_frequencies
+    from nemo_rl.rope.blocks import DYNAMIC_YARN
+    from nemo_rl.rope.reference import rope_frequencies
 
     block = shared_yarn_block(rope_type=DYNAMIC_YARN)  # factor 4, original 256
     plain, _ = rope_frequencies({"rope_type": "default", "rope_theta": 10000}, 64)
@@ -613,7 +607,8 @@ def test_dynamic_yarn_reference_math_follows_the_running_length():
 
 
 def test_dynamic_yarn_is_refused_for_runs_with_the_engines_named():
-    from nemo_rl.models.rope_scaling import DYNAMIC_YARN, validate_long_context
+    from nemo_rl.rope.blocks import DYNAMIC_YARN
+    from nemo_rl.rope.rules import validate_long_context
 
     _, errors, _ = validate_long_context({"rope_scaling": shared_yarn_block(rope_type=DYNAMIC_YARN)}, 1024, True, False)
     assert len(errors) == 1
@@ -626,7 +621,7 @@ def test_hf_dynamic_ntk_reads_the_blocks_original_window():
     from transformers import Qwen2Config
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from nemo_rl.models.rope_scaling import apply_hf_config_overrides
+    from nemo_rl.rope.hf_config import apply_hf_config_overrides
 
     config = Qwen2Config(hidden_size=128, num_attention_heads=2, head_dim=64, max_position_embeddings=4096)
     block = {"rope_type": "dynamic", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 256}
@@ -642,8 +637,8 @@ def test_hf_dynamic_ntk_reads_the_blocks_original_window():
 def test_user_vllm_kwargs_merge_with_the_derived_ones_and_conflicts_name_both_values():
     from transformers import Qwen2Config
 
-    from nemo_rl.models.rope_scaling import vllm_engine_kwargs
-    from nemo_rl.utils.config import ConfigError
+    from nemo_rl.rope.vllm_engine import vllm_engine_kwargs
+    from nemo_rl.utils.errors import ConfigError
 
     config = Qwen2Config(hidden_size=128, num_attention_heads=2, head_dim=64, max_position_embeddings=256)
     overrides = {"rope_scaling": shared_yarn_block()}

@@ -1,17 +1,12 @@
-"""Every rule nemo_rl.models.rope_scaling applies to `policy.hf_config_overrides`."""
+"""Every rule nemo_rl.rope applies to `policy.hf_config_overrides`."""
 
 from __future__ import annotations
 
 import pytest
 
-from nemo_rl.models.rope_scaling import (
-    KNOWN_ROPE_TYPES,
-    YarnScaling,
-    effective_overrides,
-    validate_long_context,
-    yarn_scaling,
-)
-from nemo_rl.utils.config import ConfigError
+from nemo_rl.rope.blocks import KNOWN_ROPE_TYPES, YarnScaling
+from nemo_rl.rope.rules import effective_overrides, validate_long_context, yarn_scaling
+from nemo_rl.utils.errors import ConfigError
 from tests.helpers import yarn_block
 
 PREFIX = "policy.hf_config_overrides.rope_scaling"
@@ -348,7 +343,7 @@ def test_a_block_without_rope_theta_is_refused_because_engines_would_reset_it(ro
     [("dynamic", {"factor": 2.0, "original_max_position_embeddings": 256}), ("llama3", {"factor": 8.0})],
 )
 def test_a_run_refuses_rope_types_megatron_cannot_build_before_anything_starts(rope_type, extra):
-    from nemo_rl.models.rope_scaling import megatron_rope_type_errors
+    from nemo_rl.rope.megatron_config import megatron_rope_type_errors
 
     overrides = {"rope_scaling": {"rope_type": rope_type, "rope_theta": 1e4, **extra}}
     (message,) = megatron_rope_type_errors(overrides)
@@ -377,15 +372,15 @@ def test_known_rope_types_match_the_installed_transformers():
 
 
 def test_every_method_has_a_typed_form_that_round_trips():
-    from nemo_rl.models.rope_scaling import (
+    from nemo_rl.rope.blocks import (
         DynamicNTKScaling,
         DynamicYarnScaling,
         LinearScaling,
         NTKAwareScaling,
         PlainRope,
-        overrides_hash,
         parse_rope_scaling,
     )
+    from nemo_rl.rope.canonical import overrides_hash
 
     blocks = {
         PlainRope: {"rope_type": "default", "rope_theta": 1e6},
@@ -413,7 +408,7 @@ def test_every_method_has_a_typed_form_that_round_trips():
 
 
 def test_parse_rope_scaling_lists_every_problem_and_names_types_without_a_typed_form():
-    from nemo_rl.models.rope_scaling import parse_rope_scaling
+    from nemo_rl.rope.blocks import parse_rope_scaling
 
     with pytest.raises(ConfigError) as raised:
         parse_rope_scaling({"rope_type": "linear", "factor": -1, "beta_fast": 32})
@@ -427,7 +422,7 @@ def test_parse_rope_scaling_lists_every_problem_and_names_types_without_a_typed_
 
 
 def test_dynamic_yarn_is_static_yarn_at_each_length():
-    from nemo_rl.models.rope_scaling import DynamicYarnScaling, PlainRope, parse_rope_scaling
+    from nemo_rl.rope.blocks import DynamicYarnScaling, PlainRope, parse_rope_scaling
 
     dynamic = parse_rope_scaling(yarn(rope_type="dynamic_yarn", factor=4.0, original_max_position_embeddings=256))
     assert isinstance(dynamic, DynamicYarnScaling)

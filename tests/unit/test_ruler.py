@@ -8,7 +8,7 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from nemo_rl.data.builtin_assets import resolve_model_path
+from nemo_rl.config.schema import LongContextEvalConfig
 from nemo_rl.data.passkey import FILLER, token_count
 from nemo_rl.data.ruler import (
     NIAH_QUESTION,
@@ -18,7 +18,7 @@ from nemo_rl.data.ruler import (
     ruler_score,
 )
 from nemo_rl.evals.retrieval import ruler_accuracy
-from nemo_rl.utils.config_schema import LongContextEvalConfig
+from nemo_rl.models.builtin_models import resolve_model_path
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +127,11 @@ def test_accuracy_by_length_scores_every_trial_within_its_length(tokenizer, task
 def test_unknown_task_is_an_error_listing_the_known_ones(tokenizer):
     with pytest.raises(ValueError, match="known: niah_multikey, variable_tracking"):
         ruler_accuracy(OracleGenerator(tokenizer), tokenizer, "qa", [512], trials=1)
+
+
+def test_the_config_schema_names_exactly_the_tasks_the_data_layer_builds():
+    from typing import get_args
+
+    from nemo_rl.config.schema import RulerTask
+
+    assert sorted(get_args(RulerTask)) == sorted(RULER_TASKS)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from nemo_rl.data.builtin_assets import resolve_dataset_paths
+from nemo_rl.data.builtin_datasets import resolve_dataset_paths
 from nemo_rl.data.sft_dataset import SFTSample, collate, load_sft_dataset
 from nemo_rl.models.tiny_model import create_tiny_model
 

@@ -12,9 +12,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from nemo_rl.data.builtin_assets import COMPLETE_MARKER, materialize, resolve_dataset_paths, resolve_model_path
+from nemo_rl.data.builtin_datasets import resolve_dataset_paths
 from nemo_rl.data.tiny_chat import generate_split, tiny_chat_corpus, write_tiny_chat
+from nemo_rl.models.builtin_models import resolve_model_path
 from nemo_rl.models.tiny_model import IM_END, create_tiny_model
+from nemo_rl.utils.atomic_dir import COMPLETE_MARKER, materialize
 
 
 @pytest.fixture(scope="module")

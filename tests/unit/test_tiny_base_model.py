@@ -7,9 +7,9 @@ import json
 import pytest
 from transformers import AutoConfig, AutoTokenizer
 
-from nemo_rl.data.builtin_assets import resolve_model_path
 from nemo_rl.evals.long_context import HFGenerator, load_model, passkey_grid
 from nemo_rl.models import tiny_base_model
+from nemo_rl.models.builtin_models import resolve_model_path
 from nemo_rl.models.tiny_base_model import ASSET_DIR, BASE_NAME, BASE_ROPE_THETA, BASE_WINDOW, build_report
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
-from nemo_rl.data.builtin_assets import resolve_dataset_paths, resolve_model_path
+from nemo_rl.data.builtin_datasets import resolve_dataset_paths
 from nemo_rl.data.tiny_math import generate_split
 from nemo_rl.environments.math_environment import math_reward
+from nemo_rl.models.builtin_models import resolve_model_path
 
 
 def test_rows_are_verifiable_and_splits_differ():

@@ -1,7 +1,7 @@
 """vLLM generation as a Ray actor, computing the RoPE the trainer computes, with in-place weight refit.
 
 The engine receives the run's ``policy.hf_config_overrides`` through
-``rope_scaling.vllm_engine_kwargs`` (merged with the recipe's own vLLM
+``vllm_engine_kwargs`` (merged with the recipe's own vLLM
 arguments, conflicts refused), so the generator's YaRN is the trainer's by
 construction. After a training step the policy's HF-named weights are loaded
 into the running engine (``vllm_weight_refit``) instead of restarting it.
@@ -40,11 +40,11 @@ class VllmGenerationWorker:
         from transformers import AutoConfig
         from vllm import LLM
 
-        from nemo_rl.models import rope_scaling
+        from nemo_rl.rope.vllm_engine import vllm_engine_kwargs
 
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM-CPU's default takes a large share
-        kwargs = rope_scaling.vllm_engine_kwargs(
+        kwargs = vllm_engine_kwargs(
             AutoConfig.from_pretrained(model_path),
             policy_cfg.effective_hf_config_overrides,
             policy_cfg.max_total_sequence_length,

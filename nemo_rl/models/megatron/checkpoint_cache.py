@@ -2,7 +2,7 @@
 
 A converted checkpoint depends on the HF weights *and* on ``hf_config_overrides``
 (the RoPE block changes what the model computes), so its directory is named
-``<model>__hfovr_<hash>`` with the hash from ``rope_scaling.overrides_hash``:
+``<model>__hfovr_<hash>`` with the hash from ``overrides_hash``:
 two override sets can never share a cache entry. Conversion goes through
 :func:`nemo_rl.utils.atomic_dir.build_atomically` (temporary sibling, file lock,
 rename), so concurrent workers convert once and a crash never leaves a
@@ -28,8 +28,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig
 
-from nemo_rl.models import rope_scaling
 from nemo_rl.models.megatron.hf_weights import hf_to_megatron
+from nemo_rl.rope.canonical import canonical_overrides_json, overrides_hash
+from nemo_rl.rope.hf_config import apply_hf_config_overrides
 from nemo_rl.utils.atomic_dir import build_atomically
 from nemo_rl.utils.cache_paths import megatron_checkpoint_root
 
@@ -44,7 +45,7 @@ def cache_dir_name(model_name: str, overrides: Mapping[str, Any] | None) -> str:
     base = model_name.strip("/").replace("/", "__")
     if not overrides:
         return base
-    return f"{base}__hfovr_{rope_scaling.overrides_hash(overrides)}"
+    return f"{base}__hfovr_{overrides_hash(overrides)}"
 
 
 def converted_checkpoint_dir(model_name: str, overrides: Mapping[str, Any] | None, root: Path | None = None) -> Path:
@@ -85,9 +86,7 @@ def load_hf_state_dict(model_path: Path) -> dict[str, torch.Tensor]:
 def _convert_into(
     tmp: Path, model_path: Path, overrides: Mapping[str, Any] | None, max_total_sequence_length: int
 ) -> None:
-    hf_config = rope_scaling.apply_hf_config_overrides(
-        AutoConfig.from_pretrained(model_path), overrides, max_total_sequence_length
-    )
+    hf_config = apply_hf_config_overrides(AutoConfig.from_pretrained(model_path), overrides, max_total_sequence_length)
     mcore_state = hf_to_megatron(load_hf_state_dict(model_path), hf_config)
     save_file({k: v.contiguous() for k, v in mcore_state.items()}, str(tmp / WEIGHTS_FILE))
     hf_config.save_pretrained(tmp)
@@ -95,8 +94,8 @@ def _convert_into(
         "format_version": FORMAT_VERSION,
         "source": str(model_path),
         "source_fingerprint": source_fingerprint(model_path),
-        "hf_config_overrides": json.loads(rope_scaling.canonical_overrides_json(overrides or {})),
-        "overrides_hash": rope_scaling.overrides_hash(overrides or {}),
+        "hf_config_overrides": json.loads(canonical_overrides_json(overrides or {})),
+        "overrides_hash": overrides_hash(overrides or {}),
         "megatron_core_version": megatron.core.__version__,
         "created_unix": time.time(),
     }

@@ -1,8 +1,8 @@
 """Build a megatron-core GPTModel that computes what a given HF config computes.
 
 The HF config passed here already carries the run's ``hf_config_overrides``
-(see ``nemo_rl.models.rope_scaling``); RoPE scaling reaches Megatron only through
-``rope_scaling.megatron_rope_fields`` so the trainer cannot drift from the
+(see ``nemo_rl.rope``); RoPE scaling reaches Megatron only through
+``megatron_rope_fields`` so the trainer cannot drift from the
 generator or the exported model.
 """
 
@@ -17,10 +17,10 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-from nemo_rl.models import rope_scaling
 from nemo_rl.models.megatron.attention import with_sdpa_attention
 from nemo_rl.models.megatron.hf_weights import AttentionShape, check_supported
 from nemo_rl.models.megatron.norms import SequenceParallelRMSNorm, with_rms_norm
+from nemo_rl.rope.megatron_config import megatron_gpt_rope_kwargs, megatron_rope_fields
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -81,7 +81,7 @@ def transformer_config_from_hf(
         recompute_num_layers=1 if activation_checkpointing else None,
         calculate_per_token_loss=True,
     )
-    for name, value in rope_scaling.megatron_rope_fields(hf_config).items():
+    for name, value in megatron_rope_fields(hf_config).items():
         setattr(config, name, value)
     return config
 
@@ -103,5 +103,5 @@ def build_gpt_model(
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=hf_config.tie_word_embeddings,
-        **rope_scaling.megatron_gpt_rope_kwargs(hf_config),
+        **megatron_gpt_rope_kwargs(hf_config),
     )

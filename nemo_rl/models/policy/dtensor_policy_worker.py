@@ -20,12 +20,14 @@ from typing import Any
 
 import torch
 
-from nemo_rl.algorithms.loss_functions import align_to_predictions
+from nemo_rl.data.token_alignment import align_to_predictions
 from nemo_rl.distributed.worker_process_group import init_worker_process_group
-from nemo_rl.models import rope_scaling
 from nemo_rl.models.megatron.hf_export import DTENSOR_CHECKPOINT, write_hf_files
-from nemo_rl.models.policy.megatron_policy_worker import LossFn, logprobs_at_tokens, sum_metrics
+from nemo_rl.models.policy.interfaces import LossFunction
+from nemo_rl.models.policy.megatron_policy_worker import logprobs_at_tokens, sum_metrics
 from nemo_rl.models.policy.reference_weights import ReferenceWeights, scoring_weights
+from nemo_rl.rope.hf_config import apply_hf_config_overrides
+from nemo_rl.rope.rules import requests_yarn
 
 
 class DTensorPolicyWorker:
@@ -40,7 +42,7 @@ class DTensorPolicyWorker:
         seed: int,
         init_reference_model: bool = False,
     ) -> None:
-        if rope_scaling.requests_yarn(policy_cfg.effective_hf_config_overrides):
+        if requests_yarn(policy_cfg.effective_hf_config_overrides):
             raise ValueError(
                 "policy.hf_config_overrides.rope_scaling: YaRN runs on the Megatron backend only; set "
                 "policy.megatron_cfg.enabled=true and policy.dtensor_cfg.enabled=false"
@@ -62,7 +64,7 @@ class DTensorPolicyWorker:
 
         from nemo_rl.models.megatron.model_builder import DTYPES
 
-        self.hf_config = rope_scaling.apply_hf_config_overrides(
+        self.hf_config = apply_hf_config_overrides(
             AutoConfig.from_pretrained(self.model_path),
             self.cfg.effective_hf_config_overrides,
             self.cfg.max_total_sequence_length,
@@ -105,7 +107,7 @@ class DTensorPolicyWorker:
         aligned = align_to_predictions(batch)
         return {"input_ids": batch["input_ids"].to(self.device)} | {k: v.to(self.device) for k, v in aligned.items()}
 
-    def train_step(self, microbatches: list[dict[str, torch.Tensor]], loss_fn: LossFn) -> dict[str, Any]:
+    def train_step(self, microbatches: list[dict[str, torch.Tensor]], loss_fn: LossFunction) -> dict[str, Any]:
         """One optimizer step on sum(numerators) / (counts summed over every rank), as on the Megatron backend.
 
         FSDP averages gradients over the ranks during backward; scaling each
@@ -134,7 +136,7 @@ class DTensorPolicyWorker:
         return {"metrics": sum_metrics(outputs), "grad_norm": float(grad_norm), "lr": lr, "update_successful": True}
 
     @torch.no_grad()
-    def evaluate(self, microbatches: list[dict[str, torch.Tensor]], loss_fn: LossFn) -> dict[str, Any]:
+    def evaluate(self, microbatches: list[dict[str, torch.Tensor]], loss_fn: LossFunction) -> dict[str, Any]:
         self.model.eval()
         outputs = []
         for mb in microbatches:

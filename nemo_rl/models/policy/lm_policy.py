@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 
+from nemo_rl.config.schema import sequence_multiple
 from nemo_rl.data.packing import pack_batch, pack_capacity
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
 from nemo_rl.distributed.worker_group import RayWorkerGroup
 from nemo_rl.models.megatron.context_parallel import single_sample_rows
 from nemo_rl.models.policy.dtensor_policy_worker import DTensorPolicyWorker
-from nemo_rl.models.policy.megatron_policy_worker import LossFn, MegatronPolicyWorker
-from nemo_rl.utils.config_schema import sequence_multiple
+from nemo_rl.models.policy.interfaces import LossFunction
+from nemo_rl.models.policy.megatron_policy_worker import MegatronPolicyWorker
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class Policy:
             mcfg.tensor_model_parallel_size, mcfg.context_parallel_size, mcfg.sequence_parallel
         )
 
-    def _shard_args(self, batch: Batch, micro_batch_size: int, loss_fn: LossFn) -> tuple[list[tuple], dict]:
+    def _shard_args(self, batch: Batch, micro_batch_size: int, loss_fn: LossFunction) -> tuple[list[tuple], dict]:
         """Per-worker (micro-batches, loss) and layout metrics.
 
         With sequence packing each DP shard's samples are packed into rows of
@@ -116,13 +117,13 @@ class Policy:
         out["metrics"] = metrics
         return out
 
-    def train(self, batch: Batch, loss_fn: LossFn, micro_batch_size: int) -> dict[str, Any]:
+    def train(self, batch: Batch, loss_fn: LossFunction, micro_batch_size: int) -> dict[str, Any]:
         return self._run("train_step", batch, loss_fn, micro_batch_size)
 
-    def evaluate(self, batch: Batch, loss_fn: LossFn, micro_batch_size: int) -> dict[str, Any]:
+    def evaluate(self, batch: Batch, loss_fn: LossFunction, micro_batch_size: int) -> dict[str, Any]:
         return self._run("evaluate", batch, loss_fn, micro_batch_size)
 
-    def _run(self, method: str, batch: Batch, loss_fn: LossFn, micro_batch_size: int) -> dict[str, Any]:
+    def _run(self, method: str, batch: Batch, loss_fn: LossFunction, micro_batch_size: int) -> dict[str, Any]:
         args, layout_metrics = self._shard_args(batch, micro_batch_size, loss_fn)
         result = self._reduce(self.worker_group.run_each(method, args))
         result["metrics"].update(layout_metrics)

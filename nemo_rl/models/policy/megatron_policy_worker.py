@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from nemo_rl.algorithms.loss_functions import align_to_predictions, model_output_of
+from nemo_rl.data.token_alignment import align_to_predictions
 from nemo_rl.distributed.worker_process_group import init_worker_process_group
 from nemo_rl.models.megatron.context_parallel import (
     gather_context_parallel,
@@ -26,6 +26,7 @@ from nemo_rl.models.megatron.context_parallel import (
 )
 from nemo_rl.models.megatron.cpu_compat import enable_cpu_compat
 from nemo_rl.models.megatron.parallel_weights import ShardLayout, merge_shards, shard_file_name
+from nemo_rl.models.policy.interfaces import LossFunction, model_output_of
 from nemo_rl.models.policy.reference_weights import ReferenceWeights, scoring_weights
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not in
 warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
 
 # (token_logprobs, micro-batch) -> (numerator, count, metrics); see nemo_rl.algorithms.loss_functions.
-LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def token_logprobs_from_megatron_loss(per_token_ce: torch.Tensor) -> torch.Tensor:
@@ -335,7 +335,7 @@ class MegatronPolicyWorker:
         )
 
     def _loss_schedule(
-        self, microbatches: list[dict[str, torch.Tensor]], loss_fn: LossFn, forward_only: bool
+        self, microbatches: list[dict[str, torch.Tensor]], loss_fn: LossFunction, forward_only: bool
     ) -> list[dict[str, Any]]:
         kind = model_output_of(loss_fn)
 
@@ -344,7 +344,7 @@ class MegatronPolicyWorker:
 
         return self._run_schedule(microbatches, consume, forward_only, with_labels=kind == "token_logprobs")
 
-    def train_step(self, microbatches: list[dict[str, torch.Tensor]], loss_fn: LossFn) -> dict[str, Any]:
+    def train_step(self, microbatches: list[dict[str, torch.Tensor]], loss_fn: LossFunction) -> dict[str, Any]:
         """One optimizer step over this data-parallel rank's share of the global batch.
 
         megatron's ``finalize_model_grads`` all-reduces gradients over DP ranks and
@@ -366,7 +366,7 @@ class MegatronPolicyWorker:
         }
 
     @torch.no_grad()
-    def evaluate(self, microbatches: list[dict[str, torch.Tensor]], loss_fn: LossFn) -> dict[str, Any]:
+    def evaluate(self, microbatches: list[dict[str, torch.Tensor]], loss_fn: LossFunction) -> dict[str, Any]:
         self.model.eval()
         return {"metrics": sum_metrics(self._loss_schedule(microbatches, loss_fn, forward_only=True))}
 
@@ -437,7 +437,7 @@ class MegatronPolicyWorker:
         the distribution of token t); computed on each TP rank's vocabulary
         slice without gathering the logits. Last pipeline stage only, else None.
         """
-        from nemo_rl.algorithms.distillation_loss import megatron_tp_group, topk_logprobs
+        from nemo_rl.models.megatron.vocab_parallel import megatron_tp_group, topk_logprobs
 
         self.model.eval()
         group = megatron_tp_group()

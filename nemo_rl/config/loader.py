@@ -13,7 +13,6 @@ a file to be written (`save_config`), so a bad recipe costs nothing.
 from __future__ import annotations
 
 import argparse
-import difflib
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -25,19 +24,9 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from nemo_rl.utils.errors import ConfigError, nearest_key
+
 DEFAULTS_KEY = "defaults"
-
-
-class ConfigError(ValueError):
-    """Every problem found in a configuration, reported together.
-
-    Users fix recipes in one edit instead of one failed launch per mistake, so
-    loaders and validators collect messages and raise once.
-    """
-
-    def __init__(self, messages: str | Iterable[str]):
-        self.messages = [messages] if isinstance(messages, str) else list(messages)
-        super().__init__("\n".join(self.messages))
 
 
 # ----------------------------------------------------------------------------
@@ -262,12 +251,6 @@ def _dotted_keys(container: Any, prefix: str = "") -> list[str]:
         keys.append(dotted)
         keys.extend(_dotted_keys(value, dotted + "."))
     return keys
-
-
-def nearest_key(key: str, candidates: Iterable[str]) -> str | None:
-    """The closest spelling among `candidates`, or None when nothing is plausibly meant."""
-    matches = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
-    return matches[0] if matches else None
 
 
 def _suggestion(key: str, candidates: Iterable[str]) -> str:

@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from nemo_rl.data.rows import DataError
-from nemo_rl.utils.config import ConfigError, load_config, parse_args, resolve_config
+from nemo_rl.config.loader import load_config, parse_args, resolve_config
+from nemo_rl.utils.errors import ConfigError, DataError
 
 
 def run_entry(
@@ -36,12 +36,3 @@ def run_entry(
     except DataError as err:
         print(f"Invalid data: {err}", file=sys.stderr)
         return 2
-
-
-def run_and_close(run_cls: type, cfg, resolved_config: dict[str, Any]) -> Any:
-    """``run_cls(cfg, resolved).train()``, releasing its workers, engines and cluster however training ends."""
-    run = run_cls(cfg, resolved_config)
-    try:
-        return run.train()
-    finally:
-        run.close()

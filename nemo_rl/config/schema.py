@@ -34,11 +34,16 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from nemo_rl.models import rope_scaling
-from nemo_rl.models.rope_scaling import YarnScaling
-from nemo_rl.utils.config import ConfigError, nearest_key
+from nemo_rl.rope.blocks import OVERRIDES_PATH, YarnScaling
+from nemo_rl.rope.megatron_config import megatron_rope_type_errors
+from nemo_rl.rope.rules import effective_overrides, requests_yarn, validate_long_context, yarn_scaling
+from nemo_rl.utils.errors import ConfigError, nearest_key
 
 logger = logging.getLogger(__name__)
+
+
+# The RULER tasks nemo_rl.data.ruler implements (its RULER_TASKS has exactly these keys; a test checks it).
+RulerTask = Literal["niah_multikey", "variable_tracking"]
 
 
 class _Section(BaseModel):
@@ -136,7 +141,7 @@ class PolicyConfig(_Section):
     precision: Literal["float32", "bfloat16", "float16"]
     make_sequence_length_divisible_by: PositiveInt
     max_grad_norm: NonNegativeFloat  # 0 disables clipping (Megatron's convention)
-    # Free-form HF config keys; their meaning (and validation) belongs to nemo_rl.models.rope_scaling.
+    # Free-form HF config keys; their meaning (and validation) belongs to nemo_rl.rope.
     hf_config_overrides: dict[str, Any] | None = None
     dtensor_cfg: DTensorConfig
     optimizer: TorchOptimizerConfig | None = None  # the DTensor backend's optimizer
@@ -148,12 +153,12 @@ class PolicyConfig(_Section):
     @cached_property
     def effective_hf_config_overrides(self) -> dict[str, Any] | None:
         """What every engine and the checkpoint cache receive (a no-op YaRN block removed)."""
-        return rope_scaling.effective_overrides(self.hf_config_overrides, self.max_total_sequence_length)
+        return effective_overrides(self.hf_config_overrides, self.max_total_sequence_length)
 
     @cached_property
     def long_context(self) -> YarnScaling | None:
         """The run's YaRN scaling, parsed once, so no other code reads `hf_config_overrides` for it."""
-        return rope_scaling.yarn_scaling(self.effective_hf_config_overrides)
+        return yarn_scaling(self.effective_hf_config_overrides)
 
 
 class WandbConfig(_Section):
@@ -257,7 +262,10 @@ class LongContextEvalConfig(_Section):
     passkey_lengths: list[PositiveInt]  # prompt + answer tokens; [] skips the passkey grid
     passkey_depths: list[Annotated[float, Field(ge=0.0, le=1.0)]]
     passkey_trials: PositiveInt  # prompts per (length, depth) cell
-    ruler_tasks: list[str] = ["niah_multikey", "variable_tracking"]  # names in nemo_rl.data.ruler.RULER_TASKS
+    ruler_tasks: list[str] = [
+        "niah_multikey",
+        "variable_tracking",
+    ]  # nemo_rl.data.ruler builds one prompt maker per name
     ruler_lengths: list[PositiveInt] = []  # [] skips the RULER tasks
     ruler_trials: PositiveInt = 10  # prompts per (task, length)
     generation_backend: Literal["hf", "vllm"] = "hf"  # vllm: an in-process engine with the run's RoPE overrides
@@ -296,11 +304,9 @@ class LongContextEvalConfig(_Section):
     @field_validator("ruler_tasks")
     @classmethod
     def _known_ruler_tasks(cls, tasks: list[str]) -> list[str]:
-        from nemo_rl.data.ruler import RULER_TASKS
-
-        unknown = [task for task in tasks if task not in RULER_TASKS]
+        unknown = [task for task in tasks if task not in get_args(RulerTask)]
         if unknown:
-            known = ", ".join(RULER_TASKS)
+            known = ", ".join(get_args(RulerTask))
             raise PydanticCustomError(
                 "ruler_task_unknown", "unknown task {unknown}; known: {known}", {"unknown": unknown[0], "known": known}
             )
@@ -333,8 +339,8 @@ def validate_long_context_eval_config(resolved: Mapping[str, Any]) -> LongContex
     if max_len is not None:
         # Evaluation runs in transformers, not on a training backend: only the block itself is checked.
         overrides = _value(resolved, "hf_config_overrides", Mapping)
-        _, long_errors, notes = rope_scaling.validate_long_context(overrides, max_len, True, False)
-        errors = [e.replace(rope_scaling.OVERRIDES_PATH, "hf_config_overrides") for e in long_errors]
+        _, long_errors, notes = validate_long_context(overrides, max_len, True, False)
+        errors = [e.replace(OVERRIDES_PATH, "hf_config_overrides") for e in long_errors]
         errors += _eval_length_errors(resolved, max_len)
     return _validated(LongContextEvalRunConfig, resolved, errors, notes)
 
@@ -675,7 +681,7 @@ def _backend_errors(raw: Mapping[str, Any]) -> list[str]:
     dtensor = _value(raw, "policy.dtensor_cfg.enabled", bool)
     if megatron is None or dtensor is None:
         return []
-    if rope_scaling.requests_yarn(_value(raw, "policy.hf_config_overrides", Mapping)) and dtensor:
+    if requests_yarn(_value(raw, "policy.hf_config_overrides", Mapping)) and dtensor:
         return []  # the long-context rules name both keys
     if megatron == dtensor:
         state = "both true" if megatron else "both false"
@@ -705,9 +711,9 @@ def _long_context_rules(raw: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     dtensor = _value(raw, "policy.dtensor_cfg.enabled", bool)
     if overrides is None or max_len is None or megatron is None or dtensor is None:
         return [], []
-    _, errors, notes = rope_scaling.validate_long_context(overrides, max_len, megatron, dtensor)
+    _, errors, notes = validate_long_context(overrides, max_len, megatron, dtensor)
     if megatron and not dtensor:
-        errors += rope_scaling.megatron_rope_type_errors(overrides)
+        errors += megatron_rope_type_errors(overrides)
     return errors, notes
 
 

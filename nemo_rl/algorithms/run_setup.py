@@ -1,0 +1,43 @@
+"""Opening and closing a run: its directory (resolved config, long-context receipt, metrics log), and
+releasing its workers, engines and cluster however it ends."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from nemo_rl.config.loader import save_config
+from nemo_rl.models.long_context import run_receipt, write_receipt
+from nemo_rl.rope.canonical import canonical_overrides_json
+from nemo_rl.utils.logger import Logger
+
+logger = logging.getLogger(__name__)
+
+
+def open_run_log(cfg, resolved_config: Mapping[str, Any], engines: list[str]) -> Logger:
+    """The run directory: resolved config, long-context receipt (which RoPE each engine uses) and the metrics log."""
+    log_dir = Path(cfg.logger.log_dir)
+    save_config(resolved_config, log_dir / "config.yaml")
+    yarn = cfg.policy.long_context
+    if yarn is not None:
+        block = json.loads(canonical_overrides_json(cfg.policy.effective_hf_config_overrides))
+        receipt = run_receipt(yarn, block["rope_scaling"], cfg.policy.max_total_sequence_length, engines)
+        logger.info("Long-context receipt: %s", write_receipt(receipt, log_dir))
+    return Logger(
+        log_dir,
+        tensorboard=cfg.logger.tensorboard_enabled,
+        wandb_cfg=cfg.logger.wandb.model_dump() if cfg.logger.wandb_enabled else None,
+        run_config=resolved_config,
+    )
+
+
+def run_and_close(run_cls: type, cfg, resolved_config: dict[str, Any]) -> Any:
+    """``run_cls(cfg, resolved).train()``, releasing its workers, engines and cluster however training ends."""
+    run = run_cls(cfg, resolved_config)
+    try:
+        return run.train()
+    finally:
+        run.close()

@@ -1,0 +1,1 @@
+"""Reward environments: score a rollout's responses (math answer verification, ...)."""
