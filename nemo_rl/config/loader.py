@@ -16,7 +16,7 @@ import argparse
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
@@ -95,7 +95,7 @@ def _load_with_defaults(path: Path, chain: tuple[Path, ...]) -> DictConfig:
     merged = OmegaConf.create()
     for parent in _default_paths(own, path):
         merged = OmegaConf.merge(merged, _load_with_defaults(parent, (*chain, path)))
-    return OmegaConf.merge(merged, own)
+    return cast(DictConfig, OmegaConf.merge(merged, own))  # merging two DictConfigs gives a DictConfig
 
 
 def redundant_keys(path: str | Path) -> list[str]:
@@ -154,7 +154,7 @@ def _default_paths(own: DictConfig, path: Path) -> list[Path]:
     """Pop `defaults:` from `own` (it is composition syntax, not configuration)."""
     if DEFAULTS_KEY not in own:
         return []
-    raw = OmegaConf.to_container(own, resolve=False)[DEFAULTS_KEY]
+    raw = cast(dict[str, Any], OmegaConf.to_container(own, resolve=False))[DEFAULTS_KEY]
     del own[DEFAULTS_KEY]
     entries = raw if isinstance(raw, list) else [raw]
     bad = [entry for entry in entries if not isinstance(entry, str)]
@@ -265,7 +265,7 @@ def _suggestion(key: str, candidates: Iterable[str]) -> str:
 def resolve_config(cfg: DictConfig) -> dict[str, Any]:
     """A plain dict with every interpolation resolved; failures name each bad key."""
     try:
-        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
     except OmegaConfBaseException as err:
         raise ConfigError(_resolution_errors(cfg) or [str(err)]) from err
 

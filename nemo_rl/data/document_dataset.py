@@ -130,7 +130,7 @@ class DocumentChunks(Sequence):
     def num_tokens(self) -> int:
         return int((self.ends - self.starts).sum())
 
-    def __getitem__(self, index: int) -> SFTSample:
+    def __getitem__(self, index: int) -> SFTSample:  # pyright: ignore[reportIncompatibleMethodOverride]  (int only: loaders never slice)
         ids = self.flat[self.starts[index] : self.ends[index]].tolist()
         return SFTSample(ids, [1] * len(ids))
 
@@ -144,7 +144,7 @@ class SyntheticChunks(Sequence):
     def __len__(self) -> int:
         return len(self.documents)
 
-    def __getitem__(self, index: int) -> SFTSample:
+    def __getitem__(self, index: int) -> SFTSample:  # pyright: ignore[reportIncompatibleMethodOverride]  (int only: loaders never slice)
         ids = self.documents[index]
         return SFTSample(ids, [1] * len(ids))
 
@@ -163,7 +163,7 @@ class Subset(Sequence):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int):  # pyright: ignore[reportIncompatibleMethodOverride]  (int only: loaders never slice)
         return self.base[int(self.indices[index])]
 
 
@@ -177,7 +177,7 @@ class BlendedDocuments(Sequence):
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def __getitem__(self, index: int) -> SFTSample:
+    def __getitem__(self, index: int) -> SFTSample:  # pyright: ignore[reportIncompatibleMethodOverride]  (int only: loaders never slice)
         part = int(np.searchsorted(self.offsets, index, side="right")) - 1
         return self.parts[part][1][index - int(self.offsets[part])]
 

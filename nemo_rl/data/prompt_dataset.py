@@ -15,8 +15,10 @@ a too-short sequence length is visible rather than silently shrinking the data.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from transformers import PreTrainedTokenizerBase
 
@@ -50,7 +52,7 @@ class PromptDataset:
 def tokenize_prompt(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """``messages`` rendered with the chat template, ending in the assistant's generation prompt."""
     encoded = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
-    return list(encoded["input_ids"])
+    return list(cast(Mapping[str, list[int]], encoded)["input_ids"])
 
 
 def _parse_row(row: dict, path: Path, row_no: int) -> tuple[list[dict[str, str]], str]:

@@ -89,7 +89,7 @@ class RetrievalDocuments(Sequence):
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, index: int) -> list[int]:
+    def __getitem__(self, index: int) -> list[int]:  # pyright: ignore[reportIncompatibleMethodOverride]  (int only: loaders never slice)
         if not 0 <= index < self.size:
             raise IndexError(index)
         rng = random.Random(f"retrieval/{self.seed}/{index}")

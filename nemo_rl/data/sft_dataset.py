@@ -12,9 +12,10 @@ Batches come from :class:`nemo_rl.data.dataloader.ResumableDataloader`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -50,7 +51,8 @@ def tokenize_messages(messages: list[dict[str, str]], tokenizer: PreTrainedToken
     encoded = tokenizer.apply_chat_template(
         messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
-    return SFTSample(list(encoded["input_ids"]), list(encoded["assistant_masks"]))
+    fields = cast(Mapping[str, list[int]], encoded)  # return_dict=True: a BatchEncoding of token lists
+    return SFTSample(list(fields["input_ids"]), list(fields["assistant_masks"]))
 
 
 def truncate(sample: SFTSample, max_seq_len: int) -> SFTSample:
