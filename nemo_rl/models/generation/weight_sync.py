@@ -4,10 +4,11 @@ A refit used to gather the whole model on the driver, which cannot hold an 8B
 model. Here each sending policy worker (the first data-parallel replica's
 TP rank 0 of each pipeline stage) converts its own stage to HF names one
 decoder layer at a time, packs the tensors into buckets of at most
-``bucket_bytes`` and puts each bucket into Ray's object store itself; it
-streams back only a ``WeightBucket`` (names, size, an ObjectRef). The driver
-hands each ref to every engine, which fetches the bucket from the object store
-and loads it in place (``vllm_weight_refit``). So the worker holds one layer
+``bucket_bytes`` and yields each one from a Ray streaming generator, so the
+bucket goes into Ray's object store from the worker; the driver reads only
+each bucket's header (names, size) and keeps the blob's ObjectRef. It hands
+each ref to every engine, which fetches the bucket from the object store and
+loads it in place (``vllm_weight_refit``). So the worker holds one layer
 and one bucket at a time, the driver holds no tensor, and an engine holds a
 few buckets.
 
@@ -99,18 +100,38 @@ def _nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
 
 
 @dataclass(frozen=True)
-class WeightBucket:
-    """What the driver sees of a bucket: its tensors' names and byte size, and where it lies in the object store."""
+class BucketHeader:
+    """A bucket's tensor names and byte size: what the driver reads of it."""
 
     names: tuple[str, ...]
     nbytes: int
+
+
+@dataclass(frozen=True)
+class WeightBucket(BucketHeader):
+    """A bucket as the driver holds it: its header and the ref of its blob, which stays in the object store."""
+
     blob: ray.ObjectRef  # ``pack_weights`` of the bucket's tensors
 
 
-def publish(buckets: Iterable[Mapping[str, torch.Tensor]]) -> Iterator[WeightBucket]:
-    """Each bucket into the object store, from the policy worker that made it (it owns the object)."""
+def publish(buckets: Iterable[Mapping[str, torch.Tensor]]) -> Iterator[BucketHeader | bytes]:
+    """Each bucket as two items of the policy worker's Ray streaming generator: its header, then its blob.
+
+    Yielded rather than ``ray.put`` by the worker: a generator's items are
+    owned by the caller, so a blob lives exactly as long as the driver holds
+    its ref (a ref put by the worker and nested in an item can be freed by
+    the worker's reference counting before an engine fetches it).
+    """
     for bucket in buckets:
-        yield WeightBucket(tuple(bucket), _nbytes(bucket), ray.put(pack_weights(bucket)))
+        yield BucketHeader(tuple(bucket), _nbytes(bucket))
+        yield pack_weights(bucket)
+
+
+def receive(stream: Iterator[ray.ObjectRef]) -> Iterator[WeightBucket]:
+    """The driver's side of ``publish``: reads each header, keeps the blob's ref without fetching it."""
+    for header_ref in stream:
+        header: BucketHeader = ray.get(header_ref)
+        yield WeightBucket(header.names, header.nbytes, next(stream))
 
 
 class WeightSource(Protocol):

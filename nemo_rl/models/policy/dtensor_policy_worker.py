@@ -25,7 +25,7 @@ import torch
 from nemo_rl.algorithms.loss_functions import align_to_predictions
 from nemo_rl.distributed.worker_process_group import init_worker_process_group
 from nemo_rl.models import rope_scaling
-from nemo_rl.models.generation.weight_sync import WeightBucket
+from nemo_rl.models.generation.weight_sync import BucketHeader
 from nemo_rl.models.megatron.hf_export import DTENSOR_CHECKPOINT, write_hf_files
 from nemo_rl.models.policy.megatron_policy_worker import LossFn, logprobs_at_tokens, sum_metrics
 from nemo_rl.models.policy.reference_weights import ReferenceWeights, scoring_weights
@@ -158,7 +158,7 @@ class DTensorPolicyWorker:
             predicted = [self._token_logprobs(mb["input_ids"].to(self.device)).cpu() for mb in microbatches]
         return logprobs_at_tokens(torch.cat(predicted))
 
-    def hf_weight_buckets(self, bucket_bytes: int) -> Iterator[WeightBucket]:
+    def hf_weight_buckets(self, bucket_bytes: int) -> Iterator[BucketHeader | bytes]:
         """The policy's HF-named weights in object-store buckets (refit; see ``weight_sync``).
 
         Run as a Ray streaming generator on every rank: each parameter is made

@@ -12,13 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 
 from nemo_rl.data.packing import pack_batch, pack_capacity
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
 from nemo_rl.distributed.worker_group import RayWorkerGroup
-from nemo_rl.models.generation.weight_sync import WeightBucket
+from nemo_rl.models.generation.weight_sync import WeightBucket, receive
 from nemo_rl.models.megatron.context_parallel import single_sample_rows
 from nemo_rl.models.policy.dtensor_policy_worker import DTensorPolicyWorker
 from nemo_rl.models.policy.megatron_policy_worker import LossFn, MegatronPolicyWorker
@@ -179,8 +178,7 @@ class Policy:
             for worker in self.worker_group.workers
         ]
         for stream in streams:
-            for ref in stream:
-                yield ray.get(ref)
+            yield from receive(stream)
 
     def gathered_state(self, what: str = "params") -> dict[str, torch.Tensor]:
         """Full Megatron-named tensors of the parameters or gradients, merged over every TP x PP shard."""

@@ -20,7 +20,7 @@ import torch
 
 from nemo_rl.algorithms.loss_functions import align_to_predictions, model_output_of
 from nemo_rl.distributed.worker_process_group import init_worker_process_group
-from nemo_rl.models.generation.weight_sync import WeightBucket
+from nemo_rl.models.generation.weight_sync import BucketHeader
 from nemo_rl.models.megatron.context_parallel import (
     gather_context_parallel,
     single_sample_rows,
@@ -461,7 +461,7 @@ class MegatronPolicyWorker:
         self.model.eval()
         return self._collect(microbatches, partial(_loss_input, "scores"), with_labels=False)
 
-    def hf_weight_buckets(self, bucket_bytes: int) -> Iterator[WeightBucket]:
+    def hf_weight_buckets(self, bucket_bytes: int) -> Iterator[BucketHeader | bytes]:
         """This pipeline stage's weights under HF names, in object-store buckets (refit; see ``weight_sync``).
 
         Run as a Ray streaming generator on every worker. Only the first
