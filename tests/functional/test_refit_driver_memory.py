@@ -79,7 +79,6 @@ def test_refit_of_a_100m_model_leaves_the_driver_memory_flat(tmp_path):
     from nemo_rl.models.generation.weight_sync import WeightSync
     from nemo_rl.models.policy.lm_policy import Policy
 
-    t0 = time.perf_counter()
     model_dir, model_bytes = _build_model(tmp_path / "qwen2-100m")
     assert 350e6 < model_bytes < 450e6  # ~100M float32 parameters
     # The model's own window and one short sequence at a time: the engine's start-up profiling stays small.
@@ -87,7 +86,6 @@ def test_refit_of_a_100m_model_leaves_the_driver_memory_flat(tmp_path):
         f"policy.model_name={model_dir}", "~policy.hf_config_overrides", "policy.max_total_sequence_length=256"
     )
     with local_ray(2, tmp_path / "mcore"):
-        t1 = time.perf_counter()
         # Started first, so vLLM's start-up overlaps the policy's checkpoint conversion.
         engine = (
             ray.remote(VllmGenerationWorker)
@@ -98,7 +96,6 @@ def test_refit_of_a_100m_model_leaves_the_driver_memory_flat(tmp_path):
         policy = Policy(cluster, cfg.policy, model_dir, seed=0, trainable=False)
         try:
             ray.get(engine.__ray_ready__.remote())
-            print(f"TIMING build {t1 - t0:.1f} s, start {time.perf_counter() - t1:.1f} s")
             sync = WeightSync([engine], REFIT_BUCKET_BYTES)
             start = time.perf_counter()
             with _PeakRss() as rss:
