@@ -87,6 +87,22 @@ def running_policy(policy_cfg, workers: int, seed: int = 0, **policy_kwargs: Any
         cluster.shutdown()
 
 
+def streamed_hf_weights(policy, bucket_bytes: int = 64 * 1024) -> dict[str, Any]:
+    """What a refit sends (``Policy.stream_hf_weights``, small buckets), fetched back here to be compared.
+
+    Checks on the way that every bucket holds the tensors it names and that no tensor is sent twice.
+    """
+    import ray
+    from safetensors.torch import load
+
+    weights: dict[str, Any] = {}
+    for bucket in policy.stream_hf_weights(bucket_bytes):
+        tensors = load(ray.get(bucket.blob))
+        assert set(tensors) == set(bucket.names) and not weights.keys() & tensors.keys()
+        weights |= tensors
+    return weights
+
+
 def entry_main(script: str):
     """The ``main`` of ``examples/<script>.py`` (entry scripts are files, not package modules)."""
     return _script_main("examples", script)

@@ -198,7 +198,7 @@ class GRPORun:
         with timer("refit"):
             self.generation.wake_up()
             if self.generation_is_stale:
-                self.generation.refit(self.policy.hf_weights())
+                self.generation.refit(self.policy)
                 self.generation_is_stale = False
 
     def _generate(self, samples: Sequence[PromptSample], seeds: list[int], greedy: bool, timer: _Timer):

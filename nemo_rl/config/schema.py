@@ -130,6 +130,9 @@ class GenerationConfig(_Section):
     colocated: ColocatedConfig
     # Passed to vllm.LLM; RoPE overrides and max_model_len are merged in from the policy (conflicts refused).
     vllm_kwargs: dict[str, Any]
+    # Refit moves the weights from the policy workers to the engines in buckets of at most this many MiB
+    # (a fused module larger than that travels alone); it bounds the memory a refit takes on either side.
+    refit_bucket_mib: PositiveInt = 256
 
 
 class PolicyConfig(_Section):

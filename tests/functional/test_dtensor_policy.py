@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from nemo_rl.algorithms.loss_functions import NLLLoss
-from tests.helpers import local_ray, running_policy, sft_config
+from tests.helpers import local_ray, running_policy, sft_config, streamed_hf_weights
 
 pytestmark = [pytest.mark.functional, pytest.mark.slow]
 
@@ -65,6 +65,7 @@ def _run(workers: int, dtensor: bool, batch, checkpoint: Path | None = None) -> 
         logprobs = policy.get_logprobs(batch, micro_batch_size=2)
         result = policy.train(batch, NLLLoss(), micro_batch_size=2)
         grads, params = policy.gathered_state("grads"), policy.gathered_state("params")
+        streamed = streamed_hf_weights(policy)
         reference_logprobs = policy.get_logprobs(batch, micro_batch_size=2, reference=True)
         trained_logprobs = policy.get_logprobs(batch, micro_batch_size=2)
         if checkpoint is not None:
@@ -74,6 +75,9 @@ def _run(workers: int, dtensor: bool, batch, checkpoint: Path | None = None) -> 
         hf_config = _hf_config()
         grads, params = megatron_to_hf(grads, hf_config), megatron_to_hf(params, hf_config)
     params = {k: v for k, v in params.items() if k != "lm_head.weight"}  # tied: the embedding
+    # A refit streams exactly these weights from the workers (each tensor once, names as HF's).
+    streamed = {k: v for k, v in streamed.items() if k != "lm_head.weight"}
+    assert set(streamed) == set(params) and all(torch.equal(streamed[k], params[k]) for k in params)
     # The reference policy is the starting model: swapping it in reproduces the first scores. Not bit for
     # bit: the same CPU forward pass run twice differed once in CI by 2.9e-6 (the same code passed bit for
     # bit in the CI run before), so GEMMs here are not bitwise reproducible; one step moves them by > 1e-2.

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from nemo_rl.algorithms.loss_functions import NLLLoss
-from tests.helpers import local_ray, running_policy, sft_config
+from tests.helpers import local_ray, running_policy, sft_config, streamed_hf_weights
 
 pytestmark = [pytest.mark.functional, pytest.mark.slow]
 
@@ -86,6 +86,11 @@ def _run(
         "policy.megatron_cfg.scheduler.lr_warmup_iters=0",
         f"policy.megatron_cfg.optimizer.lr={LR}",
     )
+    from transformers import AutoConfig
+
+    from nemo_rl.models.builtin_models import resolve_model_path
+    from nemo_rl.models.megatron.hf_weights import megatron_to_hf
+
     with running_policy(cfg.policy, workers, init_reference_model=True) as policy:
         logits = policy.get_logits(batch["input_ids"][:1])
         logprobs = policy.get_logprobs(batch, micro_batch_size=2)
@@ -93,6 +98,7 @@ def _run(
         result = policy.train(batch, NLLLoss(), micro_batch_size=2)
         grads = policy.gathered_state("grads")
         params = policy.gathered_state("params")
+        streamed = streamed_hf_weights(policy)
         reference_logprobs = policy.get_logprobs(batch, micro_batch_size=2, reference=True)
         trained_logprobs = policy.get_logprobs(batch, micro_batch_size=2)
         if export_dir is not None:
@@ -101,6 +107,9 @@ def _run(
             checkpoint.mkdir()
             policy.save_checkpoint(checkpoint)
             trained_logits = policy.get_logits(batch["input_ids"][:1])
+    # A refit streams exactly the full model from the stages (TP merged per stage, each tensor once).
+    expected = megatron_to_hf(params, AutoConfig.from_pretrained(resolve_model_path("tiny-qwen2")))
+    assert set(streamed) == set(expected) and all(torch.equal(streamed[k], expected[k]) for k in expected)
     out = {"logits": logits, "result": result, "grads": grads, "params": params, "initial": initial}
     out |= {"logprobs": logprobs, "reference_logprobs": reference_logprobs, "trained_logprobs": trained_logprobs}
     if export_dir is not None:

@@ -20,6 +20,8 @@ pytestmark = [pytest.mark.functional, pytest.mark.slow]
 # float32 on both sides; measured max |diff| 2.5e-6 (see test_yarn_logprob_parity.py for the
 # loaded-machine outlier that sets this bound).
 ATOL = 1e-2
+# Well below the tiny model's fused modules (~100 KiB to ~400 KiB): most buckets hold a single one.
+REFIT_BUCKET_BYTES = 64 * 1024
 
 
 def _policy_logprobs(policy, ids: torch.Tensor) -> torch.Tensor:
@@ -31,8 +33,8 @@ def test_generation_matches_the_policy_and_follows_a_refit(tmp_path):
     import ray
 
     from nemo_rl.models.builtin_models import resolve_model_path
-    from nemo_rl.models.generation.vllm_weight_refit import pack_weights
     from nemo_rl.models.generation.vllm_worker import VllmGenerationWorker
+    from nemo_rl.models.generation.weight_sync import WeightSync
     from nemo_rl.models.megatron.hf_weights import megatron_to_hf
 
     cfg = sft_config("policy.megatron_cfg.scheduler.lr_warmup_iters=0")
@@ -49,7 +51,8 @@ def test_generation_matches_the_policy_and_follows_a_refit(tmp_path):
 
             policy.train(batch, NLLLoss(), micro_batch_size=2)
             hf_state = megatron_to_hf(policy.gathered_state("params"), policy_hf_config(model_path, cfg))
-            assert ray.get(generator.load_weights.remote(pack_weights(hf_state))) == len(hf_state)
+            # Small buckets, so the refit arrives in many parts straight from the policy worker (weight_sync).
+            assert WeightSync([generator], REFIT_BUCKET_BYTES).refit(policy) == len(hf_state)
             after = torch.tensor(ray.get(generator.prompt_logprobs.remote([ids[0].tolist()]))[0], dtype=torch.float64)
             trained = _policy_logprobs(policy, ids)
             torch.testing.assert_close(after, trained, rtol=0, atol=ATOL)

@@ -157,6 +157,13 @@ def test_generation_tensor_parallelism_is_refused():
     }
 
 
+def test_refit_buckets_default_to_256_mib_and_must_be_positive():
+    assert grpo().policy.generation.refit_bucket_mib == 256
+    assert grpo("+policy.generation.refit_bucket_mib=64").policy.generation.refit_bucket_mib == 64
+    (error,) = errors_of("+policy.generation.refit_bucket_mib=0")
+    assert error.startswith("policy.generation.refit_bucket_mib: Input should be greater than 0")
+
+
 # ----------------------------------------------------------------------------
 # fields and reporting
 # ----------------------------------------------------------------------------

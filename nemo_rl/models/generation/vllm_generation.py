@@ -12,15 +12,14 @@ depend on the number of engines.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import ray
-import torch
 
 from nemo_rl.distributed.sharding import split_evenly
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
-from nemo_rl.models.generation.vllm_weight_refit import pack_weights
 from nemo_rl.models.generation.vllm_worker import Completion, VllmGenerationWorker
+from nemo_rl.models.generation.weight_sync import MIB, WeightSource, WeightSync
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +38,7 @@ class VllmGeneration:
             for rank in range(cluster.world_size)
         ]
         ray.get([engine.__ray_ready__.remote() for engine in self.engines])  # constructor errors surface here
+        self.weight_sync = WeightSync(self.engines, gen.refit_bucket_mib * MIB)
         logger.info(
             "%d vLLM engine(s) %s",
             len(self.engines),
@@ -67,12 +67,10 @@ class VllmGeneration:
         ]
         return [completion for result in ray.get(futures) for completion in result]
 
-    def refit(self, hf_weights: Mapping[str, torch.Tensor]) -> None:
-        """Load the policy's current weights into every engine (one serialised copy in the object store)."""
-        blob = ray.put(pack_weights(hf_weights))
-        loaded = ray.get([engine.load_weights.remote(blob) for engine in self.engines])
-        if any(n != len(hf_weights) for n in loaded):
-            raise RuntimeError(f"refit sent {len(hf_weights)} tensors but the engines loaded {loaded}")
+    def refit(self, policy: WeightSource) -> int:
+        """Load the policy's current weights into every engine, bucket by bucket from the policy workers
+        (``weight_sync``: nothing passes through the driver); returns the number of tensors sent."""
+        return self.weight_sync.refit(policy)
 
     def wake_up(self) -> None:
         ray.get([engine.wake_up.remote() for engine in self.engines])

@@ -6,9 +6,11 @@ mixes this class into each of them, and ``LLM.collective_rpc("load_hf_weights",
 then does what loading a checkpoint does (fusing q/k/v and gate/up, sharding
 for vLLM's tensor parallelism, and redoing the post-load processing such as
 CPU weight prepacking), so refit needs HF-named tensors only, exactly what
-the policy workers export. The tensors travel as one safetensors blob: vLLM's RPC
-serialiser keeps top-level tensors but not tensors nested in containers, and
-safetensors is exact and framework-neutral.
+the policy workers export. A call may carry the whole model or one refit bucket
+(``weight_sync``): a module whose tensors are not all in the call keeps its
+weights, so buckets hold whole fused modules. The tensors travel as one
+safetensors blob: vLLM's RPC serialiser keeps top-level tensors but not tensors
+nested in containers, and safetensors is exact and framework-neutral.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections.abc import Mapping
 import torch
 from safetensors.torch import load, save
 
+EMBEDDING = "model.embed_tokens.weight"
+
 
 def pack_weights(state: Mapping[str, torch.Tensor]) -> bytes:
     """HF-named tensors as the blob ``load_hf_weights`` receives."""
@@ -26,10 +30,16 @@ def pack_weights(state: Mapping[str, torch.Tensor]) -> bytes:
 
 class WeightRefitExtension:
     def load_hf_weights(self, blob: bytes) -> int:
-        """Load HF-named full tensors into the running model; returns how many tensors were sent."""
+        """Load HF-named full tensors into the running model; returns how many tensors were sent.
+
+        The tied output layer is refreshed by the call that carries the
+        embedding, the only one that changes it (a later call restores the
+        output layer as it is).
+        """
         weights = load(blob)
         self.model_runner.reload_weights(weights_iterator=iter(weights.items()))  # type: ignore[attr-defined]
-        _refresh_tied_output_layer(self.model_runner.model)  # type: ignore[attr-defined]
+        if EMBEDDING in weights:
+            _refresh_tied_output_layer(self.model_runner.model)  # type: ignore[attr-defined]
         return len(weights)
 
 

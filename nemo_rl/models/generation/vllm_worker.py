@@ -112,7 +112,8 @@ class VllmGenerationWorker:
         ]
 
     def load_weights(self, blob: bytes) -> int:
-        """Replace the engine's weights by HF-named tensors (``vllm_weight_refit.pack_weights``)."""
+        """Replace the engine's weights by HF-named tensors (``vllm_weight_refit.pack_weights``): the whole model
+        or one refit bucket (``weight_sync``), fetched by Ray from the object store when passed as a ref."""
         (loaded, *_) = self.llm.collective_rpc("load_hf_weights", args=(blob,))
         self.llm.reset_prefix_cache()  # cached KV of the old weights must not be reused
         return loaded

@@ -117,7 +117,11 @@ def hf_to_megatron(hf_state: Mapping[str, torch.Tensor], hf_config) -> dict[str,
 
 
 def megatron_to_hf(mcore_state: Mapping[str, torch.Tensor], hf_config) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`hf_to_megatron` (full tensors; exact, no arithmetic on values)."""
+    """Inverse of :func:`hf_to_megatron` (full tensors; exact, no arithmetic on values).
+
+    ``mcore_state`` may be part of a model made of whole layers (one pipeline
+    stage, one layer): refit streams a live model that way.
+    """
     check_supported(hf_config)
     shape = AttentionShape.from_hf_config(hf_config)
     out = {hf: mcore_state[mc] for hf, mc in _renames(hf_config) if mc in mcore_state}
@@ -128,7 +132,9 @@ def megatron_to_hf(mcore_state: Mapping[str, torch.Tensor], hf_config) -> dict[s
             if fused is not None:
                 for p, tensor in zip("qkv", _split_qkv(fused, shape)):
                     out[f"{attn}{p}_proj.{suffix}"] = tensor
-        gate, up = torch.chunk(mcore_state[f"{mc}mlp.linear_fc1.weight"], 2, dim=0)
-        out[f"model.layers.{i}.mlp.gate_proj.weight"] = gate.contiguous()
-        out[f"model.layers.{i}.mlp.up_proj.weight"] = up.contiguous()
+        fc1 = mcore_state.get(f"{mc}mlp.linear_fc1.weight")
+        if fc1 is not None:
+            gate, up = torch.chunk(fc1, 2, dim=0)
+            out[f"model.layers.{i}.mlp.gate_proj.weight"] = gate.contiguous()
+            out[f"model.layers.{i}.mlp.up_proj.weight"] = up.contiguous()
     return out

@@ -19,8 +19,10 @@ group (see ``hf_weights``), so a contiguous split gives each rank whole groups.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
+from itertools import groupby
 from pathlib import Path
 
 import torch
@@ -140,14 +142,50 @@ def merge_shards(
     for pp in range(pp_size):
         per_tp = [shards[(tp, pp)] for tp in range(tp_size)]
         layout = ShardLayout(tp_size, pp_size, 0, pp)
-        for local in per_tp[0]:
-            if local.endswith("_extra_state"):
-                continue
-            name = global_name(local, layout, num_layers)
-            if tied_embeddings and name == TIED_OUTPUT:
-                continue  # the last stage's copy of the embedding
-            merged[name] = tp_merge([state[local] for state in per_tp], name)
+        slices = partial(_slices_of, per_tp)
+        merged.update(stage_tensors(list(per_tp[0]), slices, layout, num_layers, tied_embeddings))
     return merged
+
+
+def _slices_of(per_tp: list[Mapping[str, torch.Tensor]], local: str) -> list[torch.Tensor]:
+    return [state[local] for state in per_tp]
+
+
+def stage_tensors(
+    local_names: Iterable[str],
+    tp_slices: Callable[[str], list[torch.Tensor]],
+    layout: ShardLayout,
+    num_layers: int,
+    tied_embeddings: bool,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """One pipeline stage's full tensors (global names), merged one at a time from ``tp_slices(local)``.
+
+    Lazy, so a live model can stream a stage without holding it merged: only
+    the tensor being yielded is full. ``tp_slices`` gives the slices of TP
+    ranks 0..tp_size-1 (a replicated tensor may come as one).
+    """
+    for local in local_names:
+        if local.endswith("_extra_state"):
+            continue
+        name = global_name(local, layout, num_layers)
+        if tied_embeddings and name == TIED_OUTPUT:
+            continue  # the last stage's copy of the embedding
+        yield name, tp_merge(tp_slices(local), name)
+
+
+def layer_groups(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+    """Consecutive full tensors grouped by decoder layer (a non-layer tensor is a group of its own).
+
+    A layer is what ``megatron_to_hf`` needs whole (its fused QKV and SwiGLU
+    split into HF tensors), and no more.
+    """
+    for _, items in groupby(tensors, key=lambda item: _layer_key(item[0])):
+        yield dict(items)
+
+
+def _layer_key(name: str) -> str:
+    match = _LAYER.match(name)
+    return match[1] if match else name
 
 
 # ----------------------------------------------------------------------------

@@ -15,6 +15,8 @@ vLLM); the config check refuses YaRN with DTensor, and so does this worker.
 from __future__ import annotations
 
 import importlib
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import torch
 
 from nemo_rl.data.token_alignment import align_to_predictions
 from nemo_rl.distributed.worker_process_group import init_worker_process_group
+from nemo_rl.models.generation.weight_sync import BucketHeader
 from nemo_rl.models.megatron.hf_export import DTENSOR_CHECKPOINT, write_hf_files
 from nemo_rl.models.policy.interfaces import LossFunction
 from nemo_rl.models.policy.megatron_policy_worker import logprobs_at_tokens, sum_metrics
@@ -157,9 +160,25 @@ class DTensorPolicyWorker:
             predicted = [self._token_logprobs(mb["input_ids"].to(self.device)).cpu() for mb in microbatches]
         return logprobs_at_tokens(torch.cat(predicted))
 
-    def hf_weights(self) -> dict[str, torch.Tensor] | None:
-        """The full policy under HF names (what vLLM loads at refit), on rank 0."""
-        return self.gathered_state("params")
+    def hf_weight_buckets(self, bucket_bytes: int) -> Iterator[BucketHeader | bytes]:
+        """The policy's HF-named weights in object-store buckets (refit; see ``weight_sync``).
+
+        Run as a Ray streaming generator on every rank: each parameter is made
+        whole in turn (``full_tensor``, a collective), and rank 0 sends, so it
+        holds one bucket at a time.
+        """
+        from torch.distributed.tensor import DTensor
+
+        from nemo_rl.models.generation.weight_sync import bucketed, publish
+
+        full = (
+            (name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor)
+            for name, tensor in self.model.state_dict().items()
+        )
+        if self.rank == 0:
+            yield from publish(bucketed(full, bucket_bytes))
+        else:
+            deque(full, maxlen=0)  # this rank's part is its shards in the gathers
 
     def gathered_state(self, what: str = "params") -> dict[str, torch.Tensor] | None:
         """Full tensors (HF names) of the parameters or their gradients, on rank 0."""

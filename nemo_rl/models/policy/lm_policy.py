@@ -8,6 +8,7 @@ of per-rank metrics, so algorithms only see global batches and global metrics.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from nemo_rl.config.schema import sequence_multiple
 from nemo_rl.data.packing import pack_batch, pack_capacity
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
 from nemo_rl.distributed.worker_group import RayWorkerGroup
+from nemo_rl.models.generation.weight_sync import WeightBucket, receive
 from nemo_rl.models.megatron.context_parallel import single_sample_rows
 from nemo_rl.models.policy.dtensor_policy_worker import DTensorPolicyWorker
 from nemo_rl.models.policy.interfaces import LossFunction
@@ -165,9 +167,19 @@ class Policy:
         scores = self._forward_rows("get_scores", batch, micro_batch_size)
         return scores[torch.arange(scores.shape[0]), batch["input_lengths"] - 1]
 
-    def hf_weights(self) -> dict[str, torch.Tensor]:
-        """The full policy under HF names, gathered over every shard (what a generator loads at refit)."""
-        return self.worker_group.run_all("hf_weights")[0]
+    def stream_hf_weights(self, bucket_bytes: int) -> Iterator[WeightBucket]:
+        """The policy's HF-named weights for a refit, as buckets the workers put into the object store.
+
+        Every worker streams (those that send nothing take part in their TP
+        group's gathers); the driver receives names and object refs only, never
+        a tensor (see ``weight_sync``).
+        """
+        streams = [
+            worker.hf_weight_buckets.options(num_returns="streaming").remote(bucket_bytes)
+            for worker in self.worker_group.workers
+        ]
+        for stream in streams:
+            yield from receive(stream)
 
     def gathered_state(self, what: str = "params") -> dict[str, torch.Tensor]:
         """Full Megatron-named tensors of the parameters or gradients, merged over every TP x PP shard."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -19,13 +20,21 @@ import torch
 
 from nemo_rl.data.token_alignment import align_to_predictions
 from nemo_rl.distributed.worker_process_group import init_worker_process_group
+from nemo_rl.models.generation.weight_sync import BucketHeader
 from nemo_rl.models.megatron.context_parallel import (
     gather_context_parallel,
     single_sample_rows,
     split_for_context_parallel,
 )
 from nemo_rl.models.megatron.cpu_compat import enable_cpu_compat
-from nemo_rl.models.megatron.parallel_weights import ShardLayout, merge_shards, shard_file_name
+from nemo_rl.models.megatron.parallel_weights import (
+    ShardLayout,
+    layer_groups,
+    merge_shards,
+    shard_file_name,
+    stage_tensors,
+    tp_partition_dim,
+)
 from nemo_rl.models.policy.interfaces import LossFunction, model_output_of
 from nemo_rl.models.policy.reference_weights import ReferenceWeights, scoring_weights
 
@@ -34,8 +43,6 @@ logger = logging.getLogger(__name__)
 # megatron-core announces each optional fused-kernel package it falls back from, in every worker.
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not installed", category=UserWarning)
 warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
-
-# (token_logprobs, micro-batch) -> (numerator, count, metrics); see nemo_rl.algorithms.loss_functions.
 
 
 def token_logprobs_from_megatron_loss(per_token_ce: torch.Tensor) -> torch.Tensor:
@@ -452,12 +459,45 @@ class MegatronPolicyWorker:
         self.model.eval()
         return self._collect(microbatches, partial(_loss_input, "scores"), with_labels=False)
 
-    def hf_weights(self) -> dict[str, torch.Tensor] | None:
-        """The full policy under HF names (what vLLM loads at refit), on global rank 0."""
+    def hf_weight_buckets(self, bucket_bytes: int) -> Iterator[BucketHeader | bytes]:
+        """This pipeline stage's weights under HF names, in object-store buckets (refit; see ``weight_sync``).
+
+        Run as a Ray streaming generator on every worker. Only the first
+        data-parallel replica (first CP rank) takes part: its TP ranks gather
+        each TP-split tensor in turn, and TP rank 0 converts the stage layer by
+        layer (global layer numbers) and sends, so no worker holds more than
+        one layer and one bucket.
+        """
+        from nemo_rl.models.generation.weight_sync import bucketed, publish
         from nemo_rl.models.megatron.hf_weights import megatron_to_hf
 
-        full = self.gathered_state("params")
-        return megatron_to_hf(full, self.hf_config) if full is not None else None
+        if self.dp_rank != 0 or self.cp_rank != 0:
+            return
+        state = self.model.module.state_dict()
+        full = stage_tensors(
+            state,
+            partial(self._tp_slices, state),
+            self.layout,
+            self.hf_config.num_hidden_layers,
+            self.hf_config.tie_word_embeddings,
+        )
+        hf = (item for layer in layer_groups(full) for item in megatron_to_hf(layer, self.hf_config).items())
+        if self.tp_rank == 0:
+            yield from publish(bucketed(hf, bucket_bytes))
+        else:
+            deque(hf, maxlen=0)  # this rank's part is its slices in TP rank 0's gathers
+
+    def _tp_slices(self, state: dict[str, torch.Tensor], local: str) -> list[torch.Tensor]:
+        """Every TP rank's slice of a stage-local tensor; a collective, called in state-dict order on each TP rank."""
+        from megatron.core import parallel_state
+
+        tensor = state[local]
+        if self.layout.tp_size == 1 or tp_partition_dim(local) is None:
+            return [tensor]
+        slices = [torch.empty_like(tensor) for _ in range(self.layout.tp_size)]
+        group = parallel_state.get_tensor_model_parallel_group()
+        torch.distributed.all_gather(slices, tensor.contiguous(), group=group)
+        return slices
 
     def gathered_state(self, what: str = "params") -> dict[str, torch.Tensor] | None:
         """Full Megatron tensors (global names) of the parameters or their reduced gradients, on global rank 0.
