@@ -25,7 +25,12 @@ from nemo_rl.models.megatron.context_parallel import (
     split_for_context_parallel,
 )
 from nemo_rl.models.megatron.cpu_compat import enable_cpu_compat
-from nemo_rl.models.megatron.parallel_weights import ShardLayout, merge_shards, shard_file_name
+from nemo_rl.models.megatron.parallel_weights import (
+    ShardLayout,
+    merge_shards,
+    optimizer_shard_file_name,
+    shard_file_name,
+)
 from nemo_rl.models.policy.reference_weights import ReferenceWeights, scoring_weights
 
 logger = logging.getLogger(__name__)
@@ -126,6 +131,9 @@ class MegatronPolicyWorker:
         self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         self.cp_rank = parallel_state.get_context_parallel_rank()
         self.cp_size = parallel_state.get_context_parallel_world_size()
+        # The distributed optimizer shards over data x context parallel ranks; this one's rank 0 writes checkpoints.
+        self.dp_cp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+        self.dp_cp_size = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
         self.layout = ShardLayout(
             mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size, self.tp_rank, self.pp_rank
         )
@@ -209,7 +217,9 @@ class MegatronPolicyWorker:
         self.model = DistributedDataParallel(
             self.tf_config,
             DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+                grad_reduce_in_fp32=True,
+                overlap_grad_reduce=False,
+                use_distributed_optimizer=mcfg.optimizer.use_distributed_optimizer,
             ),
             model,
         )
@@ -233,7 +243,7 @@ class MegatronPolicyWorker:
                 bf16=self.tf_config.bf16,
                 fp16=self.tf_config.fp16,
                 params_dtype=self.tf_config.params_dtype,
-                use_distributed_optimizer=False,
+                use_distributed_optimizer=ocfg.use_distributed_optimizer,
             ),
             [self.model],
         )
@@ -469,10 +479,36 @@ class MegatronPolicyWorker:
         if what == "params":
             local = {k: v.detach().cpu() for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
         elif what == "grads":
+            self._complete_grad_buffers()
             local = {name: p.main_grad.detach().float().cpu() for name, p in module.named_parameters()}
         else:
             raise ValueError(f"what must be 'params' or 'grads', got {what!r}")
         return self._gather_full(local)
+
+    def _complete_grad_buffers(self) -> None:
+        """Make every rank's ``main_grad`` the full reduced gradient again.
+
+        With the distributed optimizer DDP reduce-scatters the gradient buffer:
+        each rank's buffer is reduced (and then clipped by its optimizer) only in
+        the shard that rank updates, the rest keeps its local, unreduced
+        gradients. All-gathering the shards gives what the plain optimizer leaves
+        in ``main_grad``; the next ``train_step`` zeroes the buffer anyway.
+        """
+        from megatron.core.distributed.param_and_grad_buffer import shard_buffer
+
+        if not self._distributed_optimizer:
+            return
+        for group in self.model.bucket_groups + self.model.expert_parallel_bucket_groups:
+            size, rank = (
+                group.intra_distributed_optimizer_instance_size,
+                group.intra_distributed_optimizer_instance_rank,
+            )
+            for bucket in group.buckets:
+                torch.distributed.all_gather_into_tensor(
+                    bucket.grad_data,
+                    shard_buffer(bucket.grad_data, size)[rank],
+                    group=group.intra_distributed_optimizer_instance_group,
+                )
 
     def _gather_full(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """Every model-parallel shard (from DP rank 0) merged into full tensors on global rank 0."""
@@ -488,15 +524,29 @@ class MegatronPolicyWorker:
     def _shard_file(self, directory: Path) -> Path:
         return directory / shard_file_name(self.tp_rank, self.pp_rank)
 
+    def _optimizer_shard_file(self, directory: Path) -> Path:
+        return directory / optimizer_shard_file_name(self.tp_rank, self.pp_rank, self.dp_cp_rank)
+
+    @property
+    def _distributed_optimizer(self) -> bool:
+        return self.model.ddp_config.use_distributed_optimizer
+
     def save_checkpoint(self, directory: str) -> None:
-        """Model, optimizer, scheduler and RNG of this model-parallel shard (written by DP rank 0)."""
-        if self.dp_rank != 0:
-            return
+        """Model, optimizer, scheduler and RNG of this model-parallel shard (written by its DP x CP rank 0).
+
+        Each rank of a distributed optimizer holds only its shard of the master
+        weights and Adam moments, so each also writes that shard to a file of its own.
+        """
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+        if self._distributed_optimizer:
+            torch.save(self._optimizer_shards(), self._optimizer_shard_file(Path(directory)))
+        if self.dp_cp_rank != 0:
+            return
         state = {
             "model": self.model.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict(),  # a distributed optimizer's: all but the sharded tensors
+            "optimizer_layout": {"distributed": self._distributed_optimizer, "data_parallel_size": self.dp_cp_size},
             "scheduler": self.scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()},
         }
@@ -507,12 +557,64 @@ class MegatronPolicyWorker:
     def load_checkpoint(self, directory: str) -> None:
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-        state = torch.load(self._shard_file(Path(directory)), map_location=self.device, weights_only=False)
+        path = self._shard_file(Path(directory))
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self._check_optimizer_layout(path, state.get("optimizer_layout", {"distributed": False}))
         self.model.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        optimizer_state = state["optimizer"]
+        if self._distributed_optimizer:
+            shards = torch.load(self._optimizer_shard_file(Path(directory)), map_location=self.device)
+            optimizer_state = _with_optimizer_shards(optimizer_state, shards)
+        # The distributed optimizer copies the loaded master weights into its shards of the float32 parameters,
+        # views of leaves that require grad: autograd refuses that in-place write outside no_grad.
+        with torch.no_grad():
+            self.optimizer.load_state_dict(optimizer_state)
+        if self._distributed_optimizer:
+            self._unshare_adam_steps()
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         get_cuda_rng_tracker().set_states(state["rng"]["tracker"])
+
+    def _check_optimizer_layout(self, path: Path, saved: dict[str, Any]) -> None:
+        """Optimizer state fits only the layout it was saved from; name the setting to resume with."""
+        key = "policy.megatron_cfg.optimizer.use_distributed_optimizer"
+        if saved["distributed"] != self._distributed_optimizer:
+            was, now = str(saved["distributed"]).lower(), str(self._distributed_optimizer).lower()
+            raise ValueError(f"{path} was saved with {key}={was} but this run has {now}; resume with {key}={was}")
+        if self._distributed_optimizer and saved["data_parallel_size"] != self.dp_cp_size:
+            raise ValueError(
+                f"{path}: its {key}=true state is sharded over {saved['data_parallel_size']} data x context "
+                f"parallel ranks, this run has {self.dp_cp_size}; resume with the cluster size and parallel "
+                "layout it was saved with"
+            )
+
+    def _unshare_adam_steps(self) -> None:
+        """Give every parameter's Adam state its own ``step`` tensor again.
+
+        DistributedOptimizer.load_state_dict hands torch's AdamW one ``step``
+        tensor for all of its parameters, which torch keeps shared; AdamW then
+        increments it in place once per parameter, so every step after a resume
+        would count as many steps and get the wrong bias correction.
+        """
+        for inner in self.optimizer.chained_optimizers:
+            for state in inner.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = state["step"].clone()
+
+    def _optimizer_shards(self) -> list[dict[Any, Any]]:
+        """This rank's shard of each distributed optimizer's master weights and moments, as host copies.
+
+        megatron-core's bucket-space form (``get_parameter_state_dp_reshardable``)
+        is the one whose loader round-trips torch AdamW's per-parameter ``step``:
+        in megatron-core 0.16 the gathered (``dp_zero``) loader raises
+        ``KeyError: 'step'`` unless TE's or Apex's fused Adam is installed.
+        Copies, because a float32 master weight is a view of the whole parameter
+        buffer, which torch.save would write whole.
+        """
+        return [
+            _bucket_state_for_saving(inner.get_parameter_state_dp_reshardable())
+            for inner in self.optimizer.chained_optimizers
+        ]
 
     def export_hf(self, directory: str, model_dir: str | None = None, tokenizer_dir: str | None = None) -> None:
         """Write an HF directory (safetensors + config.json carrying the RoPE overrides).
@@ -544,6 +646,38 @@ class MegatronPolicyWorker:
         parallel_state.destroy_model_parallel()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _bucket_state_for_saving(state: dict[Any, Any]) -> dict[Any, Any]:
+    """Host copies of a bucket-space optimizer state's tensors, every entry flagged as a parameter.
+
+    Its loader (``load_parameter_state_from_dp_reshardable``) skips entries
+    flagged as padding, a flag that only megatron-core's dist-checkpointing
+    wrapper adds; the entries ``get_parameter_state_dp_reshardable`` returns are
+    all parameters. Integer keys hold the buffers, the others bucket sizes.
+    """
+    for buffer in (value for key, value in state.items() if isinstance(key, int)):
+        for buckets in buffer.values():
+            for bucket in buckets:
+                bucket[:] = [
+                    {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+                    | {"padding": False}
+                    for entry in bucket
+                ]
+    return state
+
+
+def _with_optimizer_shards(saved: Any, shards: list[dict[Any, Any]]) -> Any:
+    """The state dict from which megatron-core's DistributedOptimizer loads a bucket-space shard too.
+
+    ``saved`` is ChainedOptimizer's ``state_dict()``: its one optimizer's dict, or a list of them.
+    """
+    states = [saved] if len(shards) == 1 else saved
+    merged = [
+        state | {"param_state": shard, "param_state_sharding_type": "dp_reshardable"}
+        for state, shard in zip(states, shards, strict=True)
+    ]
+    return merged[0] if len(merged) == 1 else merged
 
 
 def sum_metrics(outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
