@@ -25,6 +25,7 @@ from nemo_rl.models.megatron.context_parallel import (
     split_for_context_parallel,
 )
 from nemo_rl.models.megatron.cpu_compat import enable_cpu_compat
+from nemo_rl.models.megatron.optimizer_state import load_optimizer_state, optimizer_shard
 from nemo_rl.models.megatron.parallel_weights import (
     ShardLayout,
     merge_shards,
@@ -540,7 +541,7 @@ class MegatronPolicyWorker:
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
         if self._distributed_optimizer:
-            torch.save(self._optimizer_shards(), self._optimizer_shard_file(Path(directory)))
+            torch.save(optimizer_shard(self.optimizer), self._optimizer_shard_file(Path(directory)))
         if self.dp_cp_rank != 0:
             return
         state = {
@@ -561,16 +562,10 @@ class MegatronPolicyWorker:
         state = torch.load(path, map_location=self.device, weights_only=False)
         self._check_optimizer_layout(path, state.get("optimizer_layout", {"distributed": False}))
         self.model.module.load_state_dict(state["model"])
-        optimizer_state = state["optimizer"]
+        shard = None
         if self._distributed_optimizer:
-            shards = torch.load(self._optimizer_shard_file(Path(directory)), map_location=self.device)
-            optimizer_state = _with_optimizer_shards(optimizer_state, shards)
-        # The distributed optimizer copies the loaded master weights into its shards of the float32 parameters,
-        # views of leaves that require grad: autograd refuses that in-place write outside no_grad.
-        with torch.no_grad():
-            self.optimizer.load_state_dict(optimizer_state)
-        if self._distributed_optimizer:
-            self._unshare_adam_steps()
+            shard = torch.load(self._optimizer_shard_file(Path(directory)), map_location=self.device)
+        load_optimizer_state(self.optimizer, state["optimizer"], shard)
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         get_cuda_rng_tracker().set_states(state["rng"]["tracker"])
@@ -587,34 +582,6 @@ class MegatronPolicyWorker:
                 f"parallel ranks, this run has {self.dp_cp_size}; resume with the cluster size and parallel "
                 "layout it was saved with"
             )
-
-    def _unshare_adam_steps(self) -> None:
-        """Give every parameter's Adam state its own ``step`` tensor again.
-
-        DistributedOptimizer.load_state_dict hands torch's AdamW one ``step``
-        tensor for all of its parameters, which torch keeps shared; AdamW then
-        increments it in place once per parameter, so every step after a resume
-        would count as many steps and get the wrong bias correction.
-        """
-        for inner in self.optimizer.chained_optimizers:
-            for state in inner.optimizer.state.values():
-                if "step" in state:
-                    state["step"] = state["step"].clone()
-
-    def _optimizer_shards(self) -> list[dict[Any, Any]]:
-        """This rank's shard of each distributed optimizer's master weights and moments, as host copies.
-
-        megatron-core's bucket-space form (``get_parameter_state_dp_reshardable``)
-        is the one whose loader round-trips torch AdamW's per-parameter ``step``:
-        in megatron-core 0.16 the gathered (``dp_zero``) loader raises
-        ``KeyError: 'step'`` unless TE's or Apex's fused Adam is installed.
-        Copies, because a float32 master weight is a view of the whole parameter
-        buffer, which torch.save would write whole.
-        """
-        return [
-            _bucket_state_for_saving(inner.get_parameter_state_dp_reshardable())
-            for inner in self.optimizer.chained_optimizers
-        ]
 
     def export_hf(self, directory: str, model_dir: str | None = None, tokenizer_dir: str | None = None) -> None:
         """Write an HF directory (safetensors + config.json carrying the RoPE overrides).
@@ -646,38 +613,6 @@ class MegatronPolicyWorker:
         parallel_state.destroy_model_parallel()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def _bucket_state_for_saving(state: dict[Any, Any]) -> dict[Any, Any]:
-    """Host copies of a bucket-space optimizer state's tensors, every entry flagged as a parameter.
-
-    Its loader (``load_parameter_state_from_dp_reshardable``) skips entries
-    flagged as padding, a flag that only megatron-core's dist-checkpointing
-    wrapper adds; the entries ``get_parameter_state_dp_reshardable`` returns are
-    all parameters. Integer keys hold the buffers, the others bucket sizes.
-    """
-    for buffer in (value for key, value in state.items() if isinstance(key, int)):
-        for buckets in buffer.values():
-            for bucket in buckets:
-                bucket[:] = [
-                    {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
-                    | {"padding": False}
-                    for entry in bucket
-                ]
-    return state
-
-
-def _with_optimizer_shards(saved: Any, shards: list[dict[Any, Any]]) -> Any:
-    """The state dict from which megatron-core's DistributedOptimizer loads a bucket-space shard too.
-
-    ``saved`` is ChainedOptimizer's ``state_dict()``: its one optimizer's dict, or a list of them.
-    """
-    states = [saved] if len(shards) == 1 else saved
-    merged = [
-        state | {"param_state": shard, "param_state_sharding_type": "dp_reshardable"}
-        for state, shard in zip(states, shards, strict=True)
-    ]
-    return merged[0] if len(merged) == 1 else merged
 
 
 def sum_metrics(outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
