@@ -137,3 +137,15 @@ def test_distributed_optimizer_resumed_from_its_saved_state_steps_like_the_unint
     _megatron_step(resumed, resumed_optimizer, _ids(5))
     for (name, want), (_, got) in zip(ddp.module.named_parameters(), resumed.module.named_parameters()):
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+
+
+def test_resuming_with_another_optimizer_layout_names_the_setting_to_use():
+    from nemo_rl.models.megatron.optimizer_state import check_optimizer_layout, optimizer_layout
+
+    path = "step_2/policy_tp00_pp00.pt"
+    check_optimizer_layout(path, optimizer_layout(True, 2), distributed=True, data_parallel_size=2)
+    check_optimizer_layout(path, None, distributed=False, data_parallel_size=4)  # saved before the option: plain
+    with pytest.raises(ValueError, match=r"resume with policy.megatron_cfg.optimizer.use_distributed_optimizer=false"):
+        check_optimizer_layout(path, None, distributed=True, data_parallel_size=2)
+    with pytest.raises(ValueError, match=r"use_distributed_optimizer=true state is sharded over 2 .* this run has 4"):
+        check_optimizer_layout(path, optimizer_layout(True, 2), distributed=True, data_parallel_size=4)

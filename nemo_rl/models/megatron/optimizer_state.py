@@ -17,12 +17,39 @@ The plain optimizer's state dict needs none of this and passes through unchanged
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 # The loader of the bucket-space form, in DistributedOptimizer.load_state_dict.
 _SHARDING_TYPE = "dp_reshardable"
+_FIELD = "policy.megatron_cfg.optimizer.use_distributed_optimizer"
+
+
+def optimizer_layout(distributed: bool, data_parallel_size: int) -> dict[str, Any]:
+    """What a checkpoint records so that a resume can tell whether its optimizer state fits."""
+    return {"distributed": distributed, "data_parallel_size": data_parallel_size}
+
+
+def check_optimizer_layout(
+    path: Path, saved: dict[str, Any] | None, distributed: bool, data_parallel_size: int
+) -> None:
+    """Optimizer state fits only the layout it was saved from; say which setting to resume with.
+
+    ``saved`` is the checkpoint's ``optimizer_layout`` (None: saved before the option, by the plain optimizer).
+    ``data_parallel_size`` counts the ranks a distributed optimizer shards over (data x context parallel).
+    """
+    saved = saved or optimizer_layout(False, data_parallel_size)
+    if saved["distributed"] != distributed:
+        was, now = str(saved["distributed"]).lower(), str(distributed).lower()
+        raise ValueError(f"{path} was saved with {_FIELD}={was} but this run has {now}; resume with {_FIELD}={was}")
+    if distributed and saved["data_parallel_size"] != data_parallel_size:
+        raise ValueError(
+            f"{path}: its {_FIELD}=true state is sharded over {saved['data_parallel_size']} data x context parallel "
+            f"ranks, this run has {data_parallel_size}; resume with the cluster size and parallel layout it was "
+            "saved with"
+        )
 
 
 def optimizer_shard(optimizer) -> list[dict[Any, Any]]:

@@ -25,7 +25,12 @@ from nemo_rl.models.megatron.context_parallel import (
     split_for_context_parallel,
 )
 from nemo_rl.models.megatron.cpu_compat import enable_cpu_compat
-from nemo_rl.models.megatron.optimizer_state import load_optimizer_state, optimizer_shard
+from nemo_rl.models.megatron.optimizer_state import (
+    check_optimizer_layout,
+    load_optimizer_state,
+    optimizer_layout,
+    optimizer_shard,
+)
 from nemo_rl.models.megatron.parallel_weights import (
     ShardLayout,
     merge_shards,
@@ -547,7 +552,7 @@ class MegatronPolicyWorker:
         state = {
             "model": self.model.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),  # a distributed optimizer's: all but the sharded tensors
-            "optimizer_layout": {"distributed": self._distributed_optimizer, "data_parallel_size": self.dp_cp_size},
+            "optimizer_layout": optimizer_layout(self._distributed_optimizer, self.dp_cp_size),
             "scheduler": self.scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()},
         }
@@ -560,7 +565,7 @@ class MegatronPolicyWorker:
 
         path = self._shard_file(Path(directory))
         state = torch.load(path, map_location=self.device, weights_only=False)
-        self._check_optimizer_layout(path, state.get("optimizer_layout", {"distributed": False}))
+        check_optimizer_layout(path, state.get("optimizer_layout"), self._distributed_optimizer, self.dp_cp_size)
         self.model.module.load_state_dict(state["model"])
         shard = None
         if self._distributed_optimizer:
@@ -569,19 +574,6 @@ class MegatronPolicyWorker:
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         get_cuda_rng_tracker().set_states(state["rng"]["tracker"])
-
-    def _check_optimizer_layout(self, path: Path, saved: dict[str, Any]) -> None:
-        """Optimizer state fits only the layout it was saved from; name the setting to resume with."""
-        key = "policy.megatron_cfg.optimizer.use_distributed_optimizer"
-        if saved["distributed"] != self._distributed_optimizer:
-            was, now = str(saved["distributed"]).lower(), str(self._distributed_optimizer).lower()
-            raise ValueError(f"{path} was saved with {key}={was} but this run has {now}; resume with {key}={was}")
-        if self._distributed_optimizer and saved["data_parallel_size"] != self.dp_cp_size:
-            raise ValueError(
-                f"{path}: its {key}=true state is sharded over {saved['data_parallel_size']} data x context "
-                f"parallel ranks, this run has {self.dp_cp_size}; resume with the cluster size and parallel "
-                "layout it was saved with"
-            )
 
     def export_hf(self, directory: str, model_dir: str | None = None, tokenizer_dir: str | None = None) -> None:
         """Write an HF directory (safetensors + config.json carrying the RoPE overrides).
