@@ -17,14 +17,23 @@ from tests.functional.test_sft_megatron_yarn import _losses, _train, ray_local  
 
 pytestmark = [pytest.mark.functional, pytest.mark.slow]
 
-COMMON = ("sft.max_num_steps=3", "sft.val_period=0", "sft.export_hf_dir=null")
+LR = 3e-3  # sft.yaml's peak learning rate
+STEPS = 3
+COMMON = (f"sft.max_num_steps={STEPS}", "sft.val_period=0", "sft.export_hf_dir=null")
 DP2 = "cluster.gpus_per_node=2"
 # Step 2's checkpoint is resumed; the final step's holds the trained weights.
 CHECKPOINTS = "checkpointing.save_period=2"
 
 
 def _final_weights(run_dir) -> dict[str, torch.Tensor]:
-    return read_checkpoint_model_shards(run_dir / "ckpt" / "step_3")[(0, 0)]
+    """The trained weights under HF names (q, k and v projections apart)."""
+    from transformers import AutoConfig
+
+    from nemo_rl.models.megatron.hf_weights import megatron_to_hf
+
+    step = run_dir / "ckpt" / f"step_{STEPS}"
+    shard = read_checkpoint_model_shards(step)[(0, 0)]
+    return megatron_to_hf({k: v for k, v in shard.items() if v is not None}, AutoConfig.from_pretrained(step))
 
 
 def _assert_same_losses_and_weights(got_dir, want_dir) -> None:
@@ -40,7 +49,13 @@ def _assert_same_losses_and_weights(got_dir, want_dir) -> None:
     got, want = _final_weights(got_dir), _final_weights(want_dir)
     assert set(got) == set(want)
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+        if name.endswith("k_proj.bias"):
+            # Adding a constant to every key leaves each query's softmax unchanged, so these gradients are 0 in exact
+            # arithmetic: rounding noise, which Adam normalises to updates of up to lr each step (measured: 6.4e-7).
+            assert (got[name] - want[name]).abs().max() <= 2 * LR * STEPS, name
+        else:
+            diff = float((got[name] - want[name]).norm() / want[name].norm())
+            assert diff <= 1e-6, (name, diff)  # measured: <= 8e-8
 
 
 def test_dp2_equals_single_worker(ray_local, tmp_path):  # noqa: F811
