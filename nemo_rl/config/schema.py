@@ -88,6 +88,9 @@ class MegatronOptimizerConfig(_Section):
     adam_beta1: Annotated[float, Field(ge=0, lt=1)]
     adam_beta2: Annotated[float, Field(ge=0, lt=1)]
     adam_eps: PositiveFloat
+    # Shard the fp32 master weights and Adam moments over the data-parallel ranks (ZeRO-1, megatron-core's
+    # DistributedOptimizer): gradients are reduce-scattered and the updated weights all-gathered instead.
+    use_distributed_optimizer: bool
 
 
 class MegatronSchedulerConfig(_Section):

@@ -6,6 +6,7 @@ would catch the layer changing what megatron computes, not just crashes.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from nemo_rl.models.megatron.model_builder import ParallelLayout, build_gpt_model, transformer_config_from_hf
@@ -48,25 +49,51 @@ def test_activation_recomputation_gives_identical_gradients(megatron_single_proc
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
 
 
-def test_megatron_optimizer_step_matches_torch_adamw_with_clipping(megatron_single_process):
+def _trained_with_megatron_optimizer(model, distributed: bool, clip_grad: float = 0.05):
+    """``model`` in megatron DDP with its optimizer (Adam, lr 1e-2, clipping at ``clip_grad``)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    torch.manual_seed(0)
-    tf_config = transformer_config_from_hf(HF, "float32", ParallelLayout())
-    model = build_gpt_model(HF, tf_config)
-    reference = build_gpt_model(HF, transformer_config_from_hf(HF, "float32", ParallelLayout()))
-    reference.load_state_dict(model.state_dict())
-    ddp = DistributedDataParallel(tf_config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    ddp = DistributedDataParallel(
+        model.config,
+        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed),
+        model,
+    )
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.0, clip_grad=0.05, params_dtype=torch.float32),
+        OptimizerConfig(
+            optimizer="adam",
+            lr=1e-2,
+            weight_decay=0.0,
+            clip_grad=clip_grad,
+            params_dtype=torch.float32,
+            use_distributed_optimizer=distributed,
+        ),
         [ddp],
     )
-    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(2))
+    return ddp, optimizer
+
+
+def _megatron_step(ddp, optimizer, ids):
     ddp.zero_grad_buffer()
+    optimizer.zero_grad()
     _loss(ddp, ids).backward()
     ddp.finish_grad_sync()
-    ok, grad_norm, _ = optimizer.step()
+    return optimizer.step()
+
+
+def _ids(seed: int) -> torch.Tensor:
+    return torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["plain", "distributed"])
+def test_megatron_optimizer_step_matches_torch_adamw_with_clipping(megatron_single_process, distributed):
+    torch.manual_seed(0)
+    model = build_gpt_model(HF, transformer_config_from_hf(HF, "float32", ParallelLayout()))
+    reference = build_gpt_model(HF, transformer_config_from_hf(HF, "float32", ParallelLayout()))
+    reference.load_state_dict(model.state_dict())
+    ddp, optimizer = _trained_with_megatron_optimizer(model, distributed)
+    ids = _ids(2)
+    ok, grad_norm, _ = _megatron_step(ddp, optimizer, ids)
 
     torch_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
     _loss(reference, ids).backward()
@@ -78,3 +105,47 @@ def test_megatron_optimizer_step_matches_torch_adamw_with_clipping(megatron_sing
     assert expected_norm.item() > 0.05, "the test must exercise clipping"
     for (name, got), (_, want) in zip(model.named_parameters(), reference.named_parameters()):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_distributed_optimizer_resumed_from_its_saved_state_steps_like_the_uninterrupted_one(
+    megatron_single_process, tmp_path
+):
+    """Model, optimizer state dict and shard through files, then one more step: bit for bit the same weights.
+
+    Adam's moments and per-parameter step count (its bias correction) must all come back;
+    the resumed step is taken on a model built from a different initialisation.
+    """
+    from nemo_rl.models.megatron.optimizer_state import load_optimizer_state, optimizer_shard
+
+    torch.manual_seed(0)
+    ddp, optimizer = _trained_with_megatron_optimizer(
+        build_gpt_model(HF, transformer_config_from_hf(HF, "float32", ParallelLayout())), distributed=True
+    )
+    for seed in (3, 4):
+        _megatron_step(ddp, optimizer, _ids(seed))
+    saved = {"model": ddp.module.state_dict(), "optimizer": optimizer.state_dict(), "shard": optimizer_shard(optimizer)}
+    torch.save(saved, tmp_path / "state.pt")
+    _megatron_step(ddp, optimizer, _ids(5))
+
+    torch.manual_seed(1)
+    resumed, resumed_optimizer = _trained_with_megatron_optimizer(
+        build_gpt_model(HF, transformer_config_from_hf(HF, "float32", ParallelLayout())), distributed=True
+    )
+    loaded = torch.load(tmp_path / "state.pt", weights_only=False)
+    resumed.module.load_state_dict(loaded["model"])
+    load_optimizer_state(resumed_optimizer, loaded["optimizer"], loaded["shard"])
+    _megatron_step(resumed, resumed_optimizer, _ids(5))
+    for (name, want), (_, got) in zip(ddp.module.named_parameters(), resumed.module.named_parameters()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+
+
+def test_resuming_with_another_optimizer_layout_names_the_setting_to_use():
+    from nemo_rl.models.megatron.optimizer_state import check_optimizer_layout, optimizer_layout
+
+    path = "step_2/policy_tp00_pp00.pt"
+    check_optimizer_layout(path, optimizer_layout(True, 2), distributed=True, data_parallel_size=2)
+    check_optimizer_layout(path, None, distributed=False, data_parallel_size=4)  # saved before the option: plain
+    with pytest.raises(ValueError, match=r"resume with policy.megatron_cfg.optimizer.use_distributed_optimizer=false"):
+        check_optimizer_layout(path, None, distributed=True, data_parallel_size=2)
+    with pytest.raises(ValueError, match=r"use_distributed_optimizer=true state is sharded over 2 .* this run has 4"):
+        check_optimizer_layout(path, optimizer_layout(True, 2), distributed=True, data_parallel_size=4)

@@ -8,7 +8,9 @@ pipeline p2p synchronises CUDA streams.
 Replacing those touch points (attention is this project's ``SDPACoreAttention``,
 which needs no mask tensor) is enough for the real GPTModel, DDP, optimizer,
 schedules and gloo collectives to run on CPU, so CI exercises the same code that
-GPU clusters run.
+GPU clusters run. That includes the distributed optimizer: gloo (torch 2.13)
+has the reduce-scatter and all-gather of flat buffers it uses, coalesced too,
+so it needs no stand-in here.
 
 Nothing here is active when CUDA is available.
 """

@@ -199,6 +199,11 @@ def shard_file_name(tp_rank: int, pp_rank: int) -> str:
     return f"policy_tp{tp_rank:02d}_pp{pp_rank:02d}.pt"
 
 
+def optimizer_shard_file_name(tp_rank: int, pp_rank: int, dp_rank: int) -> str:
+    """One distributed-optimizer rank's share of a model shard's optimizer state (``SHARD_GLOB`` skips it)."""
+    return f"optimizer_tp{tp_rank:02d}_pp{pp_rank:02d}_dp{dp_rank:03d}.pt"
+
+
 def read_checkpoint_model_shards(directory: Path) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
     """The model state of every shard file of a training checkpoint, keyed by (tp_rank, pp_rank)."""
     shards = {}

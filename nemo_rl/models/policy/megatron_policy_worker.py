@@ -27,10 +27,17 @@ from nemo_rl.models.megatron.context_parallel import (
     split_for_context_parallel,
 )
 from nemo_rl.models.megatron.cpu_compat import enable_cpu_compat
+from nemo_rl.models.megatron.optimizer_state import (
+    check_optimizer_layout,
+    load_optimizer_state,
+    optimizer_layout,
+    optimizer_shard,
+)
 from nemo_rl.models.megatron.parallel_weights import (
     ShardLayout,
     layer_groups,
     merge_shards,
+    optimizer_shard_file_name,
     shard_file_name,
     stage_tensors,
     tp_partition_dim,
@@ -133,6 +140,9 @@ class MegatronPolicyWorker:
         self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         self.cp_rank = parallel_state.get_context_parallel_rank()
         self.cp_size = parallel_state.get_context_parallel_world_size()
+        # The distributed optimizer shards over data x context parallel ranks; this one's rank 0 writes checkpoints.
+        self.dp_cp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+        self.dp_cp_size = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
         self.layout = ShardLayout(
             mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size, self.tp_rank, self.pp_rank
         )
@@ -216,7 +226,9 @@ class MegatronPolicyWorker:
         self.model = DistributedDataParallel(
             self.tf_config,
             DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+                grad_reduce_in_fp32=True,
+                overlap_grad_reduce=False,
+                use_distributed_optimizer=mcfg.optimizer.use_distributed_optimizer,
             ),
             model,
         )
@@ -240,7 +252,7 @@ class MegatronPolicyWorker:
                 bf16=self.tf_config.bf16,
                 fp16=self.tf_config.fp16,
                 params_dtype=self.tf_config.params_dtype,
-                use_distributed_optimizer=False,
+                use_distributed_optimizer=ocfg.use_distributed_optimizer,
             ),
             [self.model],
         )
@@ -471,7 +483,7 @@ class MegatronPolicyWorker:
         from nemo_rl.models.generation.weight_sync import bucketed, publish
         from nemo_rl.models.megatron.hf_weights import megatron_to_hf
 
-        if self.dp_rank != 0 or self.cp_rank != 0:
+        if self.dp_cp_rank != 0:
             return
         state = self.model.module.state_dict()
         full = stage_tensors(
@@ -509,10 +521,36 @@ class MegatronPolicyWorker:
         if what == "params":
             local = {k: v.detach().cpu() for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
         elif what == "grads":
+            self._complete_grad_buffers()
             local = {name: p.main_grad.detach().float().cpu() for name, p in module.named_parameters()}
         else:
             raise ValueError(f"what must be 'params' or 'grads', got {what!r}")
         return self._gather_full(local)
+
+    def _complete_grad_buffers(self) -> None:
+        """Make every rank's ``main_grad`` the full reduced gradient again.
+
+        With the distributed optimizer DDP reduce-scatters the gradient buffer:
+        each rank's buffer is reduced (and then clipped by its optimizer) only in
+        the shard that rank updates, the rest keeps its local, unreduced
+        gradients. All-gathering the shards gives what the plain optimizer leaves
+        in ``main_grad``; the next ``train_step`` zeroes the buffer anyway.
+        """
+        from megatron.core.distributed.param_and_grad_buffer import shard_buffer
+
+        if not self._distributed_optimizer:
+            return
+        for group in self.model.bucket_groups + self.model.expert_parallel_bucket_groups:
+            size, rank = (
+                group.intra_distributed_optimizer_instance_size,
+                group.intra_distributed_optimizer_instance_rank,
+            )
+            for bucket in group.buckets:
+                torch.distributed.all_gather_into_tensor(
+                    bucket.grad_data,
+                    shard_buffer(bucket.grad_data, size)[rank],
+                    group=group.intra_distributed_optimizer_instance_group,
+                )
 
     def _gather_full(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """Every model-parallel shard (from DP rank 0) merged into full tensors on global rank 0."""
@@ -528,15 +566,29 @@ class MegatronPolicyWorker:
     def _shard_file(self, directory: Path) -> Path:
         return directory / shard_file_name(self.tp_rank, self.pp_rank)
 
+    def _optimizer_shard_file(self, directory: Path) -> Path:
+        return directory / optimizer_shard_file_name(self.tp_rank, self.pp_rank, self.dp_cp_rank)
+
+    @property
+    def _distributed_optimizer(self) -> bool:
+        return self.model.ddp_config.use_distributed_optimizer
+
     def save_checkpoint(self, directory: str) -> None:
-        """Model, optimizer, scheduler and RNG of this model-parallel shard (written by DP rank 0)."""
-        if self.dp_rank != 0:
-            return
+        """Model, optimizer, scheduler and RNG of this model-parallel shard (written by its DP x CP rank 0).
+
+        Each rank of a distributed optimizer holds only its shard of the master
+        weights and Adam moments, so each also writes that shard to a file of its own.
+        """
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+        if self._distributed_optimizer:
+            torch.save(optimizer_shard(self.optimizer), self._optimizer_shard_file(Path(directory)))
+        if self.dp_cp_rank != 0:
+            return
         state = {
             "model": self.model.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict(),  # a distributed optimizer's: all but the sharded tensors
+            "optimizer_layout": optimizer_layout(self._distributed_optimizer, self.dp_cp_size),
             "scheduler": self.scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()},
         }
@@ -547,9 +599,14 @@ class MegatronPolicyWorker:
     def load_checkpoint(self, directory: str) -> None:
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-        state = torch.load(self._shard_file(Path(directory)), map_location=self.device, weights_only=False)
+        path = self._shard_file(Path(directory))
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        check_optimizer_layout(path, state.get("optimizer_layout"), self._distributed_optimizer, self.dp_cp_size)
         self.model.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        shard = None
+        if self._distributed_optimizer:
+            shard = torch.load(self._optimizer_shard_file(Path(directory)), map_location=self.device)
+        load_optimizer_state(self.optimizer, state["optimizer"], shard)
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         get_cuda_rng_tracker().set_states(state["rng"]["tracker"])
