@@ -52,7 +52,7 @@ class _TypedBlock:
 
     def to_block(self) -> dict[str, Any]:
         """The canonical block (``rope_type`` plus every field) that HF, vLLM and the hash see."""
-        return {"rope_type": self.ROPE_TYPE, **dataclasses.asdict(self)}
+        return {"rope_type": self.ROPE_TYPE, **dataclasses.asdict(self)}  # pyright: ignore[reportArgumentType]  (subclasses are dataclasses)
 
     @classmethod
     def from_dict(cls, params: Mapping[str, Any], path: str = f"{OVERRIDES_PATH}.{CANONICAL_BLOCK_KEY}") -> Self:
@@ -181,8 +181,7 @@ class DynamicYarnScaling(YarnScaling):
         scale = seq_len / self.original_max_position_embeddings
         if scale <= 1:
             return PlainRope(self.rope_theta)
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return YarnScaling(**(fields | {"factor": min(scale, self.factor)}))
+        return dataclasses.replace(YarnScaling(**dataclasses.asdict(self)), factor=min(scale, self.factor))
 
     @property
     def attention_factor(self) -> float:

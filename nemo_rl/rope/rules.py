@@ -31,6 +31,7 @@ def yarn_scaling(overrides: Mapping[str, Any] | None) -> YarnScaling | None:
     block = checked_rope_block(overrides)
     if block is None or block.rope_type != YARN:
         return None
+    assert isinstance(block.scaling, YarnScaling)  # rope_type yarn parses to YarnScaling
     return block.scaling
 
 

@@ -29,7 +29,7 @@ class Logger:
         self._tb = self._tensorboard() if tensorboard else None
         self._wandb = None
         if wandb_cfg is not None:
-            import wandb  # optional dependency: only imported when enabled
+            import wandb  # pyright: ignore[reportMissingImports]  (optional: only imported when enabled)
 
             self._wandb = wandb.init(
                 project=wandb_cfg.get("project"),
