@@ -39,7 +39,7 @@ def _hf_teacher(run):
 
 def test_distillation_kl_falls_and_teacher_topk_matches_hf(tmp_path):
     from nemo_rl.algorithms.distillation import DistillationRun
-    from nemo_rl.algorithms.grpo import rollout_batch
+    from nemo_rl.algorithms.rollout_training import rollout_batch
     from nemo_rl.config.loader import load_config, resolve_config
     from nemo_rl.config.schema import validate_distillation_config
 

@@ -99,8 +99,8 @@ def test_generator_without_yarn_trips_the_parity_probe(tmp_path):
     )
 
     class MismatchedRun(GRPORun):
-        def _start_generation(self, policy_cfg):
-            return super()._start_generation(plain_cfg.policy)
+        def start_generation(self, policy_cfg):
+            return super().start_generation(plain_cfg.policy)
 
     with local_ray(2, tmp_path / "mcore"):
         run = MismatchedRun(cfg, resolved)

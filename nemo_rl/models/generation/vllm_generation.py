@@ -19,6 +19,7 @@ import torch
 
 from nemo_rl.distributed.sharding import split_evenly
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
+from nemo_rl.distributed.worker_group import wait_until_ready
 from nemo_rl.models.generation.vllm_weight_refit import pack_weights
 from nemo_rl.models.generation.vllm_worker import Completion, VllmGenerationWorker
 
@@ -38,7 +39,7 @@ class VllmGeneration:
             )
             for rank in range(cluster.world_size)
         ]
-        ray.get([engine.__ray_ready__.remote() for engine in self.engines])  # constructor errors surface here
+        wait_until_ready(self.engines)  # constructor errors surface here
         logger.info(
             "%d vLLM engine(s) %s",
             len(self.engines),
