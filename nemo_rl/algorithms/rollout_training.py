@@ -209,7 +209,8 @@ class RolloutRun(RunLoop[RolloutResult]):
         return self.started(make_environment(self.cfg.env))
 
     def learn(self, samples: list[PromptSample], seeds: list[int], timer: Timer) -> dict[str, float]:
-        """Sample responses to ``samples`` (each prompt ``num_generations_per_prompt`` times in a row), update."""
+        """The algorithm's part of a step: respond to ``samples`` (the step's prompts, each repeated
+        ``num_generations_per_prompt`` times in a row) with one seed each, update the policy, report the metrics."""
         raise NotImplementedError
 
     def chunk_fields(self, chunk: Batch) -> Batch:
