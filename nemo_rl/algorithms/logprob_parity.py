@@ -32,8 +32,12 @@ def token_mult_prob_error(
     return float(torch.exp(gap).mean())
 
 
-def check_first_step(error: float, threshold: float, long_context: bool) -> None:
-    """Stop before the first update when the two engines are not computing the same model."""
+def check_first_step(error: float, threshold: float, long_context: bool, section: str) -> None:
+    """Stop before the first update when the two engines are not computing the same model.
+
+    ``section`` is the running algorithm's config block (``grpo``, ``distillation``): the message names the key
+    the user would change.
+    """
     if error <= threshold:
         return
     causes = [
@@ -47,7 +51,7 @@ def check_first_step(error: float, threshold: float, long_context: bool) -> None
         "a tokenizer or chat template that differs between the engines",
     ]
     raise ParityError(
-        f"token_mult_prob_error = {error:.4f} on the first step exceeds grpo.token_mult_prob_error_threshold = "
+        f"token_mult_prob_error = {error:.4f} on the first step exceeds {section}.token_mult_prob_error_threshold = "
         f"{threshold} (1.0 means the generator's and the trainer's token probabilities agree). Nothing was "
         "trained. Likely causes:\n  - " + "\n  - ".join(causes)
     )

@@ -1,10 +1,10 @@
-"""The loop shared by algorithms that train the policy on a fixed dataset: SFT, DPO and reward modeling.
+"""The algorithms that train the policy on a fixed dataset: SFT, DPO and reward modeling.
 
-They differ in their data, their loss and what validation reports; the rest
-(set-up order, the resumable loader, periodic validation, checkpoints with
-exact resume, metrics, the final HF export) is this one loop, so a fix to
-resume or logging reaches all three. Everything here runs after the config was
-validated, so a bad recipe fails before Ray starts or any directory is created.
+They differ in their data, their loss and what validation reports; set-up
+order, resume, validation and checkpoint cadence and progress are the run
+loop's (``nemo_rl.algorithms.run_loop``), and what is offline-specific (the
+policy on its own cluster, validation over a fixed number of batches, step
+throughput, the final HF export) is written here once for all three.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from nemo_rl.algorithms.run_setup import open_run_log
+from nemo_rl.algorithms.run_loop import RunLoop
 from nemo_rl.data.builtin_datasets import resolve_dataset_paths
 from nemo_rl.data.dataloader import ResumableDataloader
 from nemo_rl.data.preference_dataset import PreferenceDataset, collate_pairs, load_preference_dataset
@@ -27,7 +26,6 @@ from nemo_rl.distributed.ray_init import init_ray
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
 from nemo_rl.models.builtin_models import resolve_model_path
 from nemo_rl.models.policy.lm_policy import Policy
-from nemo_rl.utils.checkpoint import CheckpointManager, restore_training_state, save_training_state
 
 logger = logging.getLogger(__name__)
 
@@ -41,23 +39,21 @@ class OfflineResult:
     hf_export: Path | None
 
 
-class OfflineRun:
-    """One run of an offline algorithm, set up in the order that keeps failures cheap.
+class OfflineRun(RunLoop[OfflineResult]):
+    """One run of an offline algorithm.
 
     Subclasses name their config section (``section``), load their data
-    (``load_dataset``), turn a batch of samples into a step's metrics
-    (``train_step``) and a validation batch into summable sums (``validation_sums``,
-    reduced by ``validation_metrics``). The data a subclass needs is ready before
-    any of that: the tokenizer, the data files and the section's config.
+    (``load_dataset``), take one optimizer step on a batch of samples
+    (``update``) and turn a validation batch into summable sums
+    (``validation_sums``, reduced by ``validation_metrics``). The data a
+    subclass needs is ready before any of that: the tokenizer, the data files
+    and the section's config.
     """
 
-    section: str
-    policy_kwargs: dict[str, Any] = {}  # e.g. a reference model (DPO) or the scalar head (reward model)
+    policy_kwargs: ClassVar[dict[str, Any]] = {}  # e.g. a reference model (DPO) or the scalar head (reward model)
 
-    def __init__(self, cfg, resolved_config: dict[str, Any]):
-        self.cfg = cfg
-        self.loop = getattr(cfg, self.section)
-        pcfg = cfg.policy
+    def prepare(self) -> ResumableDataloader:
+        cfg, pcfg = self.cfg, self.cfg.policy
         self.model_path = resolve_model_path(pcfg.model_name)
         self.tokenizer_path = resolve_model_path(pcfg.tokenizer.name)
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
@@ -66,17 +62,15 @@ class OfflineRun:
         )
         self.train_data = self.load_dataset(train_path, "train")
         self.val_data = self.load_dataset(self.val_path, "validation") if self.val_path else None
-        self.train_loader = ResumableDataloader(
-            self.train_data, pcfg.train_global_batch_size, cfg.data.shuffle, self.loop.seed
-        )
+        return ResumableDataloader(self.train_data, pcfg.train_global_batch_size, cfg.data.shuffle, self.loop.seed)
 
-        self.log_dir = Path(cfg.logger.log_dir)
-        self.metrics = open_run_log(cfg, resolved_config, ["megatron"])
-        self.checkpoints = CheckpointManager(Path(cfg.checkpointing.checkpoint_dir), cfg.checkpointing.keep_top_k)
-
+    def start_workers(self) -> None:
+        cfg = self.cfg
         init_ray(workers=cfg.cluster.gpus_per_node * cfg.cluster.num_nodes)
-        self.cluster = RayVirtualCluster(cfg.cluster.gpus_per_node, cfg.cluster.num_nodes)
-        self.policy = Policy(self.cluster, pcfg, self.model_path, seed=self.loop.seed, **self.policy_kwargs)
+        self.cluster = self.started(RayVirtualCluster(cfg.cluster.gpus_per_node, cfg.cluster.num_nodes))
+        self.policy = self.started(
+            Policy(self.cluster, cfg.policy, self.model_path, seed=self.loop.seed, **self.policy_kwargs)
+        )
         if self.policy.checkpoint_dir is not None:
             cache_note = "converted now" if self.policy.converted_now else "reused from cache"
             logger.info("Megatron checkpoint %s (%s)", self.policy.checkpoint_dir, cache_note)
@@ -85,7 +79,8 @@ class OfflineRun:
     def load_dataset(self, path: Path, split: str) -> Sequence:
         raise NotImplementedError
 
-    def train_step(self, samples: Sequence) -> dict[str, float]:
+    def update(self, samples: Sequence) -> dict[str, float]:
+        """One optimizer step on ``samples``: its loss, ``lr``, ``input_tokens`` and whatever else it reports."""
         raise NotImplementedError
 
     def validation_sums(self, samples: Sequence) -> dict[str, float]:
@@ -97,11 +92,11 @@ class OfflineRun:
     def after_export(self, export: Path, step: int) -> None:
         """Work scheduled on the exported model (SFT's long-context evaluation)."""
 
-    # ------------------------------------------------------------------ shared
-    def timed_step(self, samples: Sequence) -> dict[str, float]:
+    # ------------------------------------------------------------- loop hooks
+    def train_step(self, batch: list, step: int) -> dict[str, float]:
         """The step's metrics with its wall time and throughput over the sequences' real (unpadded) tokens."""
         start = time.perf_counter()
-        metrics = self.train_step(samples)
+        metrics = self.update(batch)
         elapsed = time.perf_counter() - start
         return metrics | {"step_time_s": elapsed, "tokens_per_s": metrics["input_tokens"] / elapsed}
 
@@ -118,48 +113,20 @@ class OfflineRun:
                 break
         return self.validation_metrics(sums)
 
-    def save(self, step: int) -> Path:
-        return save_training_state(self.checkpoints, step, self.policy, self.tokenizer, self.train_loader)
+    def progress(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}"}
 
-    def resume(self) -> int:
-        return restore_training_state(self.checkpoints, self.policy, self.train_loader, self.metrics)
-
-    def _log_validation(self, step: int, bar: tqdm | None = None) -> dict[str, float] | None:
-        metrics = self.validate()
-        if metrics is not None:
-            self.metrics.log(metrics, step, "validation")
-            if bar is not None:
-                bar.write(f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        return metrics
-
-    def train(self) -> OfflineResult:
-        loop, ccfg = self.loop, self.cfg.checkpointing
-        step = self.resume() if ccfg.enabled else 0
-        last: dict[str, float] = {}
-        val = self._log_validation(step) if loop.val_at_start and step == 0 else None
-        with tqdm(total=loop.max_num_steps, initial=step, desc=self.section, dynamic_ncols=True) as bar:
-            while step < loop.max_num_steps and self.train_loader.epoch < loop.max_num_epochs:
-                last = self.timed_step(self.train_loader.next_batch())
-                step += 1
-                self.metrics.log(last, step, "train")
-                bar.update(1)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
-                if loop.val_period and step % loop.val_period == 0:
-                    val = self._log_validation(step, bar)
-                if ccfg.enabled and (step % ccfg.save_period == 0 or step == loop.max_num_steps):
-                    bar.write(f"step {step}: checkpoint {self.save(step)}")
+    def finish(
+        self, step: int, last_train: dict[str, float], last_validation: dict[str, float] | None
+    ) -> OfflineResult:
+        """The HF export (and the work scheduled on it) when ``export_hf_dir`` is set."""
         export = None
-        if loop.export_hf_dir:
-            export = Path(loop.export_hf_dir)
+        if self.loop.export_hf_dir:
+            export = Path(self.loop.export_hf_dir)
             self.policy.export_hf(export, self.model_path, self.tokenizer_path)
             logger.info("Exported the trained policy to %s", export)
             self.after_export(export, step)
-        return OfflineResult(step, last, val, self.policy.checkpoint_dir, export)
-
-    def close(self) -> None:
-        self.metrics.close()
-        self.policy.shutdown()
-        self.cluster.shutdown()
+        return OfflineResult(step, last_train, last_validation, self.policy.checkpoint_dir, export)
 
 
 class PreferenceRun(OfflineRun):
@@ -185,7 +152,7 @@ class PreferenceRun(OfflineRun):
         pairs = max(sums["num_pairs"], 1)
         return {mean: sums[total] / pairs for total, mean in self.pair_means.items()}
 
-    def train_step(self, samples: Sequence) -> dict[str, float]:
+    def update(self, samples: Sequence) -> dict[str, float]:
         micro = self.cfg.policy.train_micro_batch_size
         batch = self.scored_batch(samples, micro)
         result = self.policy.train(batch, self.loss_fn(), 2 * micro)  # two rows per pair

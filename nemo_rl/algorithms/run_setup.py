@@ -7,14 +7,19 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from nemo_rl.config.loader import save_config
 from nemo_rl.models.long_context import run_receipt, write_receipt
 from nemo_rl.rope.canonical import canonical_overrides_json
 from nemo_rl.utils.logger import Logger
 
+if TYPE_CHECKING:
+    from nemo_rl.algorithms.run_loop import RunLoop
+
 logger = logging.getLogger(__name__)
+
+ResultT = TypeVar("ResultT")
 
 
 def open_run_log(cfg, resolved_config: Mapping[str, Any], engines: list[str]) -> Logger:
@@ -34,8 +39,12 @@ def open_run_log(cfg, resolved_config: Mapping[str, Any], engines: list[str]) ->
     )
 
 
-def run_and_close(run_cls: type, cfg, resolved_config: dict[str, Any]) -> Any:
-    """``run_cls(cfg, resolved).train()``, releasing its workers, engines and cluster however training ends."""
+def run_and_close(run_cls: type[RunLoop[ResultT]], cfg, resolved_config: dict[str, Any]) -> ResultT:
+    """``run_cls(cfg, resolved).train()``, releasing its workers, engines and cluster however the run ends.
+
+    A constructor that fails part-way has already stopped what it started (``RunLoop.started``), so only a
+    constructed run is closed here.
+    """
     run = run_cls(cfg, resolved_config)
     try:
         return run.train()

@@ -43,7 +43,7 @@ class SFTRun(OfflineRun):
     def _collate(self, samples) -> dict:
         return collate(samples, self.tokenizer.pad_token_id, self.cfg.policy.make_sequence_length_divisible_by)
 
-    def train_step(self, samples: Sequence) -> dict[str, float]:
+    def update(self, samples: Sequence) -> dict[str, float]:
         batch = self._collate(samples)
         result = self.policy.train(batch, NLLLoss(), self.cfg.policy.train_micro_batch_size)
         m = result["metrics"]

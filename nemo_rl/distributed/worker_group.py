@@ -18,6 +18,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until_ready(actors: Sequence[Any]) -> None:
+    """Block until every actor's constructor ran; when one failed, kill them all, so none outlives the error."""
+    try:
+        ray.get([actor.__ray_ready__.remote() for actor in actors])
+    except BaseException:
+        for actor in actors:
+            ray.kill(actor)
+        raise
+
+
 @ray.remote
 def _node_address_and_port() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), _free_port()
@@ -51,7 +61,7 @@ class RayWorkerGroup:
             for rank in range(len(bundles))
         ]
         # Surface constructor failures (bad checkpoint, OOM) here rather than at first use.
-        ray.get([worker.__ray_ready__.remote() for worker in self.workers])
+        wait_until_ready(self.workers)
 
     def run_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         return ray.get([getattr(w, method).remote(*args, **kwargs) for w in self.workers])

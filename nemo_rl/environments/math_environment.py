@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import ray
 
 from nemo_rl.distributed.sharding import split_evenly
+from nemo_rl.environments.interfaces import Scores
 
 logger = logging.getLogger(__name__)
 
@@ -59,33 +60,43 @@ class MathEnvironment:
     def __init__(self, format_reward_weight: float = 0.0):
         self.format_reward_weight = format_reward_weight
 
-    def score(self, responses: Sequence[str], references: Sequence[str]) -> list[float]:
+    def grade(self, responses: Sequence[str], references: Sequence[str]) -> tuple[list[float], list[float]]:
+        """Each response's reward and its correctness (1.0 or 0.0), which the format term hides inside the reward."""
         if len(responses) != len(references):
             raise ValueError(f"{len(responses)} responses but {len(references)} references")
-        return [
-            math_reward(r, ref)
-            + (self.format_reward_weight * answer_format_score(r) if self.format_reward_weight else 0)
-            for r, ref in zip(responses, references, strict=True)
-        ]
+        correct = [math_reward(r, ref) for r, ref in zip(responses, references, strict=True)]
+        weight = self.format_reward_weight
+        rewards = [c + (weight * answer_format_score(r) if weight else 0) for c, r in zip(correct, responses)]
+        return rewards, correct
+
+    def score(self, responses: Sequence[str], references: Sequence[str]) -> list[float]:
+        """Each response's reward: correctness plus the weighted format term."""
+        return self.grade(responses, references)[0]
 
 
 class MathEnvironmentPool:
-    """``num_workers`` environment actors sharing each batch.
+    """The math environment of a run (an ``EnvironmentInterface``): ``num_workers`` actors sharing each batch.
 
     They reserve no CPU: scoring is light next to generation and training, and
-    a run's placement groups already hold the node's cores.
+    a run's placement groups already hold the node's cores. Besides the rewards
+    it reports ``accuracy``, the share of responses whose answer is correct.
     """
 
     def __init__(self, num_workers: int, format_reward_weight: float = 0.0):
         actor = ray.remote(MathEnvironment).options(num_cpus=0)
         self.workers = [actor.remote(format_reward_weight) for _ in range(num_workers)]
 
-    def score(self, responses: Sequence[str], references: Sequence[str]) -> list[float]:
+    def score(self, responses: Sequence[str], references: Sequence[str]) -> Scores:
         shares = zip(
             split_evenly(responses, len(self.workers)), split_evenly(references, len(self.workers)), strict=True
         )
-        futures = [w.score.remote(list(r), list(ref)) for w, (r, ref) in zip(self.workers, shares, strict=True) if r]
-        return [reward for part in ray.get(futures) for reward in part]
+        futures = [w.grade.remote(list(r), list(ref)) for w, (r, ref) in zip(self.workers, shares, strict=True) if r]
+        parts = ray.get(futures)
+        correct = [c for _, part in parts for c in part]
+        return Scores(
+            rewards=[reward for part, _ in parts for reward in part],
+            metrics={"accuracy": sum(correct) / max(len(correct), 1)},
+        )
 
     def shutdown(self) -> None:
         for worker in self.workers:

@@ -74,26 +74,3 @@ class CheckpointManager:
     @staticmethod
     def training_info(checkpoint: Path) -> dict[str, Any]:
         return json.loads((Path(checkpoint) / TRAINING_INFO).read_text())
-
-
-def save_training_state(checkpoints: CheckpointManager, step: int, policy, tokenizer, dataloader) -> Path:
-    """One atomic ``step_N``: the policy's shards, the tokenizer, and where the data loader stands."""
-    tmp = checkpoints.begin(step)
-    policy.save_checkpoint(tmp)
-    tokenizer.save_pretrained(tmp)
-    return checkpoints.commit(tmp, step, {"step": step, "dataloader": dataloader.state_dict()})
-
-
-def restore_training_state(checkpoints: CheckpointManager, policy, dataloader, metrics) -> int:
-    """Resume from the latest complete step (0 without one); metrics logged after it are rewound."""
-    checkpoints.clean_incomplete()
-    latest = checkpoints.latest()
-    if latest is None:
-        metrics.rewind(0)
-        return 0
-    info = CheckpointManager.training_info(latest)
-    policy.load_checkpoint(latest)
-    dataloader.load_state_dict(info["dataloader"])
-    metrics.rewind(int(info["step"]))
-    logger.info("Resumed from %s (step %d)", latest, info["step"])
-    return int(info["step"])

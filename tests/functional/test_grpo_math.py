@@ -66,6 +66,7 @@ def test_grpo_yarn_parity_checkpoints_and_exact_resume(tmp_path):
     for m in train:
         assert 1.0 <= m["token_mult_prob_error"] < PARITY_BOUND, m
         assert math.isfinite(m["loss"]) and 0.0 <= m["reward_mean"] <= m["reward_max"]
+        assert 0.0 <= m["env/accuracy"] <= m["reward_mean"]  # the environment's own metric: reward minus format term
         assert m["timing/generation_s"] > 0 and m["timing/training_s"] > 0
     assert max(m["sequence_length_max"] for m in train) > ORIGINAL_WINDOW  # positions only YaRN covers
     assert train[1]["kl"] > 0  # the policy moved away from the reference after step 1
@@ -99,8 +100,8 @@ def test_generator_without_yarn_trips_the_parity_probe(tmp_path):
     )
 
     class MismatchedRun(GRPORun):
-        def _start_generation(self, policy_cfg):
-            return super()._start_generation(plain_cfg.policy)
+        def start_generation(self, policy_cfg):
+            return super().start_generation(plain_cfg.policy)
 
     with local_ray(2, tmp_path / "mcore"):
         run = MismatchedRun(cfg, resolved)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from nemo_rl.algorithms.advantages import token_weights
-from nemo_rl.algorithms.grpo import rollout_batch, rollout_seeds
 from nemo_rl.algorithms.loss_functions import ClippedPGLoss
+from nemo_rl.algorithms.rollout_training import rollout_batch, rollout_seeds
 from nemo_rl.data.prompt_dataset import PromptSample
 from nemo_rl.data.token_alignment import align_to_predictions
 from nemo_rl.models.generation.vllm_worker import Completion

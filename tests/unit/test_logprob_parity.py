@@ -53,13 +53,13 @@ def test_empty_mask_gives_one():
 
 @pytest.mark.parametrize("error", [1.0, 1.03, 1.05])
 def test_first_step_passes_at_or_below_threshold(error):
-    check_first_step(error, 1.05, long_context=True)
-    check_first_step(error, 1.05, long_context=False)
+    check_first_step(error, 1.05, long_context=True, section="grpo")
+    check_first_step(error, 1.05, long_context=False, section="grpo")
 
 
 def test_first_step_above_threshold_stops_with_an_explanation():
     with pytest.raises(ParityError) as info:
-        check_first_step(1.2345, 1.05, long_context=False)
+        check_first_step(1.2345, 1.05, long_context=False, section="grpo")
     message = str(info.value)
     assert "grpo.token_mult_prob_error_threshold" in message
     assert "1.2345" in message and "1.05" in message
@@ -69,7 +69,7 @@ def test_first_step_above_threshold_stops_with_an_explanation():
 
 def test_long_context_failure_points_at_rope_overrides():
     with pytest.raises(ParityError) as info:
-        check_first_step(1.5, 1.05, long_context=True)
+        check_first_step(1.5, 1.05, long_context=True, section="grpo")
     message = str(info.value)
     assert "RoPE overrides" in message
     assert "policy.hf_config_overrides" in message
@@ -78,3 +78,10 @@ def test_long_context_failure_points_at_rope_overrides():
 
 def test_parity_error_is_a_runtime_error():
     assert issubclass(ParityError, RuntimeError)
+
+
+def test_the_stop_names_the_running_algorithms_threshold():
+    with pytest.raises(ParityError) as info:
+        check_first_step(1.5, 1.001, long_context=True, section="distillation")
+    assert "exceeds distillation.token_mult_prob_error_threshold = 1.001" in str(info.value)
+    assert "grpo." not in str(info.value)

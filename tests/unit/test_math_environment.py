@@ -72,3 +72,10 @@ def test_zero_format_weight_gives_pure_correctness():
     references = ["17", "18", "99", "19"]
     assert MathEnvironment(format_reward_weight=0.0).score(responses, references) == [1.0, 0.0, 0.0, 1.0]
     assert MathEnvironment().score(responses, references) == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_grading_keeps_correctness_apart_from_the_format_term():
+    """A bare wrong number earns the whole format term: only correctness tells it from a right answer."""
+    rewards, correct = MathEnvironment(format_reward_weight=1.0).grade(["18", "17"], ["17", "17"])
+    assert rewards == [1.0, 2.0]
+    assert correct == [0.0, 1.0]

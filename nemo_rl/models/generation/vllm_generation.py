@@ -18,6 +18,7 @@ import ray
 
 from nemo_rl.distributed.sharding import split_evenly
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
+from nemo_rl.distributed.worker_group import wait_until_ready
 from nemo_rl.models.generation.vllm_worker import Completion, VllmGenerationWorker
 from nemo_rl.models.generation.weight_sync import MIB, WeightSource, WeightSync
 
@@ -37,7 +38,7 @@ class VllmGeneration:
             )
             for rank in range(cluster.world_size)
         ]
-        ray.get([engine.__ray_ready__.remote() for engine in self.engines])  # constructor errors surface here
+        wait_until_ready(self.engines)  # constructor errors surface here
         self.weight_sync = WeightSync(self.engines, gen.refit_bucket_mib * MIB)
         logger.info(
             "%d vLLM engine(s) %s",

@@ -1,0 +1,60 @@
+"""A run whose set-up fails part-way stops what it had started: no worker or reservation outlives the error.
+
+The engines are made to fail after the policy's Megatron workers (and the
+KL reference they hold) are up, the way a bad generator setting only detected
+when vLLM starts does. ``run_and_close`` never gets a run object to close, so
+the run itself must have stopped the workers and released the placement
+group before the error reached the caller, while the caller still holds the
+error (and with it every frame of the failed constructor).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import local_ray
+
+pytestmark = pytest.mark.functional
+
+ROOT = Path(__file__).resolve().parents[2]
+GRPO = ROOT / "examples" / "configs" / "grpo_math.yaml"
+
+
+def test_a_run_failing_after_its_workers_started_leaves_none_running(tmp_path):
+    import ray
+    from ray.exceptions import RayActorError
+    from ray.util import placement_group_table
+
+    from nemo_rl.algorithms.grpo import GRPORun
+    from nemo_rl.algorithms.run_setup import run_and_close
+    from nemo_rl.config.loader import load_config, resolve_config
+    from nemo_rl.config.schema import validate_grpo_config
+
+    resolved = resolve_config(
+        load_config(
+            GRPO,
+            [
+                f"logger.log_dir={tmp_path / 'logs'}",
+                f"checkpointing.checkpoint_dir={tmp_path / 'ckpt'}",
+                "logger.tensorboard_enabled=false",
+            ],
+        )
+    )
+    policy_workers = []
+
+    class EnginesFailToStart(GRPORun):
+        def start_generation(self, policy_cfg):
+            policy_workers.extend(self.policy.worker_group.workers)
+            ray.get([worker.__ray_ready__.remote() for worker in policy_workers])  # up and running
+            raise RuntimeError("the vLLM engines failed to start")
+
+    with local_ray(2, tmp_path / "mcore"):
+        with pytest.raises(RuntimeError, match="the vLLM engines failed to start"):
+            run_and_close(EnginesFailToStart, validate_grpo_config(resolved), resolved)
+        assert policy_workers
+        for worker in policy_workers:  # the test's own handles would keep them alive; only the run stops them
+            with pytest.raises(RayActorError):
+                ray.get(worker.__ray_ready__.remote(), timeout=120)
+        assert {group["state"] for group in placement_group_table().values()} == {"REMOVED"}
