@@ -9,18 +9,31 @@ module fills the same slot in the layer spec with torch's
 - one batch of right-padded rows (``sbhd``): causal SDPA, which dispatches to
   flash / memory-efficient kernels and never builds an L x L mask;
 - packed rows (``thd`` with ``cu_seqlens``): each sample attends only within
-  itself. Samples of similar length (within a factor of two) are gathered into
-  one right-padded batch and attended with one causal SDPA call per such group
-  (a few calls per row, not one per sample; causal attention never lets a valid
-  query see the right padding, so no mask is built). A Python loop per sample made
-  many short samples cost more in call overhead than in arithmetic, while a
-  block-diagonal mask over the whole row would be L x L (and ``flex_attention``
-  has no backward on CPU);
+  itself, without a Python loop over the samples. Index ops gather them into a
+  right-padded batch ``[n, heads, width, d]``, one causal SDPA call attends it
+  (causal attention never lets a valid query see its row's right padding, so no
+  mask is built) and the valid queries' outputs are scattered back. Samples are
+  batched with those of similar length (longer than half the batch's longest),
+  so padding at most doubles a batch's tokens (and its causal work at most
+  quadruples): a row of equal lengths is one call, a row of very uneven ones one
+  call per halving of the length present (``benchmarks/packed_attention.py``
+  times it against the loop). Tried on torch 2.13 and rejected: ``flex_attention``
+  has no backward on CPU and no dropout, nested (jagged) tensors have no causal
+  CPU kernel, a block-diagonal mask is L x L, and ``torch.nn.attention.varlen``
+  (CUDA flash only) hard-codes dropout to 0;
 - context parallelism (packed rows only, as in megatron-core): each CP rank holds,
   per sample, chunks ``r`` and ``2 CP - 1 - r`` of ``2 CP`` equal chunks (the
   load-balanced split megatron's RoPE expects); keys and values are all-gathered
   over the CP group, and each local query chunk attends causally to the prefix
-  of its sample that ends with it (batched by length group like packed rows).
+  of its sample that ends with it. The chunks are batched the same way (one SDPA
+  call per chunk slot, early or late, and length band): queries against their
+  right-padded prefixes, with a ``[n, 1, chunk, prefix]`` mask putting each row's
+  causal diagonal at its last key. That mask is as large as the scores it masks;
+  SDPA on CPU built the same per chunk before (a lower-right causal mask of
+  unequal lengths has no CPU kernel), while CUDA kernels aligned it themselves.
+
+GQA: SDPA's ``enable_gqa`` on CPU, repeated key/value heads on CUDA; dropout
+(training only) draws from megatron's model-parallel RNG stream.
 """
 
 from __future__ import annotations
@@ -80,9 +93,10 @@ class SDPACoreAttention(MegatronModule):
                 raise ValueError("context parallelism needs packed sequences (policy.sequence_packing.enabled=true)")
             # [s, b, h, d] -> [b, h, s, d]
             q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
-            out = self._sdpa(q, k, v, causal=True)
+            out = self._sdpa(q, k, v)
             return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
-        cu_seqlens = packed_seq_params.cu_seqlens_q
+        # sample bounds are bookkept on the host (one copy, as before); index tensors go to the device
+        cu_seqlens = packed_seq_params.cu_seqlens_q.to("cpu", torch.long)
         if self.config.context_parallel_size > 1:
             out = self._context_parallel(query, key, value, cu_seqlens)
         else:
@@ -90,23 +104,17 @@ class SDPACoreAttention(MegatronModule):
         return out.reshape(out.shape[0], -1)
 
     def _packed(self, query, key, value, cu_seqlens) -> torch.Tensor:
-        """``[t, h, d]`` packed samples, each attending causally within itself; one SDPA call per length group."""
-        cu_seqlens = cu_seqlens.to(torch.long).cpu()
-        lengths = cu_seqlens.diff()
-        positions, outputs = [], []
-        for group in length_groups(lengths):
-            rows = _Rows(cu_seqlens[group], lengths[group], query.device)
-            q, k, v = (rows.pad(x) for x in (query, key, value))
-            outputs.append(rows.unpad(self._sdpa(q, k, v, causal=True)))
-            positions.append(rows.tokens)
-        return torch.cat(outputs)[torch.argsort(torch.cat(positions))]
+        """Packed ``[t, h, d]`` samples, each attending causally within itself: one SDPA call per length group."""
+        starts, lengths = cu_seqlens[:-1], cu_seqlens.diff()
+        out = query.new_zeros(query.shape)
+        for rows in _length_groups(lengths):
+            batch = _PaddedRows(starts[rows], lengths[rows], query.device)
+            q, k, v = (batch.gather(x) for x in (query, key, value))
+            out = out.index_copy(0, batch.tokens, batch.scatter(self._sdpa(q, k, v)))
+        return out
 
     def _context_parallel(self, query, key, value, cu_seqlens) -> torch.Tensor:
-        """This rank's query chunks (per sample: chunk ``rank``, then ``2 CP - 1 - rank``) against their prefixes.
-
-        Each chunk sees its sample's keys up to its own end, causally aligned at that end. Chunks of samples of
-        similar length are batched as in ``_packed``, with a ``[n, C, P]`` mask for the lower-right alignment.
-        """
+        """This rank's query chunks (per sample: chunk ``rank``, then ``2 CP - 1 - rank``) against their prefixes."""
         group = parallel_state.get_context_parallel_group()
         cp, rank = group.size(), group.rank()
         keys, values = (all_gather_with_grad(x, group) for x in (key, value))
@@ -116,81 +124,77 @@ class SDPACoreAttention(MegatronModule):
             index = cp_token_indices(cu_seqlens, cp, r).to(key.device)
             full_key = full_key.index_copy(0, index, keys[r])
             full_value = full_value.index_copy(0, index, values[r])
-        cu_seqlens = cu_seqlens.to(torch.long).cpu()
         chunks = cu_seqlens.diff() // (2 * cp)
         local_starts = 2 * (chunks.cumsum(0) - chunks)  # where each sample's two chunks begin on this rank
-        positions, outputs = [], []
-        for group in length_groups(chunks):
-            for late, j in enumerate((rank, 2 * cp - 1 - rank)):
-                chunk = chunks[group]
-                queries = _Rows(local_starts[group] + late * chunk, chunk, query.device)
-                prefixes = _Rows(cu_seqlens[group], (j + 1) * chunk, query.device)
-                q, k, v = queries.pad(query), prefixes.pad(full_key), prefixes.pad(full_value)
-                mask = _lower_right_causal(chunk, (j + 1) * chunk, queries.width, prefixes.width).to(q.device)
-                outputs.append(queries.unpad(self._sdpa(q, k, v, causal=False, mask=mask)))
-                positions.append(queries.tokens)
-        return torch.cat(outputs)[torch.argsort(torch.cat(positions))]
+        out = query.new_zeros(query.shape)
+        for rows in _length_groups(chunks):
+            chunk = chunks[rows]
+            for late, j in enumerate((rank, 2 * cp - 1 - rank)):  # the early, then the late chunk of each sample
+                queries = _PaddedRows(local_starts[rows] + late * chunk, chunk, query.device)
+                prefixes = _PaddedRows(cu_seqlens[rows], (j + 1) * chunk, query.device)
+                q, k, v = queries.gather(query), prefixes.gather(full_key), prefixes.gather(full_value)
+                # query a of a row sees key b <= a + j * chunk: causal, aligned at the row's last key
+                seen = j * chunk[:, None, None] + torch.arange(queries.width)[:, None]
+                mask = (torch.arange(prefixes.width) <= seen).unsqueeze(1).to(query.device)
+                out = out.index_copy(0, queries.tokens, queries.scatter(self._sdpa(q, k, v, mask)))
+        return out
 
-    def _sdpa(self, q, k, v, causal: bool, mask=None) -> torch.Tensor:
-        if self.heads_per_group > 1:  # GQA: each key/value head serves a group of query heads
+    def _sdpa(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[n, h, s, d]`` attention: causal, or as ``mask`` allows."""
+        # GQA: each key/value head serves a group of query heads. CPU's flash kernel reads the groups in place;
+        # CUDA's memory-efficient kernel (fp32, masks) has no GQA, so there the heads are repeated.
+        grouped = self.heads_per_group > 1 and q.device.type == "cpu"
+        if self.heads_per_group > 1 and not grouped:
             k = k.repeat_interleave(self.heads_per_group, dim=1)
             v = v.repeat_interleave(self.heads_per_group, dim=1)
+        kwargs = dict(attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale, enable_gqa=grouped)
         if not (self.training and self.dropout):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
         # TP ranks hold different heads, so they draw dropout from the model-parallel RNG stream.
         with get_cuda_rng_tracker().fork():
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout, scale=self.softmax_scale
-            )
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout, **kwargs)
 
 
-def length_groups(lengths: torch.Tensor) -> list[torch.Tensor]:
-    """Indices of the non-empty samples grouped by ``ceil(log2(length))``: padding a group to its longest
-    sample costs less than 4x the group's own attention."""
-    keys = torch.ceil(torch.log2(lengths.clamp(min=1).double())).long()
-    return [torch.nonzero((keys == key) & (lengths > 0)).flatten() for key in torch.unique(keys[lengths > 0])]
+def _length_groups(lengths: torch.Tensor) -> list[torch.Tensor]:
+    """Indices of the non-empty samples, grouped by how many halvings below the longest they are.
+
+    Every sample of a group is longer than half the group's longest, so padding
+    the group to its longest at most doubles its tokens; equal lengths are one group.
+    """
+    longest = int(lengths.max()) if lengths.numel() else 0
+    if longest == 0:
+        return []
+    band = torch.floor(torch.log2(longest / lengths.clamp(min=1).double())).long()
+    band = torch.where(lengths > 0, band, -1)
+    return [torch.nonzero(band == b).flatten() for b in torch.unique(band).tolist() if b >= 0]
 
 
-class _Rows:
-    """Rows ``x[start : start + length]`` of a packed ``[t, h, d]`` tensor as a right-padded ``[n, h, width, d]``
-    batch and back (differentiable; ``tokens`` is the packed index of every valid entry, in batch order).
+class _PaddedRows:
+    """Rows ``x[start : start + length]`` of a packed ``[t, ...]`` tensor as a right-padded batch, and back.
 
-    Equal-length samples that lie back to back (a single sample, or rows packed from equal chunks) are a view
-    of the packed tensor; otherwise the batch is built by index copies.
+    The padding repeats each row's last token rather than zeros: one gather, and
+    harmless, since causal attention keeps it from the row's valid queries and
+    the padded queries' outputs are dropped (so their gradients are zero).
     """
 
     def __init__(self, starts: torch.Tensor, lengths: torch.Tensor, device: torch.device) -> None:
-        self.n, self.width = len(lengths), int(lengths.max())
-        offsets = torch.arange(self.width)
-        valid = offsets < lengths[:, None]
-        self.first = int(starts[0])
-        self.view = bool(
-            (lengths == self.width).all() and (starts == self.first + self.width * torch.arange(self.n)).all()
-        )
-        self.tokens = (starts[:, None] + offsets)[valid].to(device)
-        self.slots = (torch.arange(self.n)[:, None] * self.width + offsets)[valid].to(device)  # ... in the batch
+        """``starts`` and ``lengths``: host tensors, one entry per row."""
+        self.rows, self.width = lengths.numel(), int(lengths.max())
+        within = torch.arange(self.width)
+        padded = torch.nonzero((within < lengths[:, None]).flatten()).flatten()
+        self.padded = padded.to(device)  # each valid entry's index in the flattened [rows * width] batch
+        self.tokens = (starts[:, None] + within).flatten()[padded].to(device)  # and its packed index
+        last = torch.minimum(within, lengths[:, None] - 1)
+        self.source = (starts[:, None] + last).flatten().to(device)  # every entry's packed source
 
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        if self.view:
-            rows = x[self.first : self.first + self.n * self.width]
-        else:
-            rows = x.new_zeros((self.n * self.width, *x.shape[1:])).index_copy(0, self.slots, x[self.tokens])
-        return rows.view(self.n, self.width, *x.shape[1:]).transpose(1, 2)
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``[t, h, d]`` -> ``[rows, h, width, d]``."""
+        return x.index_select(0, self.source).view(self.rows, self.width, *x.shape[1:]).transpose(1, 2)
 
-    def unpad(self, rows: torch.Tensor) -> torch.Tensor:
-        """``[n, h, width, d]`` back to the valid entries, ``[len(tokens), h, d]``."""
-        flat = rows.transpose(1, 2).reshape(self.n * self.width, rows.shape[1], rows.shape[3])
-        return flat if self.view else flat[self.slots]
-
-
-def _lower_right_causal(queries: torch.Tensor, keys: torch.Tensor, width: int, key_width: int) -> torch.Tensor:
-    """``[n, 1, width, key_width]``: query a of row i sees key b when ``b <= a + keys_i - queries_i`` and
-    ``b < keys_i`` (causal, aligned at the row's last key). Padded queries see every valid key, so no row of
-    the softmax is empty; their outputs are dropped."""
-    a = torch.arange(width)[None, :, None]
-    b = torch.arange(key_width)[None, None, :]
-    visible = (b <= a + (keys - queries)[:, None, None]) & (b < keys[:, None, None])
-    return visible.unsqueeze(1)
+    def scatter(self, batch: torch.Tensor) -> torch.Tensor:
+        """``[rows, h, width, d]`` -> the valid entries as ``[len(tokens), h, d]``, in ``tokens`` order."""
+        rows, heads, width, dim = batch.shape
+        return batch.transpose(1, 2).reshape(rows * width, heads, dim).index_select(0, self.padded)
 
 
 def with_sdpa_attention(layer_spec: ModuleSpec) -> ModuleSpec:

@@ -15,18 +15,20 @@ import torch
 
 def cp_token_indices(cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
     """Positions in the packed sequence held by ``cp_rank``, in the order that rank holds them."""
-    pieces = []
-    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
-        length = end - start
-        if length % (2 * cp_size):
-            raise ValueError(
-                f"a packed sample of {length} tokens does not split into 2 x context_parallel_size = "
-                f"{2 * cp_size} chunks; samples must be padded to a multiple of it when packed"
-            )
-        chunk = length // (2 * cp_size)
-        for j in (cp_rank, 2 * cp_size - 1 - cp_rank):
-            pieces.append(torch.arange(start + j * chunk, start + (j + 1) * chunk))
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+    cu_seqlens = cu_seqlens.to("cpu", torch.long)
+    lengths = cu_seqlens.diff()
+    uneven = lengths % (2 * cp_size) != 0
+    if uneven.any():
+        raise ValueError(
+            f"a packed sample of {int(lengths[uneven][0])} tokens does not split into 2 x context_parallel_size = "
+            f"{2 * cp_size} chunks; samples must be padded to a multiple of it when packed"
+        )
+    chunk = lengths // (2 * cp_size)
+    # per sample, chunk cp_rank then chunk 2 CP - 1 - cp_rank: each a run of `chunk` consecutive positions
+    firsts = torch.stack([cu_seqlens[:-1] + j * chunk for j in (cp_rank, 2 * cp_size - 1 - cp_rank)], 1).flatten()
+    runs = chunk.repeat_interleave(2)
+    run = torch.repeat_interleave(torch.arange(runs.numel()), runs)
+    return firsts[run] + torch.arange(run.numel()) - (runs.cumsum(0) - runs)[run]
 
 
 def single_sample_rows(input_ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
