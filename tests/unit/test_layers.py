@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -39,3 +41,11 @@ def test_validating_a_recipe_imports_no_torch_and_no_engine():
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "", f"config validation imported {result.stdout.strip()}"
+
+
+@pytest.mark.slow  # about a minute on two cores
+def test_type_check_finds_no_error_beyond_the_baseline():
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "basedpyright")], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
