@@ -111,7 +111,7 @@ class DistillationRun(RolloutRun):
         samples, seeds = self.validation_prompts()
         responses, batch = self.graded_rollout(samples, seeds, True, Timer())
         metrics = {"reward_mean": float(responses.rewards.mean()), **responses.logged_environment_metrics()}
-        rows = len(samples) - len(samples) % (self.policy.dp_size * self.logprob_batch())  # whole micro-batches
+        rows = len(samples) - len(samples) % (self.policy.dims.dp * self.logprob_batch())  # whole micro-batches
         if rows:
             out = self.policy.evaluate({k: v[:rows] for k, v in batch.items()}, self.loss_fn, self.logprob_batch())
             metrics["kl"] = out["metrics"]["kl_sum"] / max(out["metrics"]["num_tokens"], 1)

@@ -11,14 +11,19 @@ live in `MasterConfig`; an algorithm's master adds its own sections (`sft:`,
 
 Models are strict (YAML already gives typed values: `"8"` or `8.0` for a batch
 size is a mistake, not something to coerce), frozen, and reject unknown keys.
+
+Cross-field rules are functions of the typed config. When some field is invalid
+they run over a lenient build (every field that validates on its own, the rest
+unset), so they still report alongside the field errors; a rule that reads an
+unset field is skipped, its input's own error already covering it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from functools import cached_property
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from collections.abc import Callable, Mapping, Sequence
+from functools import cache, cached_property, partial
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import (
     BaseModel,
@@ -28,12 +33,14 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from nemo_rl.distributed.parallel_dims import ParallelDims
 from nemo_rl.rope.blocks import OVERRIDES_PATH, YarnScaling
 from nemo_rl.rope.megatron_config import megatron_rope_type_errors
 from nemo_rl.rope.rules import effective_overrides, requests_yarn, validate_long_context, yarn_scaling
@@ -46,8 +53,20 @@ logger = logging.getLogger(__name__)
 RulerTask = Literal["niah_multikey", "variable_tracking"]
 
 
+class UnsetField(AttributeError):
+    """A field the lenient build left unset because its value is missing or invalid (see `validate_master`)."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    if not TYPE_CHECKING:  # hidden from the type checker, which keeps flagging names that are no field
+
+        def __getattr__(self, name: str) -> Any:
+            # Only a field can be unset; any other name (a renamed field a rule still reads) stays an AttributeError.
+            if name in type(self).model_fields:
+                raise UnsetField(f"{type(self).__name__}.{name}")
+            return super().__getattr__(name)
 
 
 # ----------------------------------------------------------------------------
@@ -339,73 +358,97 @@ class LongContextEvalRunConfig(_Section):
 
 
 def validate_long_context_eval_config(resolved: Mapping[str, Any]) -> LongContextEvalRunConfig:
-    errors: list[str] = []
-    notes: list[str] = []
-    max_len = _value(resolved, "max_total_sequence_length", int)
-    if max_len is not None:
-        # Evaluation runs in transformers, not on a training backend: only the block itself is checked.
-        overrides = _value(resolved, "hf_config_overrides", Mapping)
-        _, long_errors, notes = validate_long_context(overrides, max_len, True, False)
-        errors = [e.replace(OVERRIDES_PATH, "hf_config_overrides") for e in long_errors]
-        errors += _eval_length_errors(resolved, max_len)
-    return _validated(LongContextEvalRunConfig, resolved, errors, notes)
+    cfg, errors = _typed(LongContextEvalRunConfig, resolved)
+    long_errors, notes = _or_none(lambda: _eval_long_context(cfg)) or ([], [])
+    errors += long_errors + _apply(_EVAL_LENGTH_RULES, cfg)
+    return _reported(cfg, errors, notes)
 
 
-def _eval_length_errors(raw: Mapping[str, Any], max_len: int) -> list[str]:
+def _eval_long_context(cfg: LongContextEvalRunConfig) -> tuple[list[str], list[str]]:
+    """Evaluation runs in transformers, not on a training backend: only the block itself is checked."""
+    _, errors, notes = validate_long_context(cfg.hf_config_overrides, cfg.max_total_sequence_length, True, False)
+    return [e.replace(OVERRIDES_PATH, "hf_config_overrides") for e in errors], notes
+
+
+def _eval_length_errors(key: str, lengths: list[int], max_len: int) -> list[str]:
     """Evaluation lengths beyond the window the model is configured for (and vLLM's ``max_model_len``)."""
-    errors = []
-    for key in ("lengths", "passkey_lengths", "ruler_lengths"):
-        lengths = [n for n in _value(raw, f"long_context_eval.{key}", list) or [] if isinstance(n, int)]
-        if lengths and max(lengths) > max_len:
-            errors.append(
-                f"long_context_eval.{key}: {max(lengths)} is above max_total_sequence_length = {max_len}, the window "
-                "the model is configured (and vLLM sized) for; raise max_total_sequence_length or drop the length"
-            )
-    return errors
+    if not lengths or max(lengths) <= max_len:
+        return []
+    return [
+        f"long_context_eval.{key}: {max(lengths)} is above max_total_sequence_length = {max_len}, the window "
+        "the model is configured (and vLLM sized) for; raise max_total_sequence_length or drop the length"
+    ]
+
+
+_EVAL_LENGTH_RULES: tuple[Callable[[LongContextEvalRunConfig], list[str]], ...] = (
+    lambda c: _eval_length_errors("lengths", c.long_context_eval.lengths, c.max_total_sequence_length),
+    lambda c: _eval_length_errors("passkey_lengths", c.long_context_eval.passkey_lengths, c.max_total_sequence_length),
+    lambda c: _eval_length_errors("ruler_lengths", c.long_context_eval.ruler_lengths, c.max_total_sequence_length),
+)
 
 
 def validate_sft_config(resolved: Mapping[str, Any]) -> SFTMasterConfig:
     """The typed SFT config, or one ConfigError listing every problem in `resolved`."""
-    errors = _validation_batch_errors(resolved, "sft") + _document_data_errors(resolved)
-    return validate_master(SFTMasterConfig, resolved, errors)
+    return validate_master(
+        SFTMasterConfig,
+        resolved,
+        (
+            lambda cfg: _validation_batch_errors(cfg, cfg.sft, "sft"),
+            _synthetic_main_dataset_errors,
+            _blend_format_errors,
+            _blend_share_errors,
+            _blend_source_errors,
+        ),
+    )
 
 
-def _document_data_errors(raw: Mapping[str, Any]) -> list[str]:
-    """Rules of document data that span fields: blends, chunk lengths, the synthetic source's place."""
+def _synthetic_main_dataset_errors(cfg: SFTMasterConfig) -> list[str]:
+    if cfg.data.dataset_name != SYNTHETIC_RETRIEVAL:
+        return []
+    return [
+        f"data.dataset_name: {SYNTHETIC_RETRIEVAL} is generated for a blend; name a corpus here (e.g. "
+        f"python-stdlib) and add {{dataset_name: {SYNTHETIC_RETRIEVAL}, share: 0.2}} to data.blend"
+    ]
+
+
+def _blend_format_errors(cfg: SFTMasterConfig) -> list[str]:
+    if not cfg.data.blend or cfg.data.format == "document":
+        return []
+    return ["data.blend: blends are of documents; set data.format=document or remove data.blend"]
+
+
+def _blend_share_errors(cfg: SFTMasterConfig) -> list[str]:
+    total = sum(source.share for source in cfg.data.blend)
+    if total < 1:
+        return []
+    return [
+        f"data.blend: the shares sum to {total:g}; they must sum to less than 1 (the main "
+        "dataset, data.dataset_name, keeps the rest)"
+    ]
+
+
+def _blend_source_errors(cfg: SFTMasterConfig) -> list[str]:
+    """Each source's chunks fit a training row, and the generated source reads no file."""
     errors = []
-    document = _value(raw, "data.format", str) == "document"
-    if _value(raw, "data.dataset_name", str) == SYNTHETIC_RETRIEVAL:
-        errors.append(
-            f"data.dataset_name: {SYNTHETIC_RETRIEVAL} is generated for a blend; name a corpus here (e.g. "
-            f"python-stdlib) and add {{dataset_name: {SYNTHETIC_RETRIEVAL}, share: 0.2}} to data.blend"
-        )
-    blend = _value(raw, "data.blend", list) or []
-    if blend and not document:
-        errors.append("data.blend: blends are of documents; set data.format=document or remove data.blend")
-    shares = [s["share"] for s in blend if isinstance(s, Mapping) and isinstance(s.get("share"), (int, float))]
-    if sum(shares) >= 1:
-        errors.append(
-            f"data.blend: the shares sum to {sum(shares):g}; they must sum to less than 1 (the main "
-            "dataset, data.dataset_name, keeps the rest)"
-        )
-    max_len = _value(raw, "policy.max_total_sequence_length", int)
-    for i, source in enumerate(blend):
-        if not isinstance(source, Mapping):
-            continue
-        tokens = source.get("max_document_tokens")
-        if isinstance(tokens, int) and max_len is not None and tokens > max_len:
+    max_len = _or_none(lambda: cfg.policy.max_total_sequence_length)
+    for i, source in enumerate(cfg.data.blend):
+        tokens = source.max_document_tokens
+        if tokens is not None and max_len is not None and tokens > max_len:
             errors.append(
                 f"data.blend.{i}.max_document_tokens: {tokens} is above policy.max_total_sequence_length = "
                 f"{max_len}; chunks must fit a training row"
             )
-        if source.get("dataset_name") == SYNTHETIC_RETRIEVAL and source.get("data_path") is not None:
+        if source.dataset_name == SYNTHETIC_RETRIEVAL and source.data_path is not None:
             errors.append(f"data.blend.{i}.data_path: {SYNTHETIC_RETRIEVAL} is generated, not read; remove it")
     return errors
 
 
-def _validation_batch_errors(raw: Mapping[str, Any], section: str) -> list[str]:
-    dp = data_parallel_size(raw)
-    return batch_errors(raw, f"{section}.val_global_batch_size", f"{section}.val_micro_batch_size", dp)
+def _validation_batch_errors(cfg: MasterConfig, loop: OfflineLoopConfig, section: str) -> list[str]:
+    return batch_errors(
+        (f"{section}.val_global_batch_size", loop.val_global_batch_size),
+        (f"{section}.val_micro_batch_size", loop.val_micro_batch_size),
+        _data_parallel_size(cfg),
+    )
 
 
 class DPOMasterConfig(MasterConfig):
@@ -420,24 +463,38 @@ class RMMasterConfig(MasterConfig):
 
 def validate_dpo_config(resolved: Mapping[str, Any]) -> DPOMasterConfig:
     """The typed DPO config, or one ConfigError listing every problem in `resolved`."""
-    errors = _validation_batch_errors(resolved, "dpo") + _pairwise_layout_errors(resolved, "DPO")
-    return validate_master(DPOMasterConfig, resolved, errors)
+    return validate_master(
+        DPOMasterConfig,
+        resolved,
+        (lambda cfg: _validation_batch_errors(cfg, cfg.dpo, "dpo"), lambda cfg: _pairwise_layout_errors(cfg, "DPO")),
+    )
 
 
 def validate_rm_config(resolved: Mapping[str, Any]) -> RMMasterConfig:
     """The typed reward-model config, or one ConfigError listing every problem in `resolved`."""
-    errors = _validation_batch_errors(resolved, "rm") + _pairwise_layout_errors(resolved, "reward modeling")
-    if _value(resolved, "policy.dtensor_cfg.enabled", bool) is True:
-        errors.append(
-            "policy.dtensor_cfg.enabled: the reward model's scalar head is built on the Megatron backend; set "
-            "policy.dtensor_cfg.enabled=false and policy.megatron_cfg.enabled=true"
-        )
-    return validate_master(RMMasterConfig, resolved, errors)
+    return validate_master(
+        RMMasterConfig,
+        resolved,
+        (
+            lambda cfg: _validation_batch_errors(cfg, cfg.rm, "rm"),
+            lambda cfg: _pairwise_layout_errors(cfg, "reward modeling"),
+            _reward_head_backend_errors,
+        ),
+    )
 
 
-def _pairwise_layout_errors(raw: Mapping[str, Any], algorithm: str) -> list[str]:
+def _reward_head_backend_errors(cfg: RMMasterConfig) -> list[str]:
+    if not cfg.policy.dtensor_cfg.enabled:
+        return []
+    return [
+        "policy.dtensor_cfg.enabled: the reward model's scalar head is built on the Megatron backend; set "
+        "policy.dtensor_cfg.enabled=false and policy.megatron_cfg.enabled=true"
+    ]
+
+
+def _pairwise_layout_errors(cfg: MasterConfig, algorithm: str) -> list[str]:
     """Pairwise losses compare whole sequences, so a pair must sit in one unpacked micro-batch."""
-    if _value(raw, "policy.sequence_packing.enabled", bool) is not True:
+    if not cfg.policy.sequence_packing.enabled:
         return []
     return [
         f"policy.sequence_packing.enabled: {algorithm} compares each chosen sequence with its rejected one in the "
@@ -523,15 +580,25 @@ class DistillationMasterConfig(MasterConfig):
 
 def validate_distillation_config(resolved: Mapping[str, Any]) -> DistillationMasterConfig:
     """The typed distillation config, or one ConfigError listing every problem in `resolved`."""
-    errors = _rollout_batch_errors(resolved, "distillation", "distillation") + _generation_errors(
-        resolved, "distillation", "distillation"
+    return validate_master(
+        DistillationMasterConfig,
+        resolved,
+        (
+            lambda cfg: _rollout_global_batch_errors(cfg, cfg.distillation, "distillation", "distillation"),
+            lambda cfg: _rollout_logprob_batch_errors(cfg, cfg.distillation, "distillation"),
+            *_generation_rules("distillation", "distillation"),
+            _teacher_backend_errors,
+        ),
     )
-    if _value(resolved, "policy.dtensor_cfg.enabled", bool) is True:
-        errors.append(
-            "policy.dtensor_cfg.enabled: distillation reads the teacher's top-k from vocab-parallel logits on the "
-            "Megatron backend; set policy.dtensor_cfg.enabled=false and policy.megatron_cfg.enabled=true"
-        )
-    return validate_master(DistillationMasterConfig, resolved, errors)
+
+
+def _teacher_backend_errors(cfg: DistillationMasterConfig) -> list[str]:
+    if not cfg.policy.dtensor_cfg.enabled:
+        return []
+    return [
+        "policy.dtensor_cfg.enabled: distillation reads the teacher's top-k from vocab-parallel logits on the "
+        "Megatron backend; set policy.dtensor_cfg.enabled=false and policy.megatron_cfg.enabled=true"
+    ]
 
 
 # vLLM arguments the run sets itself from other keys.
@@ -546,148 +613,267 @@ _RUN_OWNED_VLLM_KWARGS = {
 
 def validate_grpo_config(resolved: Mapping[str, Any]) -> GRPOMasterConfig:
     """The typed GRPO config, or one ConfigError listing every problem in `resolved`."""
-    errors = _rollout_batch_errors(resolved, "grpo", "GRPO") + _generation_errors(resolved, "grpo", "GRPO")
-    if _value(resolved, "policy.generation.temperature", float) == 0.0:
-        errors.append(
-            "policy.generation.temperature: 0 makes every response of a group identical (advantage 0, nothing "
-            "to learn); sample with a temperature > 0 (1.0 matches the policy's own distribution)"
-        )
-    return validate_master(GRPOMasterConfig, resolved, errors)
+    return validate_master(
+        GRPOMasterConfig,
+        resolved,
+        (
+            lambda cfg: _rollout_global_batch_errors(cfg, cfg.grpo, "grpo", "GRPO"),
+            lambda cfg: _rollout_logprob_batch_errors(cfg, cfg.grpo, "grpo"),
+            *_generation_rules("grpo", "GRPO"),
+            _greedy_group_errors,
+        ),
+    )
 
 
-def _rollout_batch_errors(raw: Mapping[str, Any], section: str, algorithm: str) -> list[str]:
-    prompts = _value(raw, f"{section}.num_prompts_per_step", int)
-    group = _value(raw, f"{section}.num_generations_per_prompt", int)
-    global_batch = _value(raw, "policy.train_global_batch_size", int)
-    if prompts is None or group is None or prompts <= 0 or group <= 0:
+def _greedy_group_errors(cfg: GRPOMasterConfig) -> list[str]:
+    generation = cfg.policy.generation
+    if generation is None or generation.temperature != 0.0:
         return []
-    rollout = prompts * group
-    errors = []
-    rollout_keys = f"{section}.num_prompts_per_step * {section}.num_generations_per_prompt = {rollout}"
-    if global_batch is not None and global_batch > 0 and rollout % global_batch:
-        errors.append(
-            f"{rollout_keys} must be a multiple of policy.train_global_batch_size = {global_batch} (each "
-            f"{algorithm} step takes rollout / global batch optimizer steps)"
-        )
-    dp = data_parallel_size(raw)
-    micro = _value(raw, "policy.logprob_batch_size", int) or _value(raw, "policy.train_micro_batch_size", int)
-    if dp is not None and micro is not None and micro > 0 and rollout % (micro * dp):
-        errors.append(
-            f"{rollout_keys} is not divisible by "
-            f"policy.logprob_batch_size (or train_micro_batch_size) * data-parallel size = {micro} * {dp}"
-        )
-    return errors
+    return [
+        "policy.generation.temperature: 0 makes every response of a group identical (advantage 0, nothing "
+        "to learn); sample with a temperature > 0 (1.0 matches the policy's own distribution)"
+    ]
 
 
-def _generation_errors(raw: Mapping[str, Any], section: str, algorithm: str) -> list[str]:
+def _rollout_global_batch_errors(
+    cfg: MasterConfig, loop: GRPOConfig | DistillationConfig, section: str, algorithm: str
+) -> list[str]:
+    """A rollout (prompts x generations) splits into whole optimizer steps."""
+    rollout, global_batch = (
+        loop.num_prompts_per_step * loop.num_generations_per_prompt,
+        cfg.policy.train_global_batch_size,
+    )
+    if rollout % global_batch == 0:
+        return []
+    return [
+        f"{section}.num_prompts_per_step * {section}.num_generations_per_prompt = {rollout} must be a multiple of "
+        f"policy.train_global_batch_size = {global_batch} (each {algorithm} step takes rollout / global batch "
+        "optimizer steps)"
+    ]
+
+
+def _rollout_logprob_batch_errors(cfg: MasterConfig, loop: GRPOConfig | DistillationConfig, section: str) -> list[str]:
+    """A rollout splits into whole log-prob micro-batches on every data-parallel rank."""
+    rollout, dp = loop.num_prompts_per_step * loop.num_generations_per_prompt, _data_parallel_size(cfg)
+    micro = cfg.policy.logprob_batch_size or cfg.policy.train_micro_batch_size
+    if dp is None or rollout % (micro * dp) == 0:
+        return []
+    return [
+        f"{section}.num_prompts_per_step * {section}.num_generations_per_prompt = {rollout} is not divisible by "
+        f"policy.logprob_batch_size (or train_micro_batch_size) * data-parallel size = {micro} * {dp}"
+    ]
+
+
+def _generation_rules(section: str, algorithm: str) -> tuple[Callable[[MasterConfig], list[str]], ...]:
     """The rollout engine's rules (``policy.generation``), for any algorithm that samples with vLLM."""
-    if _value(raw, "policy.generation", Mapping) is None:
+
+    def required_errors(cfg: MasterConfig) -> list[str]:
+        if cfg.policy.generation is not None:
+            return []
         return [f"policy.generation: required by {algorithm} (the vLLM rollout engine: backend, max_new_tokens, ...)"]
-    errors = []
-    max_new = _value(raw, "policy.generation.max_new_tokens", int)
-    max_len = _value(raw, "policy.max_total_sequence_length", int)
-    if max_new is not None and max_len is not None and max_new >= max_len:
-        errors.append(
-            f"policy.generation.max_new_tokens: {max_new} leaves no room for a prompt within "
-            f"policy.max_total_sequence_length = {max_len}; lower it or raise the sequence length"
-        )
-    colocated = _value(raw, "policy.generation.colocated.enabled", bool)
-    resources = [_value(raw, f"policy.generation.colocated.resources.{k}", int) for k in ("gpus_per_node", "num_nodes")]
-    if colocated is True and any(r is not None for r in resources):
-        errors.append(
+
+    def run_owned_kwargs_errors(cfg: MasterConfig) -> list[str]:
+        kwargs = _generation(cfg).vllm_kwargs
+        return [
+            f"policy.generation.vllm_kwargs.{key}: set by the run from {source.format(section=section)}; remove it here"
+            for key, source in _RUN_OWNED_VLLM_KWARGS.items()
+            if key in kwargs
+        ]
+
+    return (
+        required_errors,
+        _prompt_room_errors,
+        _colocated_resources_errors,
+        run_owned_kwargs_errors,
+        _generation_tensor_parallel_errors,
+    )
+
+
+def _generation(cfg: MasterConfig) -> GenerationConfig:
+    """``policy.generation`` for a rule of the engine; its absence is the required-section rule's to report."""
+    if cfg.policy.generation is None:
+        raise UnsetField("PolicyConfig.generation")
+    return cfg.policy.generation
+
+
+def _prompt_room_errors(cfg: MasterConfig) -> list[str]:
+    max_new, max_len = _generation(cfg).max_new_tokens, cfg.policy.max_total_sequence_length
+    if max_new < max_len:
+        return []
+    return [
+        f"policy.generation.max_new_tokens: {max_new} leaves no room for a prompt within "
+        f"policy.max_total_sequence_length = {max_len}; lower it or raise the sequence length"
+    ]
+
+
+def _colocated_resources_errors(cfg: MasterConfig) -> list[str]:
+    colocated = _generation(cfg).colocated
+    resources = (colocated.resources.gpus_per_node, colocated.resources.num_nodes)
+    if colocated.enabled and any(r is not None for r in resources):
+        return [
             "policy.generation.colocated.resources: colocated generation uses the policy's bundles; set "
             "gpus_per_node and num_nodes to null, or colocated.enabled=false for engines of their own"
-        )
-    if colocated is False and any(r is None for r in resources):
-        errors.append(
+        ]
+    if not colocated.enabled and any(r is None for r in resources):
+        return [
             "policy.generation.colocated.resources: generation on bundles of its own needs gpus_per_node and "
             "num_nodes (one vLLM engine per GPU; on a CPU machine one engine per CPU share)"
-        )
-    kwargs = _value(raw, "policy.generation.vllm_kwargs", Mapping) or {}
-    errors += [
-        f"policy.generation.vllm_kwargs.{key}: set by the run from {source.format(section=section)}; remove it here"
-        for key, source in _RUN_OWNED_VLLM_KWARGS.items()
-        if key in kwargs
+        ]
+    return []
+
+
+def _generation_tensor_parallel_errors(cfg: MasterConfig) -> list[str]:
+    tp = _generation(cfg).vllm_kwargs.get("tensor_parallel_size", 1)
+    if tp == 1:
+        return []
+    return [
+        f"policy.generation.vllm_kwargs.tensor_parallel_size: {tp!r}; generation engines are data parallel "
+        "(one per GPU bundle) in this version, set it to 1 and scale with more engines"
     ]
-    tp = kwargs.get("tensor_parallel_size", 1)
-    if tp != 1:
-        errors.append(
-            f"policy.generation.vllm_kwargs.tensor_parallel_size: {tp!r}; generation engines are data parallel "
-            "(one per GPU bundle) in this version, set it to 1 and scale with more engines"
-        )
-    return errors
 
 
 # ----------------------------------------------------------------------------
 # Validation shared by every algorithm
 # ----------------------------------------------------------------------------
 M = TypeVar("M", bound=MasterConfig)
+C = TypeVar("C")
+Rule = Callable[[C], list[str]]  # the errors a rule finds in a config (or one of its sections)
 
 
-def validate_master(model: type[M], resolved: Mapping[str, Any], algorithm_errors: Sequence[str] = ()) -> M:
-    """Field validation plus the shared cross-field rules plus the algorithm's, raised as one error.
-
-    Cross-field rules read the raw dict, not the model, so they still run (and
-    report) when an unrelated key has a typo; a rule whose own inputs are
-    malformed stays silent, as the field error already covers it.
-    """
-    long_context_errors, notes = _long_context_rules(resolved)
-    rule_errors = _policy_rules(resolved) + long_context_errors + list(algorithm_errors)
-    return _validated(model, resolved, rule_errors, notes)
+def validate_master(model: type[M], resolved: Mapping[str, Any], algorithm_rules: Sequence[Rule[M]] = ()) -> M:
+    """Field validation plus the shared cross-field rules plus the algorithm's, raised as one error."""
+    cfg, errors = _typed(model, resolved)
+    long_context_errors, notes = _or_none(lambda: _long_context_rules(cfg)) or ([], [])
+    errors += _apply(_POLICY_RULES, cfg) + long_context_errors + _apply(algorithm_rules, cfg)
+    return _reported(cfg, errors, notes)
 
 
 B = TypeVar("B", bound=BaseModel)
+T = TypeVar("T")
 
 
-def _validated(model: type[B], resolved: Mapping[str, Any], rule_errors: Sequence[str], notes: Sequence[str]) -> B:
-    """Field errors and rule errors raised together as one ConfigError; notes logged either way."""
-    errors: list[str] = []
-    cfg = None
+def _typed(model: type[B], resolved: Mapping[str, Any]) -> tuple[B, list[str]]:
+    """The validated config and no errors, or its lenient build (for the rules) and the field errors."""
     try:
-        cfg = model.model_validate(resolved)
+        return model.model_validate(resolved), []
     except ValidationError as err:
-        errors += _field_errors(err, model)
-    errors += rule_errors
+        return _lenient(model, resolved), _field_errors(err, model)
+
+
+def _reported(cfg: B, errors: Sequence[str], notes: Sequence[str]) -> B:
+    """Every error raised together as one ConfigError; notes logged either way."""
     for note in notes:
         logger.warning(note)
-    if errors or cfg is None:
-        raise ConfigError(errors)
+    if errors:
+        raise ConfigError(list(errors))
     return cfg
 
 
-def _policy_rules(raw: Mapping[str, Any]) -> list[str]:
-    dp = data_parallel_size(raw)
-    errors = batch_errors(raw, "policy.train_global_batch_size", "policy.train_micro_batch_size", dp)
-    errors += _divisible_errors(raw, "policy.max_total_sequence_length", "policy.make_sequence_length_divisible_by")
-    errors += _world_size_errors(raw)
-    errors += _sequence_layout_errors(raw)
-    errors += _backend_errors(raw)
-    lr = _value(raw, "policy.megatron_cfg.optimizer.lr", float)
-    min_lr = _value(raw, "policy.megatron_cfg.optimizer.min_lr", float)
-    if lr is not None and min_lr is not None and min_lr > lr:
-        errors.append(
-            f"policy.megatron_cfg.optimizer.min_lr: {min_lr} is above lr = {lr}; the schedule would raise the LR"
-        )
+def _apply(rules: Sequence[Rule[C]], cfg: C) -> list[str]:
+    errors = []
+    for rule in rules:
+        errors += _or_none(partial(rule, cfg)) or []
     return errors
 
 
-# Megatron-only features: the DTensor worker is data parallel over whole sequences.
-_MEGATRON_ONLY = (
-    ("policy.megatron_cfg.tensor_model_parallel_size", int, lambda v: v != 1, "1"),
-    ("policy.megatron_cfg.pipeline_model_parallel_size", int, lambda v: v != 1, "1"),
-    ("policy.megatron_cfg.context_parallel_size", int, lambda v: v != 1, "1"),
-    ("policy.megatron_cfg.sequence_parallel", bool, lambda v: v is True, "false"),
-    ("policy.sequence_packing.enabled", bool, lambda v: v is True, "false"),
-)
+def _or_none(read: Callable[[], T]) -> T | None:
+    """``read()``, or None where it reads a field left unset: that field's own error already covers it."""
+    try:
+        return read()
+    except UnsetField:
+        return None
 
 
-def _backend_errors(raw: Mapping[str, Any]) -> list[str]:
-    """Exactly one training backend, and only the features it has."""
-    megatron = _value(raw, "policy.megatron_cfg.enabled", bool)
-    dtensor = _value(raw, "policy.dtensor_cfg.enabled", bool)
-    if megatron is None or dtensor is None:
+# ----------------------------------------------------------------------------
+# The lenient build: what the rules read when some field is invalid
+# ----------------------------------------------------------------------------
+_INVALID = object()
+
+
+def _lenient(model: type[B], raw: Mapping[str, Any]) -> B:
+    """`model` from the fields of `raw` that validate on their own (nested sections field by field).
+
+    The others stay unset, so reading one raises `UnsetField`, which skips the
+    rule reading it, not the rules that read only valid fields. An invalid
+    field with a default stays unset too: the rule must not see the default
+    as if the user had written it.
+    """
+    values = {name: _lenient_field(model, name, raw[name]) for name in model.model_fields if name in raw}
+    valid = {name: value for name, value in values.items() if value is not _INVALID}
+    section = model.model_construct(**valid)
+    for name in values.keys() - valid.keys():
+        vars(section).pop(name, None)
+    return section
+
+
+def _lenient_field(model: type[BaseModel], name: str, value: Any) -> Any:
+    nested = _section_model(model.model_fields[name].annotation)
+    if nested is not None and isinstance(value, Mapping):
+        try:
+            return nested.model_validate(value)
+        except ValidationError:
+            return _lenient(nested, value)
+    try:
+        return _field_adapter(model, name).validate_python(value)
+    except ValidationError:
+        return _INVALID
+
+
+@cache
+def _field_adapter(model: type[BaseModel], name: str) -> TypeAdapter[Any]:
+    """The field's own validation (type and constraints, strict as the sections are), apart from its model."""
+    field = model.model_fields[name]
+    annotated: Any = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    return TypeAdapter(annotated, config=ConfigDict(strict=True))
+
+
+# ----------------------------------------------------------------------------
+# Rules of the policy, shared by every algorithm
+# ----------------------------------------------------------------------------
+def _dims(cfg: MasterConfig) -> ParallelDims:
+    return ParallelDims.from_config(cfg.policy, cfg.cluster)
+
+
+def _data_parallel_size(cfg: MasterConfig) -> int | None:
+    """The run's data-parallel size, or None when the layout is malformed or does not divide the world."""
+    dims = _or_none(lambda: _dims(cfg))
+    return None if dims is None or dims.world_size_errors() else dims.dp
+
+
+def _train_batch_errors(cfg: MasterConfig) -> list[str]:
+    policy = cfg.policy
+    return batch_errors(
+        ("policy.train_global_batch_size", policy.train_global_batch_size),
+        ("policy.train_micro_batch_size", policy.train_micro_batch_size),
+        _data_parallel_size(cfg),
+    )
+
+
+def _sequence_length_errors(cfg: MasterConfig) -> list[str]:
+    max_len, divisible_by = cfg.policy.max_total_sequence_length, cfg.policy.make_sequence_length_divisible_by
+    if max_len % divisible_by == 0:
         return []
-    if requests_yarn(_value(raw, "policy.hf_config_overrides", Mapping)) and dtensor:
+    return [
+        f"policy.max_total_sequence_length: {max_len} is not divisible by "
+        f"policy.make_sequence_length_divisible_by = {divisible_by}"
+    ]
+
+
+def _min_lr_errors(cfg: MasterConfig) -> list[str]:
+    optimizer = cfg.policy.megatron_cfg.optimizer
+    if optimizer.min_lr <= optimizer.lr:
+        return []
+    return [
+        f"policy.megatron_cfg.optimizer.min_lr: {optimizer.min_lr} is above lr = {optimizer.lr}; the schedule would "
+        "raise the LR"
+    ]
+
+
+def _backend_errors(cfg: MasterConfig) -> list[str]:
+    """Exactly one training backend, and only the features it has."""
+    policy = cfg.policy
+    megatron, dtensor = policy.megatron_cfg.enabled, policy.dtensor_cfg.enabled
+    if requests_yarn(policy.hf_config_overrides) and dtensor:
         return []  # the long-context rules name both keys
     if megatron == dtensor:
         state = "both true" if megatron else "both false"
@@ -697,149 +883,78 @@ def _backend_errors(raw: Mapping[str, Any]) -> list[str]:
         ]
     if megatron:
         return []
-    errors = [
-        f"{key}: {value!r} needs the Megatron backend (the DTensor backend is data parallel only); set it to {fix} "
-        "or use policy.megatron_cfg.enabled=true"
-        for key, kind, unavailable, fix in _MEGATRON_ONLY
-        if (value := _value(raw, key, kind)) is not None and unavailable(value)
-    ]
-    if _value(raw, "policy.optimizer", Mapping) is None:
-        errors.append(
-            "policy.optimizer: required by the DTensor backend (e.g. name: torch.optim.AdamW, kwargs: {lr: 1e-5})"
-        )
+    return _apply(_DTENSOR_RULES, policy)
+
+
+def _megatron_only(key: str, read: Callable[[PolicyConfig], int | bool], default: int | bool) -> Rule[PolicyConfig]:
+    """A Megatron-only feature set away from its `default` under the DTensor backend (data parallel over
+    whole sequences)."""
+
+    def errors(policy: PolicyConfig) -> list[str]:
+        value = read(policy)
+        if value == default:
+            return []
+        fix = str(default).lower()
+        return [
+            f"{key}: {value!r} needs the Megatron backend (the DTensor backend is data parallel only); set it to "
+            f"{fix} or use policy.megatron_cfg.enabled=true"
+        ]
+
     return errors
 
 
-def _long_context_rules(raw: Mapping[str, Any]) -> tuple[list[str], list[str]]:
-    overrides = _value(raw, "policy.hf_config_overrides", Mapping)
-    max_len = _value(raw, "policy.max_total_sequence_length", int)
-    megatron = _value(raw, "policy.megatron_cfg.enabled", bool)
-    dtensor = _value(raw, "policy.dtensor_cfg.enabled", bool)
-    if overrides is None or max_len is None or megatron is None or dtensor is None:
-        return [], []
-    _, errors, notes = validate_long_context(overrides, max_len, megatron, dtensor)
-    if megatron and not dtensor:
-        errors += megatron_rope_type_errors(overrides)
-    return errors, notes
+def _dtensor_optimizer_errors(policy: PolicyConfig) -> list[str]:
+    if policy.optimizer is not None:
+        return []
+    return ["policy.optimizer: required by the DTensor backend (e.g. name: torch.optim.AdamW, kwargs: {lr: 1e-5})"]
 
 
-_PARALLEL_KEYS = tuple(
-    f"policy.megatron_cfg.{name}"
-    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size")
+_DTENSOR_RULES: tuple[Rule[PolicyConfig], ...] = (
+    _megatron_only(
+        "policy.megatron_cfg.tensor_model_parallel_size", lambda p: p.megatron_cfg.tensor_model_parallel_size, 1
+    ),
+    _megatron_only(
+        "policy.megatron_cfg.pipeline_model_parallel_size", lambda p: p.megatron_cfg.pipeline_model_parallel_size, 1
+    ),
+    _megatron_only("policy.megatron_cfg.context_parallel_size", lambda p: p.megatron_cfg.context_parallel_size, 1),
+    _megatron_only("policy.megatron_cfg.sequence_parallel", lambda p: p.megatron_cfg.sequence_parallel, False),
+    _megatron_only("policy.sequence_packing.enabled", lambda p: p.sequence_packing.enabled, False),
+    _dtensor_optimizer_errors,
+)
+
+_POLICY_RULES: tuple[Rule[MasterConfig], ...] = (
+    _train_batch_errors,
+    _sequence_length_errors,
+    lambda cfg: _dims(cfg).world_size_errors(),
+    lambda cfg: _dims(cfg).sequence_parallel_errors(),
+    lambda cfg: _dims(cfg).packing_errors(cfg.policy.sequence_packing.enabled),
+    lambda cfg: _dims(cfg).sequence_length_errors(cfg.policy.make_sequence_length_divisible_by),
+    _backend_errors,
+    _min_lr_errors,
 )
 
 
-def data_parallel_size(raw: Mapping[str, Any]) -> int | None:
-    """World size / model-parallel size, or None when the inputs are malformed or do not divide."""
-    world = _world_size(raw)
-    model_parallel = _model_parallel_size(raw)
-    if world is None or model_parallel is None or world % model_parallel:
-        return None
-    return world // model_parallel
+def _long_context_rules(cfg: MasterConfig) -> tuple[list[str], list[str]]:
+    policy = cfg.policy
+    if policy.hf_config_overrides is None:
+        return [], []
+    megatron, dtensor = policy.megatron_cfg.enabled, policy.dtensor_cfg.enabled
+    _, errors, notes = validate_long_context(
+        policy.hf_config_overrides, policy.max_total_sequence_length, megatron, dtensor
+    )
+    if megatron and not dtensor:
+        errors += megatron_rope_type_errors(policy.hf_config_overrides)
+    return errors, notes
 
 
-def _world_size(raw: Mapping[str, Any]) -> int | None:
-    gpus, nodes = _value(raw, "cluster.gpus_per_node", int), _value(raw, "cluster.num_nodes", int)
-    if gpus is None or nodes is None or gpus <= 0 or nodes <= 0:
-        return None
-    return gpus * nodes
-
-
-def _model_parallel_size(raw: Mapping[str, Any]) -> int | None:
-    sizes = [_value(raw, key, int) for key in _PARALLEL_KEYS]
-    if any(size is None or size <= 0 for size in sizes):
-        return None
-    return sizes[0] * sizes[1] * sizes[2]
-
-
-def _world_size_errors(raw: Mapping[str, Any]) -> list[str]:
-    world, model_parallel = _world_size(raw), _model_parallel_size(raw)
-    if world is None or model_parallel is None or world % model_parallel == 0:
+def batch_errors(global_batch: tuple[str, int], micro_batch: tuple[str, int], dp: int | None) -> list[str]:
+    """Megatron splits a global batch into data-parallel shards of whole micro-batches (each a (key, value))."""
+    (global_key, global_size), (micro_key, micro) = global_batch, micro_batch
+    if global_size % micro:
+        return [f"{global_key}: {global_size} is not divisible by {micro_key} = {micro}"]
+    if dp is None or global_size % (micro * dp) == 0:
         return []
-    return [
-        f"cluster: gpus_per_node * num_nodes = {world} is not divisible by tensor * pipeline * context "
-        f"parallel size = {model_parallel} ({', '.join(_PARALLEL_KEYS)})"
-    ]
-
-
-def sequence_multiple(tp: int, cp: int, sequence_parallel: bool) -> int:
-    """What every sequence length must be a multiple of for the layout.
-
-    Context parallelism splits each sequence into 2 x CP chunks (each rank takes
-    one early and one late chunk, balancing causal attention); sequence
-    parallelism splits the sequence dimension over the TP ranks on top of that.
-    """
-    return (2 * cp if cp > 1 else 1) * (tp if sequence_parallel else 1)
-
-
-def _sequence_layout_errors(raw: Mapping[str, Any]) -> list[str]:
-    tp = _value(raw, "policy.megatron_cfg.tensor_model_parallel_size", int)
-    cp = _value(raw, "policy.megatron_cfg.context_parallel_size", int)
-    sp = _value(raw, "policy.megatron_cfg.sequence_parallel", bool)
-    divisible_by = _value(raw, "policy.make_sequence_length_divisible_by", int)
-    if tp is None or cp is None or sp is None or tp <= 0 or cp <= 0:
-        return []
-    errors = []
-    if sp and tp == 1:
-        errors.append(
-            "policy.megatron_cfg.sequence_parallel: true needs policy.megatron_cfg.tensor_model_parallel_size > 1 "
-            "(it splits activations over the TP ranks); set it to false or raise tensor_model_parallel_size"
-        )
-    packing = _value(raw, "policy.sequence_packing.enabled", bool)
-    if cp > 1 and packing is False:
-        errors.append(
-            f"policy.megatron_cfg.context_parallel_size: {cp} needs sequence packing (each rank holds chunks of "
-            "every packed sample, as in megatron-core); set policy.sequence_packing.enabled=true"
-        )
-    need = sequence_multiple(tp, cp, sp)
-    if divisible_by is not None and divisible_by > 0 and divisible_by % need:
-        why = " x ".join(
-            part
-            for part, used in (
-                (f"2 x context_parallel_size ({cp})", cp > 1),
-                (f"tensor_model_parallel_size ({tp}) with sequence_parallel", sp),
-            )
-            if used
-        )
-        errors.append(
-            f"policy.make_sequence_length_divisible_by: {divisible_by} must be a multiple of {need} ({why}); "
-            f"the smallest valid value is {need}, the nearest above yours {-(-divisible_by // need) * need}"
-        )
-    return errors
-
-
-def batch_errors(raw: Mapping[str, Any], global_key: str, micro_key: str, dp: int | None) -> list[str]:
-    """Megatron splits a global batch into data-parallel shards of whole micro-batches."""
-    errors = _divisible_errors(raw, global_key, micro_key)
-    global_size, micro = _value(raw, global_key, int), _value(raw, micro_key, int)
-    if errors or dp is None or global_size is None or micro is None or micro <= 0:
-        return errors
-    if global_size % (micro * dp):
-        errors.append(
-            f"{global_key}: {global_size} is not divisible by {micro_key} * data-parallel size = {micro} * {dp}"
-        )
-    return errors
-
-
-def _divisible_errors(raw: Mapping[str, Any], numerator_key: str, denominator_key: str) -> list[str]:
-    numerator, denominator = _value(raw, numerator_key, int), _value(raw, denominator_key, int)
-    if numerator is None or denominator is None or denominator <= 0 or numerator % denominator == 0:
-        return []
-    return [f"{numerator_key}: {numerator} is not divisible by {denominator_key} = {denominator}"]
-
-
-def _value(raw: Mapping[str, Any], dotted: str, kind: type) -> Any:
-    """The value at `dotted` if it has type `kind` (bools are not numbers), else None."""
-    node: Any = raw
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    if isinstance(node, bool) and kind is not bool:
-        return None
-    if kind is float and isinstance(node, int):
-        return float(node)
-    return node if isinstance(node, kind) else None
+    return [f"{global_key}: {global_size} is not divisible by {micro_key} * data-parallel size = {micro} * {dp}"]
 
 
 # ----------------------------------------------------------------------------

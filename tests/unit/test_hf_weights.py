@@ -81,10 +81,11 @@ def test_round_trip_is_bit_exact(name):
     ids=["yarn", "plain", "linear"],
 )
 def test_megatron_logits_equal_hf(megatron_single_process, name, rope):
-    from nemo_rl.models.megatron.model_builder import ParallelLayout, build_gpt_model, transformer_config_from_hf
+    from nemo_rl.distributed.parallel_dims import ParallelDims
+    from nemo_rl.models.megatron.model_builder import build_gpt_model, transformer_config_from_hf
 
     model = _model(name, rope)
-    tf_config = transformer_config_from_hf(model.config, "float32", ParallelLayout())
+    tf_config = transformer_config_from_hf(model.config, "float32", ParallelDims())
     mcore = build_gpt_model(model.config, tf_config).eval()
     missing, unexpected = mcore.load_state_dict(hf_to_megatron(model.state_dict(), model.config), strict=False)
     assert not [k for k in missing if not k.endswith("_extra_state")] and not unexpected

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemo_rl.models.megatron.model_builder import ParallelLayout, build_gpt_model, transformer_config_from_hf
+from nemo_rl.distributed.parallel_dims import ParallelDims
+from nemo_rl.models.megatron.model_builder import build_gpt_model, transformer_config_from_hf
 from tests.helpers import tiny_qwen2_config, yarn_block
 
 HF = tiny_qwen2_config(
@@ -36,9 +37,9 @@ def _grads(model):
 
 def test_activation_recomputation_gives_identical_gradients(megatron_single_process):
     torch.manual_seed(0)
-    plain = build_gpt_model(HF, transformer_config_from_hf(HF, "float32", ParallelLayout()))
+    plain = build_gpt_model(HF, transformer_config_from_hf(HF, "float32", ParallelDims()))
     recompute = build_gpt_model(
-        HF, transformer_config_from_hf(HF, "float32", ParallelLayout(), activation_checkpointing=True)
+        HF, transformer_config_from_hf(HF, "float32", ParallelDims(), activation_checkpointing=True)
     )
     recompute.load_state_dict(plain.state_dict())
     ids = torch.randint(0, 128, (2, 96), generator=torch.Generator().manual_seed(1))  # 3x the window
@@ -88,8 +89,8 @@ def _ids(seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("distributed", [False, True], ids=["plain", "distributed"])
 def test_megatron_optimizer_step_matches_torch_adamw_with_clipping(megatron_single_process, distributed):
     torch.manual_seed(0)
-    model = build_gpt_model(HF, transformer_config_from_hf(HF, "float32", ParallelLayout()))
-    reference = build_gpt_model(HF, transformer_config_from_hf(HF, "float32", ParallelLayout()))
+    model = build_gpt_model(HF, transformer_config_from_hf(HF, "float32", ParallelDims()))
+    reference = build_gpt_model(HF, transformer_config_from_hf(HF, "float32", ParallelDims()))
     reference.load_state_dict(model.state_dict())
     ddp, optimizer = _trained_with_megatron_optimizer(model, distributed)
     ids = _ids(2)
@@ -119,7 +120,7 @@ def test_distributed_optimizer_resumed_from_its_saved_state_steps_like_the_unint
 
     torch.manual_seed(0)
     ddp, optimizer = _trained_with_megatron_optimizer(
-        build_gpt_model(HF, transformer_config_from_hf(HF, "float32", ParallelLayout())), distributed=True
+        build_gpt_model(HF, transformer_config_from_hf(HF, "float32", ParallelDims())), distributed=True
     )
     for seed in (3, 4):
         _megatron_step(ddp, optimizer, _ids(seed))
@@ -129,7 +130,7 @@ def test_distributed_optimizer_resumed_from_its_saved_state_steps_like_the_unint
 
     torch.manual_seed(1)
     resumed, resumed_optimizer = _trained_with_megatron_optimizer(
-        build_gpt_model(HF, transformer_config_from_hf(HF, "float32", ParallelLayout())), distributed=True
+        build_gpt_model(HF, transformer_config_from_hf(HF, "float32", ParallelDims())), distributed=True
     )
     loaded = torch.load(tmp_path / "state.pt", weights_only=False)
     resumed.module.load_state_dict(loaded["model"])

@@ -26,11 +26,12 @@ FAMILIES = ["qwen2-tied", "qwen3-untied", "llama-untied"]
 
 def test_partition_table_matches_megatron_parameter_attributes(megatron_single_process):
     """megatron-core marks each TP-split parameter with tensor_model_parallel and partition_dim."""
-    from nemo_rl.models.megatron.model_builder import ParallelLayout, build_gpt_model, transformer_config_from_hf
+    from nemo_rl.distributed.parallel_dims import ParallelDims
+    from nemo_rl.models.megatron.model_builder import build_gpt_model, transformer_config_from_hf
 
     for name in ("qwen2-tied", "qwen3-untied"):
         config = _model(name).config
-        mcore = build_gpt_model(config, transformer_config_from_hf(config, "float32", ParallelLayout()))
+        mcore = build_gpt_model(config, transformer_config_from_hf(config, "float32", ParallelDims()))
         for pname, param in mcore.named_parameters():
             expected = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
             assert tp_partition_dim(pname) == expected, pname

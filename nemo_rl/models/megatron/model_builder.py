@@ -8,8 +8,6 @@ generator or the exported model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
@@ -17,6 +15,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
+from nemo_rl.distributed.parallel_dims import ParallelDims
 from nemo_rl.models.megatron.attention import with_sdpa_attention
 from nemo_rl.models.megatron.hf_weights import AttentionShape, check_supported
 from nemo_rl.models.megatron.norms import SequenceParallelRMSNorm, with_rms_norm
@@ -25,18 +24,10 @@ from nemo_rl.rope.megatron_config import megatron_gpt_rope_kwargs, megatron_rope
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass(frozen=True)
-class ParallelLayout:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    context_parallel_size: int = 1
-    sequence_parallel: bool = False
-
-
 def transformer_config_from_hf(
     hf_config,
     precision: str,
-    layout: ParallelLayout,
+    dims: ParallelDims,
     activation_checkpointing: bool = False,
 ) -> TransformerConfig:
     check_supported(hf_config)
@@ -63,10 +54,10 @@ def transformer_config_from_hf(
         bf16=dtype is torch.bfloat16,
         fp16=dtype is torch.float16,
         pipeline_dtype=dtype,
-        tensor_model_parallel_size=layout.tensor_model_parallel_size,
-        pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
-        context_parallel_size=layout.context_parallel_size,
-        sequence_parallel=layout.sequence_parallel,
+        tensor_model_parallel_size=dims.tp,
+        pipeline_model_parallel_size=dims.pp,
+        context_parallel_size=dims.cp,
+        sequence_parallel=dims.sequence_parallel,
         use_cpu_initialization=cpu,
         # Fused kernels are CUDA-only; the fused RoPE path also drops the YaRN
         # attention factor on packed sequences in this megatron-core release.

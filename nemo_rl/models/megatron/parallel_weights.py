@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from nemo_rl.distributed.parallel_dims import ParallelDims, pipeline_stage_layers
+
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 # (name suffix, partition dim); anything else is replicated across TP ranks.
 _TP_DIMS = (
@@ -45,22 +47,21 @@ EMBEDDING = "embedding.word_embeddings.weight"
 
 @dataclass(frozen=True)
 class ShardLayout:
-    """One rank's place in the model-parallel grid."""
+    """One rank's place in the TP x PP grid: all a weight shard depends on (a checkpoint's shard files record
+    no more, so merging them needs no data- or context-parallel size)."""
 
     tp_size: int = 1
     pp_size: int = 1
     tp_rank: int = 0
     pp_rank: int = 0
 
+    @classmethod
+    def of(cls, dims: ParallelDims, tp_rank: int, pp_rank: int) -> ShardLayout:
+        return cls(dims.tp, dims.pp, tp_rank, pp_rank)
+
     def stage_layers(self, num_layers: int) -> range:
-        """Global indices of the decoder layers on this pipeline stage (an even split, as megatron-core makes)."""
-        if num_layers % self.pp_size:
-            raise ValueError(
-                f"policy.megatron_cfg.pipeline_model_parallel_size={self.pp_size} does not divide the model's "
-                f"{num_layers} layers; use a divisor of {num_layers}"
-            )
-        per_stage = num_layers // self.pp_size
-        return range(self.pp_rank * per_stage, (self.pp_rank + 1) * per_stage)
+        """Global indices of the decoder layers on this pipeline stage."""
+        return pipeline_stage_layers(num_layers, self.pp_size, self.pp_rank)
 
 
 def tp_partition_dim(name: str) -> int | None:

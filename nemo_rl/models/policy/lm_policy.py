@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from nemo_rl.config.schema import sequence_multiple
 from nemo_rl.data.packing import pack_batch, pack_capacity
+from nemo_rl.distributed.parallel_dims import ParallelDims
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
 from nemo_rl.distributed.worker_group import RayWorkerGroup
 from nemo_rl.models.generation.weight_sync import WeightBucket, receive
@@ -57,6 +57,7 @@ class Policy:
         RL, DPO); ``reward_head`` makes the model a reward model; ``trainable=False`` a forward-only model
         without optimizer state (a distillation teacher). The last two are Megatron-only."""
         self.cfg = policy_cfg
+        self.dims = ParallelDims.for_world(policy_cfg, cluster.world_size)
         worker_cls = DTensorPolicyWorker if policy_cfg.dtensor_cfg.enabled else MegatronPolicyWorker
         megatron_only = ({"reward_head": True} if reward_head else {}) | ({} if trainable else {"trainable": False})
         self.worker_group = RayWorkerGroup(
@@ -69,7 +70,6 @@ class Policy:
             **megatron_only,
         )
         self.worker_info = self.worker_group.run_all("info")
-        self.dp_size = 1 + max(info["dp_rank"] for info in self.worker_info)
         converted = self.worker_info[0]["checkpoint_dir"]  # the Megatron conversion cache entry, if any
         self.checkpoint_dir = Path(converted) if converted else None
         self.converted_now = self.worker_info[0]["converted_now"]
@@ -83,11 +83,6 @@ class Policy:
         self._dp_reporters = {
             self.worker_info[i]["dp_rank"]: i for i in self._reporters if self.worker_info[i]["cp_rank"] == 0
         }
-        mcfg = policy_cfg.megatron_cfg
-        self.context_parallel_size = 1 if policy_cfg.dtensor_cfg.enabled else mcfg.context_parallel_size
-        self.packing_multiple = sequence_multiple(
-            mcfg.tensor_model_parallel_size, mcfg.context_parallel_size, mcfg.sequence_parallel
-        )
 
     def _shard_args(self, batch: Batch, micro_batch_size: int, loss_fn: LossFunction) -> tuple[list[tuple], dict]:
         """Per-worker (micro-batches, loss) and layout metrics.
@@ -98,10 +93,11 @@ class Policy:
         """
         per_dp = []
         real = allocated = 0
-        for shard in split_rows(batch, self.dp_size):
+        multiple = self.dims.sequence_multiple
+        for shard in split_rows(batch, self.dims.dp):
             if self.cfg.sequence_packing.enabled:
-                capacity = pack_capacity(self.cfg.max_total_sequence_length, self.packing_multiple)
-                rows, stats = pack_batch(shard, capacity, self.packing_multiple)
+                capacity = pack_capacity(self.cfg.max_total_sequence_length, multiple)
+                rows, stats = pack_batch(shard, capacity, multiple)
                 real, allocated = real + stats.real_tokens, allocated + stats.allocated_tokens
                 per_dp.append(rows)
             else:
@@ -153,13 +149,11 @@ class Policy:
         unless ``concat``). With context parallelism every row is its own sample for megatron's packed path
         (the row length is already a multiple of 2 x CP)."""
         per_dp = [
-            single_sample_rows(shard["input_ids"])
-            if self.context_parallel_size > 1
-            else _micro_batches(shard, micro_batch_size)
-            for shard in split_rows({"input_ids": batch["input_ids"]}, self.dp_size)
+            single_sample_rows(shard["input_ids"]) if self.dims.cp > 1 else _micro_batches(shard, micro_batch_size)
+            for shard in split_rows({"input_ids": batch["input_ids"]}, self.dims.dp)
         ]
         results = self.worker_group.run_each(method, [(per_dp[info["dp_rank"]], *args) for info in self.worker_info])
-        ordered = [results[self._dp_reporters[dp]] for dp in range(self.dp_size)]
+        ordered = [results[self._dp_reporters[dp]] for dp in range(self.dims.dp)]
         return torch.cat(ordered) if concat else ordered
 
     def get_scores(self, batch: Batch, micro_batch_size: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from nemo_rl.data.token_alignment import align_to_predictions
+from nemo_rl.distributed.parallel_dims import ParallelDims
 from nemo_rl.distributed.worker_process_group import init_worker_process_group
 from nemo_rl.models.generation.weight_sync import BucketHeader
 from nemo_rl.models.megatron.context_parallel import (
@@ -50,6 +51,23 @@ logger = logging.getLogger(__name__)
 # megatron-core announces each optional fused-kernel package it falls back from, in every worker.
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not installed", category=UserWarning)
 warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
+
+
+def check_dims_match_process_groups(dims: ParallelDims) -> None:
+    """megatron-core's process groups must be the layout the driver splits batches for, or ranks would
+    silently train on the wrong shards."""
+    from megatron.core import parallel_state
+
+    built = {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "cp": parallel_state.get_context_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(),
+        "dp_cp": parallel_state.get_data_parallel_world_size(with_context_parallel=True),
+    }
+    expected = {"tp": dims.tp, "pp": dims.pp, "cp": dims.cp, "dp": dims.dp, "dp_cp": dims.dp_cp}
+    if built != expected:
+        raise RuntimeError(f"megatron-core built process groups of sizes {built}; the layout is {expected}")
 
 
 def token_logprobs_from_megatron_loss(per_token_ce: torch.Tensor) -> torch.Tensor:
@@ -126,26 +144,22 @@ class MegatronPolicyWorker:
         from megatron.core import parallel_state
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-        mcfg = self.cfg.megatron_cfg
+        self.dims = ParallelDims.for_world(self.cfg, self.world_size)
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=mcfg.tensor_model_parallel_size,
-            pipeline_model_parallel_size=mcfg.pipeline_model_parallel_size,
-            context_parallel_size=mcfg.context_parallel_size,
+            tensor_model_parallel_size=self.dims.tp,
+            pipeline_model_parallel_size=self.dims.pp,
+            context_parallel_size=self.dims.cp,
         )
+        check_dims_match_process_groups(self.dims)
         torch.manual_seed(seed)
         model_parallel_cuda_manual_seed(seed)
         self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.dp_size = parallel_state.get_data_parallel_world_size()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         self.cp_rank = parallel_state.get_context_parallel_rank()
-        self.cp_size = parallel_state.get_context_parallel_world_size()
         # The distributed optimizer shards over data x context parallel ranks; this one's rank 0 writes checkpoints.
         self.dp_cp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
-        self.dp_cp_size = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
-        self.layout = ShardLayout(
-            mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size, self.tp_rank, self.pp_rank
-        )
+        self.layout = ShardLayout.of(self.dims, self.tp_rank, self.pp_rank)
 
     def _ensure_converted(self, model_path: Path) -> tuple[Path, bool]:
         """Global rank 0 converts (under the cache's file lock); everyone else waits, then loads."""
@@ -175,7 +189,7 @@ class MegatronPolicyWorker:
         from transformers import AutoConfig
 
         from nemo_rl.models.megatron.checkpoint_cache import WEIGHTS_FILE
-        from nemo_rl.models.megatron.model_builder import ParallelLayout, build_gpt_model, transformer_config_from_hf
+        from nemo_rl.models.megatron.model_builder import build_gpt_model, transformer_config_from_hf
         from nemo_rl.models.megatron.parallel_weights import shard_state
         from nemo_rl.models.megatron.reward_head import SCORE_WEIGHT, attach_scalar_head, reward_model_config
 
@@ -186,12 +200,7 @@ class MegatronPolicyWorker:
         self.tf_config = transformer_config_from_hf(
             self.hf_config,
             self.cfg.precision,
-            ParallelLayout(
-                mcfg.tensor_model_parallel_size,
-                mcfg.pipeline_model_parallel_size,
-                mcfg.context_parallel_size,
-                mcfg.sequence_parallel,
-            ),
+            self.dims,
             activation_checkpointing=mcfg.activation_checkpointing,
         )
         self.tf_config.finalize_model_grads_func = finalize_model_grads
@@ -203,7 +212,7 @@ class MegatronPolicyWorker:
         )
         dtype = self.tf_config.params_dtype
         if self.reward_head:
-            attach_scalar_head(model, self.hf_config, mcfg.sequence_parallel, dtype, self.seed)
+            attach_scalar_head(model, self.hf_config, self.dims.sequence_parallel, dtype, self.seed)
         local_names = [k for k in model.state_dict() if not k.endswith("_extra_state")]
         with safe_open(str(self.checkpoint_dir / WEIGHTS_FILE), framework="pt") as weights:
             available = set(weights.keys())
@@ -292,8 +301,8 @@ class MegatronPolicyWorker:
             tokens |= {k: v for k, v in batch.items() if v.dim() == 1}  # per-sample fields, e.g. input_lengths
             return {k: v.to(self.device) for k, v in tokens.items()}, None
         cu_seqlens = batch["cu_seqlens"]
-        if self.cp_size > 1:
-            tokens = split_for_context_parallel(tokens, cu_seqlens, self.cp_size, self.cp_rank)
+        if self.dims.cp > 1:
+            tokens = split_for_context_parallel(tokens, cu_seqlens, self.dims.cp, self.cp_rank)
         longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         cu_seqlens = cu_seqlens.to(self.device, torch.int32)
         packed = PackedSeqParams(
@@ -341,7 +350,7 @@ class MegatronPolicyWorker:
             return self._forward(model, inputs, packed, with_labels), partial(consume, inputs)
 
         # The length this rank's activations have (p2p shapes between pipeline stages).
-        max_len = max(mb["input_ids"].shape[1] for mb in microbatches) // self.cp_size
+        max_len = max(mb["input_ids"].shape[1] for mb in microbatches) // self.dims.cp
         return get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(microbatches),
@@ -414,7 +423,7 @@ class MegatronPolicyWorker:
         pieces = []
         for out, mb in zip(outputs, microbatches, strict=True):
             local = out["out"] if is_tuple else (out["out"],)
-            if self.cp_size > 1:
+            if self.dims.cp > 1:
                 group = parallel_state.get_context_parallel_group()
                 local = tuple(gather_context_parallel(t, mb["cu_seqlens"], group) for t in local)
             pieces.append(tuple(t.cpu() for t in local))
@@ -427,7 +436,7 @@ class MegatronPolicyWorker:
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
         self.model.eval()
-        batches = single_sample_rows(input_ids) if self.cp_size > 1 else [{"input_ids": input_ids}]
+        batches = single_sample_rows(input_ids) if self.dims.cp > 1 else [{"input_ids": input_ids}]
         return self._collect(
             batches, lambda logits: gather_from_tensor_model_parallel_region(logits).float(), with_labels=False
         )
@@ -588,7 +597,7 @@ class MegatronPolicyWorker:
         state = {
             "model": self.model.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),  # a distributed optimizer's: all but the sharded tensors
-            "optimizer_layout": optimizer_layout(self._distributed_optimizer, self.dp_cp_size),
+            "optimizer_layout": optimizer_layout(self._distributed_optimizer, self.dims.dp_cp),
             "scheduler": self.scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()},
         }
@@ -601,7 +610,7 @@ class MegatronPolicyWorker:
 
         path = self._shard_file(Path(directory))
         state = torch.load(path, map_location=self.device, weights_only=False)
-        check_optimizer_layout(path, state.get("optimizer_layout"), self._distributed_optimizer, self.dp_cp_size)
+        check_optimizer_layout(path, state.get("optimizer_layout"), self._distributed_optimizer, self.dims.dp_cp)
         self.model.module.load_state_dict(state["model"])
         shard = None
         if self._distributed_optimizer:
