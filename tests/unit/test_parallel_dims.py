@@ -249,7 +249,7 @@ def test_a_rule_reading_a_name_that_is_no_field_fails_loudly(raw, invalid_elsewh
         raw["policy"]["precision"] = "fp8"
 
     def stale_rule(cfg: SFTMasterConfig) -> list[str]:
-        return [] if cfg.policy.megatron_cfg.tensor_parallel_size == 1 else ["never"]  # pyright: ignore
+        return [] if cfg.policy.megatron_cfg.tensor_parallel_size == 1 else ["never"]
 
     with pytest.raises(AttributeError) as info:
         validate_master(SFTMasterConfig, raw, (stale_rule,))
