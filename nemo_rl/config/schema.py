@@ -609,13 +609,22 @@ def _generation_errors(raw: Mapping[str, Any], section: str, algorithm: str) -> 
         for key, source in _RUN_OWNED_VLLM_KWARGS.items()
         if key in kwargs
     ]
-    tp = kwargs.get("tensor_parallel_size", 1)
-    if tp != 1:
-        errors.append(
-            f"policy.generation.vllm_kwargs.tensor_parallel_size: {tp!r}; generation engines are data parallel "
-            "(one per GPU bundle) in this version, set it to 1 and scale with more engines"
-        )
-    return errors
+    return errors + _generation_tensor_parallel_errors(raw, kwargs.get("tensor_parallel_size", 1), colocated)
+
+
+def _generation_tensor_parallel_errors(raw: Mapping[str, Any], tp: Any, colocated: bool | None) -> list[str]:
+    """An engine's TP ranks sit inside one node, so its size must divide the engines' devices per node."""
+    key = "policy.generation.vllm_kwargs.tensor_parallel_size"
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        return [f"{key}: {tp!r}; it must be a positive integer (1: one engine per GPU bundle)"]
+    per_node_key = "policy.generation.colocated.resources.gpus_per_node" if colocated is False else "cluster.gpus_per_node"
+    per_node = _value(raw, per_node_key, int)
+    if per_node is None or per_node % tp == 0:
+        return []
+    return [
+        f"{key}: {tp!r}; generation engines are data parallel over groups of {tp} devices inside a node, and "
+        f"{per_node_key} = {per_node} is not a multiple of it; set it to 1 or a divisor of {per_node}"
+    ]
 
 
 # ----------------------------------------------------------------------------
