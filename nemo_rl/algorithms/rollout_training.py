@@ -37,7 +37,7 @@ from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
 from nemo_rl.environments.factory import make_environment
 from nemo_rl.environments.interfaces import EnvironmentInterface
 from nemo_rl.models.builtin_models import resolve_model_path
-from nemo_rl.models.generation.vllm_generation import VllmGeneration
+from nemo_rl.models.generation.vllm_generation import VllmGeneration, engine_tensor_parallel_size
 from nemo_rl.models.generation.vllm_worker import Completion
 from nemo_rl.models.policy.interfaces import LossFunction
 from nemo_rl.models.policy.lm_policy import Policy, split_rows
@@ -183,8 +183,15 @@ class RolloutRun(RunLoop[RolloutResult]):
                     node_share=share,
                 )
             )
+            tp = engine_tensor_parallel_size(gen.vllm_kwargs)  # an engine's bundle holds its TP devices
             self.generation_cluster = self.started(
-                RayVirtualCluster(res.gpus_per_node, res.num_nodes, name="nemo_rl_generation", node_share=1 - share)
+                RayVirtualCluster(
+                    res.gpus_per_node // tp,
+                    res.num_nodes,
+                    name="nemo_rl_generation",
+                    node_share=1 - share,
+                    devices_per_bundle=tp,
+                )
             )
         self.policy = self.start_policy()
         self.generation = self.start_generation(cfg.policy)

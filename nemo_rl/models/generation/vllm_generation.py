@@ -1,10 +1,12 @@
 """The driver's handle on the vLLM engines of an RL run: placement, data-parallel rollouts, refit, sleep/wake.
 
-One engine per bundle of its cluster. Colocated, the engines share the
-policy's bundles (each actor reserves half of a bundle, see
-``RayVirtualCluster.actor_options``) and, where vLLM supports it (the CUDA
-build), sleep during training so the trainer gets the accelerator memory back.
-Otherwise they run on bundles of their own. Rollouts are split over the engines
+One engine per bundle of its cluster, or per ``tensor_parallel_size`` bundles
+with vLLM tensor parallelism (TP inside a node, engines data parallel).
+Colocated, the engines share the policy's bundles (each actor reserves half of
+a bundle, see ``RayVirtualCluster.actor_options``) and, where vLLM supports it
+(the CUDA build), sleep during training so the trainer gets the accelerator
+memory back. Otherwise they run on bundles of their own, each holding an
+engine's ``tensor_parallel_size`` devices. Rollouts are split over the engines
 in contiguous shares; every request carries its own seed, so results do not
 depend on the number of engines.
 """
@@ -21,6 +23,7 @@ from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
 from nemo_rl.distributed.worker_group import wait_until_ready
 from nemo_rl.models.generation.vllm_worker import Completion, VllmGenerationWorker
 from nemo_rl.models.generation.weight_sync import MIB, WeightSource, WeightSync
+from nemo_rl.utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +34,18 @@ class VllmGeneration:
         self.cfg = gen
         colocated = gen.colocated.enabled
         sleep_mode = colocated and cluster.use_gpus
+        placements = engine_placements(cluster, engine_tensor_parallel_size(gen.vllm_kwargs), colocated)
         actor = ray.remote(VllmGenerationWorker)
         self.engines = [
-            actor.options(**cluster.actor_options(rank)).remote(
-                policy_cfg, model_path, dict(gen.vllm_kwargs), seed=seed + rank, sleep_mode=sleep_mode
+            actor.options(**cluster.actor_options(bundle)).remote(
+                policy_cfg,
+                model_path,
+                dict(gen.vllm_kwargs),
+                seed=seed + rank,
+                sleep_mode=sleep_mode,
+                cpu_slot=slot,
             )
-            for rank in range(cluster.world_size)
+            for rank, (bundle, slot) in enumerate(placements)
         ]
         wait_until_ready(self.engines)  # constructor errors surface here
         self.weight_sync = WeightSync(self.engines, gen.refit_bucket_mib * MIB)
@@ -86,3 +95,31 @@ class VllmGeneration:
             for engine in self.engines:
                 ray.kill(engine)
             self.engines = []
+
+
+def engine_tensor_parallel_size(vllm_kwargs) -> int:
+    return int(vllm_kwargs.get("tensor_parallel_size", 1))
+
+
+def engine_placements(cluster: RayVirtualCluster, tp: int, colocated: bool) -> list[tuple[int, tuple[int, int]]]:
+    """(bundle, (index among the node's engines, engines on the node)) of every engine.
+
+    On bundles of its own an engine's bundle already holds its ``tp`` devices.
+    Colocated, an engine's TP ranks are the processes of ``tp`` consecutive
+    policy bundles, which a Ray actor cannot span on GPUs (it sees its own
+    bundle's GPU only), so that combination is refused; on CPU the engine's
+    processes share the node's cores (``cpu_slot``).
+    """
+    if not colocated or tp == 1:
+        per_node = cluster.workers_per_node
+        return [(rank, (rank % per_node, per_node)) for rank in range(cluster.world_size)]
+    if cluster.use_gpus:
+        raise ConfigError(
+            f"policy.generation.vllm_kwargs.tensor_parallel_size: {tp} with colocated.enabled=true on GPUs; a "
+            f"colocated engine would span {tp} of the policy's one-GPU bundles, which this version does not "
+            "place; set policy.generation.colocated.enabled=false with resources of their own (bundles of "
+            f"{tp} GPUs per engine) or tensor_parallel_size=1"
+        )
+    per_node = cluster.workers_per_node // tp
+    return [(rank * tp, (rank % per_node, per_node)) for rank in range(cluster.world_size // tp)]
+

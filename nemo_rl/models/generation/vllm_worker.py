@@ -34,8 +34,15 @@ class VllmGenerationWorker:
         vllm_kwargs: Mapping[str, Any] | None = None,
         seed: int = 0,
         sleep_mode: bool = False,
+        cpu_slot: tuple[int, int] = (0, 1),
     ) -> None:
-        """``sleep_mode``: free the weights and KV cache between rollouts (colocated on a GPU; vLLM's CUDA build only)."""
+        """``sleep_mode``: free the weights and KV cache between rollouts (colocated on a GPU; vLLM's CUDA build only).
+
+        ``cpu_slot``: (this engine's index, engines) on its node; without CUDA
+        an engine with tensor parallelism binds each of its processes to its
+        own slice of the node's cores (vLLM-CPU refuses to guess when a NUMA
+        node would hold several of them).
+        """
         import torch
         from transformers import AutoConfig
         from vllm import LLM
@@ -51,6 +58,11 @@ class VllmGenerationWorker:
             vllm_kwargs,
         )
         kwargs.setdefault("enforce_eager", not torch.cuda.is_available())
+        tp = int(kwargs.get("tensor_parallel_size", 1))
+        if tp > 1:
+            kwargs.setdefault("distributed_executor_backend", "mp")  # the engine's TP processes, inside its actor
+            if not torch.cuda.is_available():
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(tp, *cpu_slot))
         self.max_model_len = kwargs["max_model_len"]
         self.sleep_mode = sleep_mode
         self.llm = LLM(
@@ -113,10 +125,15 @@ class VllmGenerationWorker:
 
     def load_weights(self, blob: bytes) -> int:
         """Replace the engine's weights by HF-named tensors (``vllm_weight_refit.pack_weights``): the whole model
-        or one refit bucket (``weight_sync``), fetched by Ray from the object store when passed as a ref."""
-        (loaded, *_) = self.llm.collective_rpc("load_hf_weights", args=(blob,))
+        or one refit bucket (``weight_sync``), fetched by Ray from the object store when passed as a ref.
+
+        Every tensor-parallel rank reads the whole bucket and vLLM's loaders keep
+        the rank's shard, so the count is the same on each (checked)."""
+        loaded = self.llm.collective_rpc("load_hf_weights", args=(blob,))
+        if len(set(loaded)) != 1:
+            raise RuntimeError(f"the engine's tensor-parallel ranks loaded different numbers of tensors: {loaded}")
         self.llm.reset_prefix_cache()  # cached KV of the old weights must not be reused
-        return loaded
+        return loaded[0]
 
     def wake_up(self) -> None:
         if self.sleep_mode:
@@ -130,3 +147,15 @@ class VllmGenerationWorker:
 
     def shutdown(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()
+
+
+def cpu_thread_binding(tp: int, engine: int, engines: int) -> str:
+    """vLLM-CPU's ``VLLM_CPU_OMP_THREADS_BIND`` for one engine: its share of the cores, split over its TP ranks.
+
+    With fewer cores than ranks, ranks share cores (slower, still correct).
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    share = cores[engine * len(cores) // engines : (engine + 1) * len(cores) // engines] or cores
+    ranks = [share[r * len(share) // tp : (r + 1) * len(share) // tp] or [share[r % len(share)]] for r in range(tp)]
+    return "|".join(",".join(map(str, rank)) for rank in ranks)
+
