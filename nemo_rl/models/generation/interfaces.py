@@ -1,9 +1,10 @@
 """What the rollout algorithms ask of their generator, as a Protocol (``VllmGeneration`` implements it).
 
 GRPO and distillation sample with it, refit it from the policy after each
-update and, colocated, put it to sleep while the trainer runs; the parity
-check reads its prompt log-probs. Nothing in it names vLLM, so a test double
-or another engine can stand in.
+update and, colocated, put it to sleep while the trainer runs. Its prompt
+log-probs score given tokens, to compare the generator with the trainer token
+by token (after a refit, say). Nothing in it names vLLM, so a test double or
+another engine can stand in.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class GenerationInterface(Protocol):
         ...
 
     def prompt_logprobs(self, prompts: Sequence[Sequence[int]]) -> list[list[float]]:
-        """log p(token t | tokens < t) for t >= 1 of each prompt: the generator's side of a parity check."""
+        """log p(token t | tokens < t) for t >= 1 of each prompt, from the current weights."""
         ...
 
     def refit(self, policy: WeightSource) -> int:
