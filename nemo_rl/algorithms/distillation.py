@@ -28,7 +28,9 @@ from nemo_rl.algorithms.run_setup import run_and_close
 from nemo_rl.data.dataloader import ResumableDataloader
 from nemo_rl.data.prompt_dataset import PromptSample
 from nemo_rl.models.builtin_models import resolve_model_path
+from nemo_rl.models.policy.interfaces import PolicyInterface
 from nemo_rl.models.policy.lm_policy import Policy
+from nemo_rl.models.policy.loss_metrics import logged_metrics
 from nemo_rl.utils.errors import ConfigError
 
 
@@ -53,6 +55,7 @@ class DistillationRun(RolloutRun):
     section = "distillation"
     trainer_groups = 2  # the student and the teacher share the policy's bundles
     progress_keys = ("kl", "token_mult_prob_error")
+    teacher: PolicyInterface  # forward-only: the top-k log-probs of every sampled token (set by ``start_policy``)
 
     def prepare(self) -> ResumableDataloader:
         self.teacher_path = resolve_model_path(self.cfg.teacher.model_name)
@@ -64,7 +67,7 @@ class DistillationRun(RolloutRun):
     def make_loss(self) -> DistillationLoss:
         return DistillationLoss(kl_type=self.cfg.loss_fn.kl_type, mixed_kl_weight=self.cfg.loss_fn.mixed_kl_weight)
 
-    def start_policy(self) -> Policy:
+    def start_policy(self) -> PolicyInterface:
         """The student, and next to it the teacher: the same policy config with the teacher's weights."""
         student = self.started(Policy(self.cluster, self.cfg.policy, self.model_path, seed=self.loop.seed))
         teacher_cfg = self.cfg.policy.model_copy(update={"model_name": self.cfg.teacher.model_name})
@@ -89,12 +92,9 @@ class DistillationRun(RolloutRun):
         _, parity = self.trainer_logprobs(batch, timer)
         with timer("training"):
             train = self.optimize(batch)
-        m = train["metrics"]
-        kl = m["kl_sum"] / max(m["num_tokens"], 1)
         lengths = torch.tensor([len(c.token_ids) for c in responses.completions], dtype=torch.float32)
         return {
-            "kl": kl,
-            "loss": kl,
+            **train["metrics"],  # kl, and the same value as loss
             "reward_mean": float(responses.rewards.mean()),
             **responses.logged_environment_metrics(),
             "generation_length_mean": float(lengths.mean()),
@@ -114,7 +114,7 @@ class DistillationRun(RolloutRun):
         rows = len(samples) - len(samples) % (self.policy.dims.dp * self.logprob_batch())  # whole micro-batches
         if rows:
             out = self.policy.evaluate({k: v[:rows] for k, v in batch.items()}, self.loss_fn, self.logprob_batch())
-            metrics["kl"] = out["metrics"]["kl_sum"] / max(out["metrics"]["num_tokens"], 1)
+            metrics["kl"] = logged_metrics(out["metrics"], self.loss_fn)["kl"]
         return metrics
 
 

@@ -11,13 +11,14 @@ fields already aligned to prediction positions.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
 
 from nemo_rl.models.megatron.vocab_parallel import logprobs_at, megatron_tp_group
-from nemo_rl.models.policy.interfaces import ModelOutput
+from nemo_rl.models.policy.interfaces import Metric, ModelOutput
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,11 @@ class DistillationLoss:
 
     # The worker passes this loss its local vocab-parallel logits instead of token log-probs.
     model_output: ClassVar[ModelOutput] = "logits"
+    # The loss is the KL itself; both names are logged.
+    metrics: ClassVar[Mapping[str, Metric]] = {
+        "kl": Metric("kl_sum", per="num_tokens"),
+        "loss": Metric("kl_sum", per="num_tokens"),
+    }
 
     kl_type: Literal["forward", "reverse", "mixed"] = "forward"
     mixed_kl_weight: float = 0.5

@@ -19,15 +19,6 @@ from nemo_rl.algorithms.run_setup import run_and_close
 class DPORun(PreferenceRun):
     section = "dpo"
     policy_kwargs = {"init_reference_model": True}
-    pair_means = {
-        "loss_sum": "loss",
-        "preference_loss_sum": "preference_loss",
-        "sft_loss_sum": "sft_loss",
-        "accuracy_sum": "accuracy",
-        "margin_sum": "margin",
-        "chosen_reward_sum": "chosen_reward",
-        "rejected_reward_sum": "rejected_reward",
-    }
 
     def loss_fn(self) -> DPOLoss:
         loop = self.loop

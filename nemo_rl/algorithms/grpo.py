@@ -23,6 +23,7 @@ from nemo_rl.algorithms.loss_functions import ClippedPGLoss
 from nemo_rl.algorithms.rollout_training import Batch, RolloutResult, RolloutRun, Timer, rollout_batch
 from nemo_rl.algorithms.run_setup import run_and_close
 from nemo_rl.data.prompt_dataset import PromptSample
+from nemo_rl.models.policy.interfaces import PolicyInterface
 from nemo_rl.models.policy.lm_policy import Policy
 
 
@@ -39,7 +40,7 @@ class GRPORun(RolloutRun):
             importance_sampling_correction=lcfg.use_importance_sampling_correction,
         )
 
-    def start_policy(self) -> Policy:
+    def start_policy(self) -> PolicyInterface:
         """The trained policy, keeping its starting weights as the KL reference."""
         return self.started(
             Policy(self.cluster, self.cfg.policy, self.model_path, seed=self.loop.seed, init_reference_model=True)
@@ -62,8 +63,6 @@ class GRPORun(RolloutRun):
         with timer("training"):
             train = self.optimize(batch)
         lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
-        m = train["metrics"]
-        tokens = max(m["num_tokens"], 1)
         return {
             "reward_mean": float(rewards.mean()),
             "reward_max": float(rewards.max()),
@@ -74,12 +73,10 @@ class GRPORun(RolloutRun):
             "truncated_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
             "sequence_length_max": int(batch["input_lengths"].max()),
             "token_mult_prob_error": parity,
-            "loss": m["loss_sum"] / tokens,
-            "kl": m["kl_sum"] / tokens,
-            "clip_fraction": m["clipped_tokens"] / tokens,
+            **train["metrics"],  # loss, kl, clip_fraction
             "grad_norm": train["grad_norm"],
             "lr": train["lr"],
-            **({"packing_efficiency": m["packing_efficiency"]} if "packing_efficiency" in m else {}),
+            **({"packing_efficiency": train["packing_efficiency"]} if "packing_efficiency" in train else {}),
         }
 
     def validate(self) -> dict[str, float] | None:

@@ -16,6 +16,11 @@ so the step follows the mean over the *global* batch however it was split.
 A loss whose unit is the sample (DPO's pair, the reward model's pair) counts
 samples instead of tokens.
 
+The returned ``metrics`` are sums over the micro-batch (parts); a loss declares
+in ``metrics`` what is logged from them (``Metric``: a total, or a ratio of
+totals such as the loss per token), and ``nemo_rl.models.policy.loss_metrics``
+reduces them over micro-batches, ranks and steps.
+
 A loss declares what it reads from the model in a ``model_output`` attribute:
 ``"token_logprobs"`` (the default, above), ``"scores"`` (a reward model's
 ``[B, L]`` scalar head output) or ``"logits"`` (``[B, L, V/TP]``, this tensor
@@ -25,12 +30,13 @@ their per-sample fields (``[B]``, e.g. ``input_lengths``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from nemo_rl.models.policy.interfaces import ModelOutput
+from nemo_rl.models.policy.interfaces import Metric, ModelOutput
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,10 @@ class NLLLoss:
     """
 
     model_output: ClassVar[ModelOutput] = "token_logprobs"
+    metrics: ClassVar[Mapping[str, Metric]] = {
+        "loss": Metric("nll_sum", per="num_tokens"),
+        "num_loss_tokens": Metric("num_tokens"),
+    }
 
     def __call__(
         self, token_logprobs: torch.Tensor, batch: dict[str, torch.Tensor]
@@ -76,6 +86,11 @@ class ClippedPGLoss:
     """
 
     model_output: ClassVar[ModelOutput] = "token_logprobs"
+    metrics: ClassVar[Mapping[str, Metric]] = {
+        "loss": Metric("loss_sum", per="num_tokens"),
+        "kl": Metric("kl_sum", per="num_tokens"),
+        "clip_fraction": Metric("clipped_tokens", per="num_tokens"),
+    }
 
     ratio_clip_min: float = 0.2
     ratio_clip_max: float = 0.2
@@ -132,6 +147,15 @@ class DPOLoss:
     """
 
     model_output: ClassVar[ModelOutput] = "token_logprobs"
+    metrics: ClassVar[Mapping[str, Metric]] = {
+        "loss": Metric("loss_sum", per="num_pairs"),
+        "preference_loss": Metric("preference_loss_sum", per="num_pairs"),
+        "sft_loss": Metric("sft_loss_sum", per="num_pairs"),
+        "accuracy": Metric("accuracy_sum", per="num_pairs"),
+        "margin": Metric("margin_sum", per="num_pairs"),
+        "chosen_reward": Metric("chosen_reward_sum", per="num_pairs"),
+        "rejected_reward": Metric("rejected_reward_sum", per="num_pairs"),
+    }
 
     beta: float
     sft_loss_weight: float = 0.0
@@ -177,6 +201,13 @@ class BradleyTerryLoss:
     """
 
     model_output: ClassVar[ModelOutput] = "scores"
+    metrics: ClassVar[Mapping[str, Metric]] = {
+        "loss": Metric("loss_sum", per="num_pairs"),
+        "accuracy": Metric("accuracy_sum", per="num_pairs"),
+        "margin": Metric("margin_sum", per="num_pairs"),
+        "chosen_score": Metric("chosen_score_sum", per="num_pairs"),
+        "rejected_score": Metric("rejected_score_sum", per="num_pairs"),
+    }
 
     def __call__(
         self, scores: torch.Tensor, batch: dict[str, torch.Tensor]

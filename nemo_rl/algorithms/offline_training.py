@@ -25,7 +25,9 @@ from nemo_rl.data.preference_dataset import PreferenceDataset, collate_pairs, lo
 from nemo_rl.distributed.ray_init import init_ray
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
 from nemo_rl.models.builtin_models import resolve_model_path
+from nemo_rl.models.policy.interfaces import LossFunction
 from nemo_rl.models.policy.lm_policy import Policy
+from nemo_rl.models.policy.loss_metrics import add_totals, logged_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +46,9 @@ class OfflineRun(RunLoop[OfflineResult]):
 
     Subclasses name their config section (``section``), load their data
     (``load_dataset``), take one optimizer step on a batch of samples
-    (``update``) and turn a validation batch into summable sums
-    (``validation_sums``, reduced by ``validation_metrics``). The data a
+    (``update``) and evaluate their loss on a validation batch
+    (``validation_sums``: the totals of its parts, which add up over batches;
+    ``validation_metrics`` logs them). The data a
     subclass needs is ready before any of that: the tokenizer, the data files
     and the section's config.
     """
@@ -105,13 +108,12 @@ class OfflineRun(RunLoop[OfflineResult]):
         if self.val_data is None:
             return None
         loader = ResumableDataloader(self.val_data, self.loop.val_global_batch_size, shuffle=False, seed=self.loop.seed)
-        sums: dict[str, float] = {}
+        batches = []
         for _ in range(self.loop.val_batches):
-            for key, value in self.validation_sums(loader.next_batch()).items():
-                sums[key] = sums.get(key, 0.0) + value
+            batches.append(self.validation_sums(loader.next_batch()))
             if loader.epoch > 0:
                 break
-        return self.validation_metrics(sums)
+        return self.validation_metrics(add_totals(batches))
 
     def progress(self, metrics: dict[str, float]) -> dict[str, str]:
         return {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}"}
@@ -132,39 +134,32 @@ class OfflineRun(RunLoop[OfflineResult]):
 class PreferenceRun(OfflineRun):
     """An offline run on (chosen, rejected) pairs (DPO, reward modeling); batch sizes count pairs.
 
-    ``pair_means`` maps the loss's per-pair sums to the names their means are
-    logged under; ``loss_fn`` and ``scored_batch`` are all a subclass adds.
+    ``loss_fn`` and ``scored_batch`` are all a subclass adds; the loss declares
+    what is logged (its means per pair), in training and validation alike.
     """
-
-    pair_means: dict[str, str]
 
     def load_dataset(self, path: Path, split: str) -> PreferenceDataset:
         return load_preference_dataset(path, self.tokenizer, self.cfg.policy.max_total_sequence_length)
 
-    def loss_fn(self):
+    def loss_fn(self) -> LossFunction:
         raise NotImplementedError
 
     def scored_batch(self, pairs: Sequence, pair_micro_batch: int) -> dict:
         """The collated pairs plus whatever per-token fields the loss needs."""
         return collate_pairs(pairs, self.tokenizer.pad_token_id, self.cfg.policy.make_sequence_length_divisible_by)
 
-    def means(self, sums: dict[str, float]) -> dict[str, float]:
-        pairs = max(sums["num_pairs"], 1)
-        return {mean: sums[total] / pairs for total, mean in self.pair_means.items()}
-
     def update(self, samples: Sequence) -> dict[str, float]:
-        micro = self.cfg.policy.train_micro_batch_size
+        micro, loss_fn = self.cfg.policy.train_micro_batch_size, self.loss_fn()
         batch = self.scored_batch(samples, micro)
-        result = self.policy.train(batch, self.loss_fn(), 2 * micro)  # two rows per pair
-        return self.means(result["metrics"]) | step_metrics(result, batch)
+        result = self.policy.train(batch, loss_fn, 2 * micro)  # two rows per pair
+        return logged_metrics(result["metrics"], loss_fn) | step_metrics(result, batch)
 
     def validation_sums(self, samples: Sequence) -> dict[str, float]:
         micro = self.loop.val_micro_batch_size
-        out = self.policy.evaluate(self.scored_batch(samples, micro), self.loss_fn(), 2 * micro)
-        return {k: out["metrics"][k] for k in [*self.pair_means, "num_pairs"]}
+        return self.policy.evaluate(self.scored_batch(samples, micro), self.loss_fn(), 2 * micro)["metrics"]
 
     def validation_metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        return self.means(sums)
+        return logged_metrics(sums, self.loss_fn())
 
 
 def step_metrics(result: dict[str, Any], batch: dict) -> dict[str, float]:

@@ -17,13 +17,6 @@ from nemo_rl.algorithms.run_setup import run_and_close
 class RMRun(PreferenceRun):
     section = "rm"
     policy_kwargs = {"reward_head": True}
-    pair_means = {
-        "loss_sum": "loss",
-        "accuracy_sum": "accuracy",
-        "margin_sum": "margin",
-        "chosen_score_sum": "chosen_score",
-        "rejected_score_sum": "rejected_score",
-    }
 
     def loss_fn(self) -> BradleyTerryLoss:
         return BradleyTerryLoss()

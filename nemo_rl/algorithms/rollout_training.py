@@ -37,10 +37,12 @@ from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
 from nemo_rl.environments.factory import make_environment
 from nemo_rl.environments.interfaces import EnvironmentInterface
 from nemo_rl.models.builtin_models import resolve_model_path
+from nemo_rl.models.generation.interfaces import GenerationInterface
 from nemo_rl.models.generation.vllm_generation import VllmGeneration, engine_tensor_parallel_size
 from nemo_rl.models.generation.vllm_worker import Completion
-from nemo_rl.models.policy.interfaces import LossFunction
-from nemo_rl.models.policy.lm_policy import Policy, split_rows
+from nemo_rl.models.policy.interfaces import LossFunction, PolicyInterface
+from nemo_rl.models.policy.lm_policy import split_rows
+from nemo_rl.models.policy.loss_metrics import add_totals, logged_metrics
 from nemo_rl.rope.vllm_engine import vllm_engine_kwargs
 
 Batch = dict[str, torch.Tensor]
@@ -201,11 +203,11 @@ class RolloutRun(RunLoop[RolloutResult]):
     def make_loss(self) -> LossFunction:
         raise NotImplementedError
 
-    def start_policy(self) -> Policy:
+    def start_policy(self) -> PolicyInterface:
         """The trained policy on ``self.cluster``, and any model beside it; each passed through ``started``."""
         raise NotImplementedError
 
-    def start_generation(self, policy_cfg) -> VllmGeneration:
+    def start_generation(self, policy_cfg) -> GenerationInterface:
         """The vLLM engines, configured from ``policy_cfg`` (the run's policy config: the same RoPE overrides)."""
         return self.started(
             VllmGeneration(self.generation_cluster, policy_cfg, str(self.model_path), seed=self.loop.seed)
@@ -266,21 +268,26 @@ class RolloutRun(RunLoop[RolloutResult]):
         check_first_step(error, threshold, self.cfg.policy.long_context is not None, self.section)
 
     def optimize(self, batch: Batch) -> dict[str, Any]:
-        """One optimizer step per ``train_global_batch_size`` rows of the rollout (off-policy after the first)."""
+        """One optimizer step per ``train_global_batch_size`` rows of the rollout (off-policy after the first).
+
+        The loss's metrics are logged over the whole rollout (its parts totalled
+        over the steps, ``logged_metrics``); the update's are means over the steps.
+        """
         pcfg = self.cfg.policy
         steps = batch["input_ids"].shape[0] // pcfg.train_global_batch_size
-        metrics: dict[str, float] = {}
-        results = []
-        for chunk in split_rows(batch, steps):
-            result = self.policy.train(chunk | self.chunk_fields(chunk), self.loss_fn, pcfg.train_micro_batch_size)
-            for key, value in result["metrics"].items():
-                metrics[key] = metrics.get(key, 0.0) + value
-            results.append(result)
+        results = [
+            self.policy.train(chunk | self.chunk_fields(chunk), self.loss_fn, pcfg.train_micro_batch_size)
+            for chunk in split_rows(batch, steps)
+        ]
         self.generation_is_stale = True
-        if "packing_efficiency" in metrics:
-            metrics["packing_efficiency"] /= steps
-        grad_norm = float(np.mean([r["grad_norm"] for r in results]))
-        return {"metrics": metrics, "grad_norm": grad_norm, "lr": results[-1]["lr"]}
+        out = {
+            "metrics": logged_metrics(add_totals(r["metrics"] for r in results), self.loss_fn),
+            "grad_norm": float(np.mean([r["grad_norm"] for r in results])),
+            "lr": results[-1]["lr"],
+        }
+        if "packing_efficiency" in results[0]:
+            out["packing_efficiency"] = sum(r["packing_efficiency"] for r in results) / steps
+        return out
 
     def validation_prompts(self) -> tuple[list[PromptSample], list[int]]:
         """The first ``max_val_samples`` validation prompts and their seeds (the same ones every time)."""

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from nemo_rl.algorithms.run_setup import open_run_log
 from nemo_rl.data.dataloader import ResumableDataloader
-from nemo_rl.models.policy.lm_policy import Policy
+from nemo_rl.models.policy.interfaces import PolicyInterface
 from nemo_rl.utils.checkpoint import CheckpointManager
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class RunLoop(Generic[ResultT]):
     section: ClassVar[str]
     engines: ClassVar[tuple[str, ...]] = ("megatron",)  # the engines the long-context receipt describes
     tokenizer: Any  # a transformers tokenizer, saved with every checkpoint (set by ``prepare``)
-    policy: Policy  # the trained model (set by ``start_workers``)
+    policy: PolicyInterface  # the trained model (set by ``start_workers``)
 
     def __init__(self, cfg, resolved_config: dict[str, Any]):
         self.cfg = cfg

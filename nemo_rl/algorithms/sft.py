@@ -17,6 +17,7 @@ from nemo_rl.config.schema import SYNTHETIC_RETRIEVAL
 from nemo_rl.data.builtin_datasets import resolve_dataset_paths
 from nemo_rl.data.document_dataset import BlendSource, DocumentLoader
 from nemo_rl.data.sft_dataset import collate, load_sft_dataset
+from nemo_rl.models.policy.loss_metrics import logged_metrics
 from nemo_rl.utils.cache_paths import nemo_rl_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -46,20 +47,14 @@ class SFTRun(OfflineRun):
     def update(self, samples: Sequence) -> dict[str, float]:
         batch = self._collate(samples)
         result = self.policy.train(batch, NLLLoss(), self.cfg.policy.train_micro_batch_size)
-        m = result["metrics"]
-        layout = {"packing_efficiency": m["packing_efficiency"]} if "packing_efficiency" in m else {}
-        return (
-            layout
-            | {"loss": m["nll_sum"] / max(m["num_tokens"], 1), "num_loss_tokens": m["num_tokens"]}
-            | step_metrics(result, batch)
-        )
+        layout = {"packing_efficiency": result["packing_efficiency"]} if "packing_efficiency" in result else {}
+        return layout | logged_metrics(result["metrics"], NLLLoss()) | step_metrics(result, batch)
 
     def validation_sums(self, samples: Sequence) -> dict[str, float]:
-        out = self.policy.evaluate(self._collate(samples), NLLLoss(), self.loop.val_micro_batch_size)
-        return {"nll_sum": out["metrics"]["nll_sum"], "num_tokens": out["metrics"]["num_tokens"]}
+        return self.policy.evaluate(self._collate(samples), NLLLoss(), self.loop.val_micro_batch_size)["metrics"]
 
     def validation_metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        return {"loss": sums["nll_sum"] / max(sums["num_tokens"], 1)}
+        return {"loss": logged_metrics(sums, NLLLoss())["loss"]}
 
     def after_export(self, export: Path, step: int) -> None:
         """The scheduled evaluation, on the exported model (its config.json carries the RoPE block).

@@ -14,13 +14,15 @@ depend on the number of engines.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import ray
 
 from nemo_rl.distributed.sharding import split_evenly
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
 from nemo_rl.distributed.worker_group import wait_until_ready
+from nemo_rl.models.generation.interfaces import GenerationInterface
 from nemo_rl.models.generation.vllm_worker import Completion, VllmGenerationWorker
 from nemo_rl.models.generation.weight_sync import MIB, WeightSource, WeightSync
 from nemo_rl.utils.errors import ConfigError
@@ -60,22 +62,31 @@ class VllmGeneration:
     ) -> list[Completion]:
         """One completion per prompt with the run's sampling settings (``greedy`` for validation)."""
         gen = self.cfg
-        shares = list(
-            zip(split_evenly(prompts, len(self.engines)), split_evenly(seeds, len(self.engines)), strict=True)
-        )
-        futures = [
-            engine.generate.remote(
-                list(share_prompts),
+        return self._on_shares(
+            lambda engine, share_prompts, share_seeds: engine.generate.remote(
+                share_prompts,
                 gen.max_new_tokens,
                 temperature=0.0 if greedy else gen.temperature,
                 top_p=1.0 if greedy else gen.top_p,
                 stop_strings=gen.stop_strings,
-                seeds=list(share_seeds),
-            )
-            for engine, (share_prompts, share_seeds) in zip(self.engines, shares, strict=True)
-            if share_prompts
+                seeds=share_seeds,
+            ),
+            prompts,
+            seeds,
+        )
+
+    def prompt_logprobs(self, prompts: Sequence[Sequence[int]]) -> list[list[float]]:
+        """log p(token t | tokens < t) for t >= 1 of each prompt, from the engines' current weights."""
+        return self._on_shares(lambda engine, share: engine.prompt_logprobs.remote(share), prompts)
+
+    def _on_shares(self, call: Callable[..., ray.ObjectRef], *columns: Sequence) -> list:
+        """``call(engine, *shares)`` on each engine's contiguous share of the ``columns`` (prompts first, then
+        one value per prompt), results concatenated in prompt order; an engine without prompts is not called."""
+        shares = zip(*(split_evenly(column, len(self.engines)) for column in columns), strict=True)
+        futures = [
+            call(engine, *map(list, share)) for engine, share in zip(self.engines, shares, strict=True) if share[0]
         ]
-        return [completion for result in ray.get(futures) for completion in result]
+        return [item for result in ray.get(futures) for item in result]
 
     def refit(self, policy: WeightSource) -> int:
         """Load the policy's current weights into every engine, bucket by bucket from the policy workers
@@ -123,3 +134,6 @@ def engine_placements(cluster: RayVirtualCluster, tp: int, colocated: bool) -> l
     per_node = cluster.workers_per_node // tp
     return [(rank * tp, (rank % per_node, per_node)) for rank in range(cluster.world_size // tp)]
 
+
+if TYPE_CHECKING:  # basedpyright holds VllmGeneration to the contract the rollout algorithms use
+    _conforms: type[GenerationInterface] = VllmGeneration

@@ -27,7 +27,8 @@ from nemo_rl.distributed.worker_process_group import init_worker_process_group
 from nemo_rl.models.generation.weight_sync import BucketHeader
 from nemo_rl.models.megatron.hf_export import DTENSOR_CHECKPOINT, write_hf_files
 from nemo_rl.models.policy.interfaces import LossFunction
-from nemo_rl.models.policy.megatron_policy_worker import logprobs_at_tokens, sum_metrics
+from nemo_rl.models.policy.loss_metrics import micro_batch_totals
+from nemo_rl.models.policy.megatron_policy_worker import logprobs_at_tokens
 from nemo_rl.models.policy.reference_weights import ReferenceWeights, scoring_weights
 from nemo_rl.rope.hf_config import apply_hf_config_overrides
 from nemo_rl.rope.rules import requests_yarn
@@ -136,7 +137,12 @@ class DTensorPolicyWorker:
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
-        return {"metrics": sum_metrics(outputs), "grad_norm": float(grad_norm), "lr": lr, "update_successful": True}
+        return {
+            "metrics": micro_batch_totals(outputs, loss_fn),
+            "grad_norm": float(grad_norm),
+            "lr": lr,
+            "update_successful": True,
+        }
 
     @torch.no_grad()
     def evaluate(self, microbatches: list[dict[str, torch.Tensor]], loss_fn: LossFunction) -> dict[str, Any]:
@@ -145,7 +151,7 @@ class DTensorPolicyWorker:
         for mb in microbatches:
             prepared = self._prepared(mb)
             outputs.append(loss_fn(self._token_logprobs(prepared["input_ids"]), prepared)[2])
-        return {"metrics": sum_metrics(outputs)}
+        return {"metrics": micro_batch_totals(outputs, loss_fn)}
 
     @torch.no_grad()
     def get_logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,7 +21,8 @@ from nemo_rl.distributed.worker_group import RayWorkerGroup
 from nemo_rl.models.generation.weight_sync import WeightBucket, receive
 from nemo_rl.models.megatron.context_parallel import single_sample_rows
 from nemo_rl.models.policy.dtensor_policy_worker import DTensorPolicyWorker
-from nemo_rl.models.policy.interfaces import LossFunction
+from nemo_rl.models.policy.interfaces import LossFunction, PolicyInterface, PolicyWorkerInterface
+from nemo_rl.models.policy.loss_metrics import add_totals
 from nemo_rl.models.policy.megatron_policy_worker import MegatronPolicyWorker
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,9 @@ class Policy:
         without optimizer state (a distillation teacher). The last two are Megatron-only."""
         self.cfg = policy_cfg
         self.dims = ParallelDims.for_world(policy_cfg, cluster.world_size)
-        worker_cls = DTensorPolicyWorker if policy_cfg.dtensor_cfg.enabled else MegatronPolicyWorker
+        worker_cls: type[PolicyWorkerInterface] = (
+            DTensorPolicyWorker if policy_cfg.dtensor_cfg.enabled else MegatronPolicyWorker
+        )
         megatron_only = ({"reward_head": True} if reward_head else {}) | ({} if trainable else {"trainable": False})
         self.worker_group = RayWorkerGroup(
             cluster,
@@ -107,12 +110,8 @@ class Policy:
 
     def _reduce(self, results: list[dict[str, Any]]) -> dict[str, Any]:
         reported = [results[i] for i in self._reporters]
-        metrics: dict[str, float] = {}
-        for result in reported:
-            for key, value in result["metrics"].items():
-                metrics[key] = metrics.get(key, 0.0) + value
         out = {k: v for k, v in reported[0].items() if k != "metrics"}
-        out["metrics"] = metrics
+        out["metrics"] = add_totals(result["metrics"] for result in reported)
         return out
 
     def train(self, batch: Batch, loss_fn: LossFunction, micro_batch_size: int) -> dict[str, Any]:
@@ -123,9 +122,7 @@ class Policy:
 
     def _run(self, method: str, batch: Batch, loss_fn: LossFunction, micro_batch_size: int) -> dict[str, Any]:
         args, layout_metrics = self._shard_args(batch, micro_batch_size, loss_fn)
-        result = self._reduce(self.worker_group.run_each(method, args))
-        result["metrics"].update(layout_metrics)
-        return result
+        return self._reduce(self.worker_group.run_each(method, args)) | layout_metrics
 
     def get_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits from the last pipeline stage (every rank runs the forward pass)."""
@@ -195,3 +192,7 @@ class Policy:
 
     def shutdown(self) -> None:
         self.worker_group.shutdown()
+
+
+if TYPE_CHECKING:  # basedpyright holds Policy to the contract the algorithms use
+    _conforms: type[PolicyInterface] = Policy

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,7 +43,8 @@ from nemo_rl.models.megatron.parallel_weights import (
     stage_tensors,
     tp_partition_dim,
 )
-from nemo_rl.models.policy.interfaces import LossFunction, model_output_of
+from nemo_rl.models.policy.interfaces import LossFunction, MegatronWorkerInterface, model_output_of
+from nemo_rl.models.policy.loss_metrics import micro_batch_totals
 from nemo_rl.models.policy.reference_weights import ReferenceWeights, scoring_weights
 
 logger = logging.getLogger(__name__)
@@ -387,7 +388,7 @@ class MegatronPolicyWorker:
         if success:
             self.scheduler.step(increment=1)
         return {
-            "metrics": sum_metrics(outputs),
+            "metrics": micro_batch_totals(outputs, loss_fn),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": lr,
             "update_successful": bool(success),
@@ -396,7 +397,7 @@ class MegatronPolicyWorker:
     @torch.no_grad()
     def evaluate(self, microbatches: list[dict[str, torch.Tensor]], loss_fn: LossFunction) -> dict[str, Any]:
         self.model.eval()
-        return {"metrics": sum_metrics(self._loss_schedule(microbatches, loss_fn, forward_only=True))}
+        return {"metrics": micro_batch_totals(self._loss_schedule(microbatches, loss_fn, forward_only=True), loss_fn)}
 
     def _collect(
         self,
@@ -652,9 +653,5 @@ class MegatronPolicyWorker:
             torch.distributed.destroy_process_group()
 
 
-def sum_metrics(outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    totals: dict[str, float] = {}
-    for out in outputs:
-        for key, value in out.items():
-            totals[key] = totals.get(key, 0.0) + float(value)
-    return totals
+if TYPE_CHECKING:  # basedpyright holds the worker to the contract ``Policy`` dispatches to
+    _conforms: type[MegatronWorkerInterface] = MegatronPolicyWorker
