@@ -4,7 +4,8 @@ Both sides get the default recipe's YaRN block (4x the tiny model's 256-token
 window) from the same config; prompts are 600 tokens long so the comparison
 covers positions beyond the original window. After one training step the
 policy's weights are refitted into the running engine, which must then give the
-trained policy's log-probabilities (not the initial ones).
+trained policy's log-probabilities (not the initial ones), whichever transport
+carried the weights.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def _policy_logprobs(policy, ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, ids[0, 1:, None])[:, 0]
 
 
-def test_generation_matches_the_policy_and_follows_a_refit(tmp_path):
+@pytest.mark.parametrize("transport", ["object_store", "collective"])
+def test_generation_matches_the_policy_and_follows_a_refit(tmp_path, transport):
     import ray
 
     from nemo_rl.models.builtin_models import resolve_model_path
@@ -51,8 +53,9 @@ def test_generation_matches_the_policy_and_follows_a_refit(tmp_path):
 
             policy.train(batch, NLLLoss(), micro_batch_size=2)
             hf_state = megatron_to_hf(policy.gathered_state("params"), policy_hf_config(model_path, cfg))
-            # Small buckets, so the refit arrives in many parts straight from the policy worker (weight_sync).
-            assert WeightSync([generator], REFIT_BUCKET_BYTES).refit(policy) == len(hf_state)
+            # Small buckets, so the refit arrives in many parts straight from the policy worker (weight_sync),
+            # through the object store or by broadcast over a gloo group of the policy worker and the engine.
+            assert WeightSync([generator], REFIT_BUCKET_BYTES, transport).refit(policy) == len(hf_state)
             after = torch.tensor(ray.get(generator.prompt_logprobs.remote([ids[0].tolist()]))[0], dtype=torch.float64)
             trained = _policy_logprobs(policy, ids)
             torch.testing.assert_close(after, trained, rtol=0, atol=ATOL)

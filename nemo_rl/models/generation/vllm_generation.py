@@ -21,6 +21,7 @@ from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
 from nemo_rl.distributed.worker_group import wait_until_ready
 from nemo_rl.models.generation.vllm_worker import Completion, VllmGenerationWorker
 from nemo_rl.models.generation.weight_sync import MIB, WeightSource, WeightSync
+from nemo_rl.models.generation.weight_transports import resolve_transport
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,9 @@ class VllmGeneration:
         self.cfg = gen
         colocated = gen.colocated.enabled
         sleep_mode = colocated and cluster.use_gpus
+        transport = resolve_transport(
+            gen.refit_transport, cuda=cluster.use_gpus, colocated=colocated, engines=cluster.world_size
+        )
         actor = ray.remote(VllmGenerationWorker)
         self.engines = [
             actor.options(**cluster.actor_options(rank)).remote(
@@ -39,11 +43,12 @@ class VllmGeneration:
             for rank in range(cluster.world_size)
         ]
         wait_until_ready(self.engines)  # constructor errors surface here
-        self.weight_sync = WeightSync(self.engines, gen.refit_bucket_mib * MIB)
+        self.weight_sync = WeightSync(self.engines, gen.refit_bucket_mib * MIB, transport)
         logger.info(
-            "%d vLLM engine(s) %s",
+            "%d vLLM engine(s) %s, refit over %s",
             len(self.engines),
             "colocated with the policy" if colocated else "on their own bundles",
+            transport,
         )
 
     def generate(

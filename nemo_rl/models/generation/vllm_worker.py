@@ -118,6 +118,24 @@ class VllmGenerationWorker:
         self.llm.reset_prefix_cache()  # cached KV of the old weights must not be reused
         return loaded
 
+    def weight_group_size(self) -> int:
+        """How many vLLM workers of this engine join a weight group (each loads every bucket)."""
+        return self.llm.llm_engine.vllm_config.parallel_config.world_size
+
+    def join_weight_group(self, sender: int, rendezvous, offset: int) -> None:
+        """Join ``sender``'s weight group (``weight_transports.Rendezvous``), this engine's workers from rank
+        ``offset`` on; returns once the whole group has joined."""
+        r = rendezvous
+        self.llm.collective_rpc("join_weight_group", args=(sender, r.host, r.port, r.world_size, r.backend, offset))
+
+    def load_flat_weights(self, sender: int, layout, ipc_handle) -> int:
+        """Load one bucket that comes over ``sender``'s weight group (``weight_sync``: broadcast or CUDA IPC)."""
+        import pickle
+
+        (loaded, *_) = self.llm.collective_rpc("load_flat_hf_weights", args=(pickle.dumps((sender, layout, ipc_handle)),))
+        self.llm.reset_prefix_cache()  # cached KV of the old weights must not be reused
+        return loaded
+
     def wake_up(self) -> None:
         if self.sleep_mode:
             self.llm.wake_up()
