@@ -102,9 +102,10 @@ def test_a_broadcast_refit_delivers_each_bucket_and_the_headers_hold_no_tensor()
         (AUTO, False, False, 1, OBJECT_STORE),
         (AUTO, False, True, 1, OBJECT_STORE),  # CPU keeps the object store, colocated or not
         (AUTO, True, True, 1, CUDA_IPC),
-        (AUTO, True, True, 2, COLLECTIVE),  # the sender shares a GPU with one engine only
+        (AUTO, True, True, 2, OBJECT_STORE),  # IPC reaches the sender's GPU only, NCCL no shared GPU
         (AUTO, True, False, 1, COLLECTIVE),
         (COLLECTIVE, False, False, 2, COLLECTIVE),
+        (COLLECTIVE, False, True, 1, COLLECTIVE),  # gloo shares a host
         (OBJECT_STORE, True, True, 1, OBJECT_STORE),
         (CUDA_IPC, True, True, 1, CUDA_IPC),
     ],
@@ -113,12 +114,18 @@ def test_the_transport_follows_the_placement(choice, cuda, colocated, engines, e
     assert resolve_transport(choice, cuda=cuda, colocated=colocated, engines=engines) == expected
 
 
-def test_cuda_ipc_without_cuda_and_unknown_transports_are_refused_naming_the_key():
-    with pytest.raises(ValueError, match=r"policy\.generation\.refit_transport=cuda_ipc needs .* CUDA"):
-        resolve_transport(CUDA_IPC, cuda=False, colocated=True, engines=1)
+@pytest.mark.parametrize(("cuda", "colocated", "engines"), [(False, True, 1), (True, False, 1), (True, True, 2)])
+def test_cuda_ipc_where_no_engine_shares_the_senders_gpu_is_refused_naming_the_key(cuda, colocated, engines):
+    with pytest.raises(ValueError, match=r"policy\.generation\.refit_transport=cuda_ipc needs one engine colocated"):
+        resolve_transport(CUDA_IPC, cuda=cuda, colocated=colocated, engines=engines)
+
+
+def test_unknown_transports_and_nccl_on_a_shared_gpu_are_refused():
+    with pytest.raises(ValueError, match=r"refit_transport=collective broadcasts over NCCL"):
+        resolve_transport(COLLECTIVE, cuda=True, colocated=True, engines=2)
     with pytest.raises(ValueError, match=r"policy\.generation\.refit_transport must be one of"):
         resolve_transport("nccl", cuda=True, colocated=False, engines=1)
-    with pytest.raises(ValueError, match="resolve 'auto' first"):
+    with pytest.raises(ValueError, match="resolve 'auto' first"):  # WeightSync takes a resolved transport
         WeightSync([], 1, AUTO)
 
 

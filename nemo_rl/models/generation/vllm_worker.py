@@ -132,7 +132,9 @@ class VllmGenerationWorker:
         """Load one bucket that comes over ``sender``'s weight group (``weight_sync``: broadcast or CUDA IPC)."""
         import pickle
 
-        (loaded, *_) = self.llm.collective_rpc("load_flat_hf_weights", args=(pickle.dumps((sender, layout, ipc_handle)),))
+        (loaded, *_) = self.llm.collective_rpc(
+            "load_flat_hf_weights", args=(pickle.dumps((sender, layout, ipc_handle)),)
+        )
         self.llm.reset_prefix_cache()  # cached KV of the old weights must not be reused
         return loaded
 

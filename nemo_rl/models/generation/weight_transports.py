@@ -37,22 +37,32 @@ GROUP_TIMEOUT_S = 1800
 def resolve_transport(choice: str, *, cuda: bool, colocated: bool, engines: int) -> str:
     """The transport a run uses; refused at start-up where it cannot work.
 
-    ``auto``: the object store on CPU (gloo broadcast is no faster there, see
-    ``benchmarks/refit_transports.py``), CUDA IPC when the one engine shares
-    the policy's GPU, NCCL broadcast otherwise.
+    ``auto``: the object store on CPU (where it is today's tested default),
+    CUDA IPC when the one engine shares the sending policy worker's GPU, NCCL
+    broadcast to engines on GPUs of their own. Colocated over several GPUs the
+    object store remains: NCCL takes no two ranks on one GPU, and a handle
+    opens only on the sender's GPU.
     """
     if choice not in TRANSPORTS:
         raise ValueError(f"{TRANSPORT_KEY} must be one of {', '.join(TRANSPORTS)}, got {choice!r}")
-    if choice == CUDA_IPC and not cuda:
+    if choice == CUDA_IPC and not (cuda and colocated and engines == 1):
         raise ValueError(
-            f"{TRANSPORT_KEY}=cuda_ipc needs the policy and the engines on CUDA GPUs, but this run has none; "
-            "use object_store or collective"
+            f"{TRANSPORT_KEY}=cuda_ipc needs one engine colocated with the policy on a CUDA GPU; this run has "
+            f"{engines} engine(s), {'colocated' if colocated else 'not colocated'}, "
+            f"{'on CUDA' if cuda else 'without CUDA'}; use object_store or collective"
+        )
+    if choice == COLLECTIVE and cuda and colocated:
+        raise ValueError(
+            f"{TRANSPORT_KEY}=collective broadcasts over NCCL, which cannot join the policy and an engine that "
+            "share a GPU; use cuda_ipc (one engine) or object_store"
         )
     if choice != AUTO:
         return choice
     if not cuda:
         return OBJECT_STORE
-    return CUDA_IPC if colocated and engines == 1 else COLLECTIVE
+    if not colocated:
+        return COLLECTIVE
+    return CUDA_IPC if engines == 1 else OBJECT_STORE
 
 
 @dataclass(frozen=True)
@@ -129,9 +139,7 @@ def join_group(rendezvous: Rendezvous, rank: int) -> torch.distributed.ProcessGr
     from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
 
     timeout = timedelta(seconds=GROUP_TIMEOUT_S)
-    store = TCPStore(
-        rendezvous.host, rendezvous.port, rendezvous.world_size, is_master=rank == 0, timeout=timeout
-    )
+    store = TCPStore(rendezvous.host, rendezvous.port, rendezvous.world_size, is_master=rank == 0, timeout=timeout)
     store = PrefixStore("nemo_rl/weights", store)
     if rendezvous.backend == "gloo":
         return ProcessGroupGloo(store, rank, rendezvous.world_size, timeout)
