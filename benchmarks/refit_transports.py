@@ -76,7 +76,7 @@ def _measure(model_dir: Path, repeats: int, work: Path) -> dict[str, dict[str, f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_refit_transports")
     parser.add_argument("--models", nargs="+", choices=("tiny", "100m"), default=["tiny", "100m"])
     parser.add_argument("--repeats", type=int, default=3)

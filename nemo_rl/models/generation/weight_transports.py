@@ -127,25 +127,26 @@ def free_address() -> tuple[str, int]:
         return ray.util.get_node_ip_address(), sock.getsockname()[1]
 
 
-def join_group(rendezvous: Rendezvous, rank: int) -> torch.distributed.ProcessGroup:
+def join_group(rendezvous: Rendezvous, rank: int) -> Any:
     """This process's membership of a weight group (blocks until every member has joined).
 
-    A backend over a store of its own, outside torch's group registry, so it
-    neither touches nor needs this process's default group; plain torch, so
-    a policy worker does not import vLLM for it.
+    A c10d backend (gloo or NCCL) over a store of its own, outside torch's
+    group registry, so it neither touches nor needs this process's default
+    group; plain torch, so a policy worker does not import vLLM for it.
     """
     from datetime import timedelta
 
-    from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
+    import torch.distributed as dist
 
     timeout = timedelta(seconds=GROUP_TIMEOUT_S)
-    store = TCPStore(rendezvous.host, rendezvous.port, rendezvous.world_size, is_master=rank == 0, timeout=timeout)
-    store = PrefixStore("nemo_rl/weights", store)
+    # Public torch API (torch.distributed.TCPStore / PrefixStore) that its stubs do not re-export.
+    store = dist.TCPStore(  # pyright: ignore[reportPrivateImportUsage]
+        rendezvous.host, rendezvous.port, rendezvous.world_size, is_master=rank == 0, timeout=timeout
+    )
+    store = dist.PrefixStore("nemo_rl/weights", store)  # pyright: ignore[reportPrivateImportUsage]
     if rendezvous.backend == "gloo":
-        return ProcessGroupGloo(store, rank, rendezvous.world_size, timeout)
-    from torch.distributed import ProcessGroupNCCL
-
-    return ProcessGroupNCCL(store, rank, rendezvous.world_size, ProcessGroupNCCL.Options())
+        return dist.ProcessGroupGloo(store, rank, rendezvous.world_size, timeout)
+    return dist.ProcessGroupNCCL(store, rank, rendezvous.world_size, dist.ProcessGroupNCCL.Options())
 
 
 def group_device(group: Any) -> torch.device:
