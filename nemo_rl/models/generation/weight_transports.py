@@ -37,11 +37,12 @@ GROUP_TIMEOUT_S = 1800
 def resolve_transport(choice: str, *, cuda: bool, colocated: bool, engines: int) -> str:
     """The transport a run uses; refused at start-up where it cannot work.
 
-    ``auto``: the object store on CPU (where it is today's tested default),
-    CUDA IPC when the one engine shares the sending policy worker's GPU, NCCL
-    broadcast to engines on GPUs of their own. Colocated over several GPUs the
-    object store remains: NCCL takes no two ranks on one GPU, and a handle
-    opens only on the sender's GPU.
+    ``auto``: the object store on CPU (the long-tested default; ``collective``
+    is faster there, see ``benchmarks/refit_transports.py``), CUDA IPC when
+    the one engine shares the sending policy worker's GPU, NCCL broadcast to
+    engines on GPUs of their own. Colocated over several GPUs the object store
+    remains: NCCL takes no two ranks on one GPU, and a handle opens only on
+    the sender's GPU.
     """
     if choice not in TRANSPORTS:
         raise ValueError(f"{TRANSPORT_KEY} must be one of {', '.join(TRANSPORTS)}, got {choice!r}")
