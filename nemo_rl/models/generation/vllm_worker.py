@@ -13,7 +13,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nemo_rl.models.generation.weight_transports import FlatLayout, Rendezvous
 
 REFIT_EXTENSION = "nemo_rl.models.generation.vllm_weight_refit.WeightRefitExtension"
 
@@ -122,13 +125,13 @@ class VllmGenerationWorker:
         """How many vLLM workers of this engine join a weight group (each loads every bucket)."""
         return self.llm.llm_engine.vllm_config.parallel_config.world_size
 
-    def join_weight_group(self, sender: int, rendezvous, offset: int) -> None:
-        """Join ``sender``'s weight group (``weight_transports.Rendezvous``), this engine's workers from rank
-        ``offset`` on; returns once the whole group has joined."""
+    def join_weight_group(self, sender: int, rendezvous: Rendezvous, offset: int) -> None:
+        """Join ``sender``'s weight group, this engine's workers from rank ``offset`` on; returns once the whole
+        group has joined."""
         r = rendezvous
         self.llm.collective_rpc("join_weight_group", args=(sender, r.host, r.port, r.world_size, r.backend, offset))
 
-    def load_flat_weights(self, sender: int, layout, ipc_handle) -> int:
+    def load_flat_weights(self, sender: int, layout: FlatLayout, ipc_handle: tuple[Any, tuple[Any, ...]] | None) -> int:
         """Load one bucket that comes over ``sender``'s weight group (``weight_sync``: broadcast or CUDA IPC)."""
         import pickle
 
