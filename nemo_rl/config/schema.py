@@ -155,6 +155,10 @@ class GenerationConfig(_Section):
     # Refit moves the weights from the policy workers to the engines in buckets of at most this many MiB
     # (a fused module larger than that travels alone); it bounds the memory a refit takes on either side.
     refit_bucket_mib: PositiveInt = 256
+    # How the buckets travel (models.generation.weight_transports): auto is the object store on CPU, CUDA IPC
+    # to one colocated engine on a GPU, NCCL broadcast to engines on GPUs of their own; a transport that cannot
+    # work where the run is placed (cuda_ipc without CUDA) is refused at start-up.
+    refit_transport: Literal["auto", "object_store", "collective", "cuda_ipc"] = "auto"
 
 
 class PolicyConfig(_Section):

@@ -4,7 +4,8 @@ With one engine process and with vLLM tensor parallelism 2. Both sides get the d
 window) from the same config; prompts are 600 tokens long so the comparison
 covers positions beyond the original window. After one training step the
 policy's weights are refitted into the running engine, which must then give the
-trained policy's log-probabilities (not the initial ones).
+trained policy's log-probabilities (not the initial ones), whichever transport
+carried the weights.
 """
 
 from __future__ import annotations
@@ -29,8 +30,12 @@ def _policy_logprobs(policy, ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, ids[0, 1:, None])[:, 0]
 
 
-@pytest.mark.parametrize("engine_tp", [1, 2], ids=["engine_tp1", "engine_tp2"])
-def test_generation_matches_the_policy_and_follows_a_refit(tmp_path, engine_tp):
+# One engine process with the object store, and vLLM tensor parallelism 2 with the broadcast (each TP rank
+# its own rank in the weight group): the two refit transports and both engine shapes in two runs.
+@pytest.mark.parametrize(
+    ("engine_tp", "transport"), [(1, "object_store"), (2, "collective")], ids=["tp1_object_store", "tp2_collective"]
+)
+def test_generation_matches_the_policy_and_follows_a_refit(tmp_path, engine_tp, transport):
     import ray
 
     from nemo_rl.models.builtin_models import resolve_model_path
@@ -45,7 +50,7 @@ def test_generation_matches_the_policy_and_follows_a_refit(tmp_path, engine_tp):
         model_path = str(resolve_model_path("tiny-qwen2"))
         # The policy's bundle holds every CPU of the local cluster; the generator shares them (GRPO will
         # place generation in bundles of its own or colocated ones).
-        # engine_tp2: one engine over two processes (vLLM-CPU's tensor parallelism, a core each); the refit
+        # engine_tp 2: one engine over two processes (vLLM-CPU's tensor parallelism, a core each); the refit
         # sends each rank the whole bucket and vLLM's loaders keep the rank's shard.
         generator = (
             ray.remote(VllmGenerationWorker)
@@ -58,8 +63,9 @@ def test_generation_matches_the_policy_and_follows_a_refit(tmp_path, engine_tp):
 
             policy.train(batch, NLLLoss(), micro_batch_size=2)
             hf_state = megatron_to_hf(policy.gathered_state("params"), policy_hf_config(model_path, cfg))
-            # Small buckets, so the refit arrives in many parts straight from the policy worker (weight_sync).
-            assert WeightSync([generator], REFIT_BUCKET_BYTES).refit(policy) == len(hf_state)
+            # Small buckets, so the refit arrives in many parts straight from the policy worker (weight_sync),
+            # through the object store or by broadcast over a gloo group of the policy worker and the engine.
+            assert WeightSync([generator], REFIT_BUCKET_BYTES, transport).refit(policy) == len(hf_state)
             after = torch.tensor(ray.get(generator.prompt_logprobs.remote([ids[0].tolist()]))[0], dtype=torch.float64)
             trained = _policy_logprobs(policy, ids)
             torch.testing.assert_close(after, trained, rtol=0, atol=ATOL)

@@ -25,6 +25,7 @@ from nemo_rl.distributed.worker_group import wait_until_ready
 from nemo_rl.models.generation.interfaces import GenerationInterface
 from nemo_rl.models.generation.vllm_worker import Completion, VllmGenerationWorker
 from nemo_rl.models.generation.weight_sync import MIB, WeightSource, WeightSync
+from nemo_rl.models.generation.weight_transports import resolve_transport
 from nemo_rl.utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ class VllmGeneration:
         colocated = gen.colocated.enabled
         sleep_mode = colocated and cluster.use_gpus
         placements = engine_placements(cluster, engine_tensor_parallel_size(gen.vllm_kwargs), colocated)
+        transport = resolve_transport(
+            gen.refit_transport, cuda=cluster.use_gpus, colocated=colocated, engines=len(placements)
+        )
         actor = ray.remote(VllmGenerationWorker)
         self.engines = [
             actor.options(**cluster.actor_options(bundle)).remote(
@@ -50,11 +54,12 @@ class VllmGeneration:
             for rank, (bundle, slot) in enumerate(placements)
         ]
         wait_until_ready(self.engines)  # constructor errors surface here
-        self.weight_sync = WeightSync(self.engines, gen.refit_bucket_mib * MIB)
+        self.weight_sync = WeightSync(self.engines, gen.refit_bucket_mib * MIB, transport)
         logger.info(
-            "%d vLLM engine(s) %s",
+            "%d vLLM engine(s) %s, refit over %s",
             len(self.engines),
             "colocated with the policy" if colocated else "on their own bundles",
+            transport,
         )
 
     def generate(

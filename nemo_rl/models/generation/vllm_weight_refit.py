@@ -10,15 +10,30 @@ the policy workers export. A call may carry the whole model or one refit bucket
 (``weight_sync``): a module whose tensors are not all in the call keeps its
 weights, so buckets hold whole fused modules. The tensors travel as one
 safetensors blob: vLLM's RPC serialiser keeps top-level tensors but not tensors
-nested in containers, and safetensors is exact and framework-neutral.
+nested in containers, and safetensors is exact and framework-neutral. Over the
+flat transports (``weight_transports``) the call carries only the bucket's
+layout (and IPC handle), pickled for the same serialiser, and the tensors come
+over the weight group of the sender, which each vLLM worker joins once.
 """
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import load, save
+
+from nemo_rl.models.generation.weight_transports import (
+    Rendezvous,
+    all_loaded,
+    broadcast,
+    group_device,
+    join_group,
+    open_ipc_handle,
+    unflatten,
+)
 
 EMBEDDING = "model.embed_tokens.weight"
 
@@ -36,7 +51,32 @@ class WeightRefitExtension:
         embedding, the only one that changes it (a later call restores the
         output layer as it is).
         """
-        weights = load(blob)
+        return self._reload(load(blob))
+
+    def join_weight_group(self, sender: int, host: str, port: int, world_size: int, backend: str, offset: int) -> None:
+        """Join ``sender``'s weight group as rank ``offset`` + this worker's rank in its engine."""
+        rank = offset + self.rank  # type: ignore[attr-defined]
+        self._weight_groups()[sender] = join_group(Rendezvous(host, port, world_size, backend), rank)
+
+    def load_flat_hf_weights(self, header: bytes) -> int:
+        """Load a bucket that ``weight_sync.publish`` sends over a weight group: ``header`` is the pickled
+        (sender, layout, IPC handle or None). A shared buffer is dropped, and the sender told, once loaded."""
+        sender, layout, handle = pickle.loads(header)
+        group = self._weight_groups()[sender]
+        if handle is None:
+            flat = torch.empty(layout.nbytes, dtype=torch.uint8, device=group_device(group))
+            broadcast(group, flat)
+            return self._reload(unflatten(layout, flat))
+        loaded = self._reload(unflatten(layout, open_ipc_handle(handle, torch.cuda.current_device())))
+        torch.cuda.synchronize()  # the copies out of the shared buffer are done before the sender frees it
+        all_loaded(group)
+        return loaded
+
+    def _weight_groups(self) -> dict[int, Any]:
+        """This vLLM worker's weight groups by sender (an extension has no constructor of its own)."""
+        return self.__dict__.setdefault("_nemo_rl_weight_groups", {})
+
+    def _reload(self, weights: Mapping[str, torch.Tensor]) -> int:
         self.model_runner.reload_weights(weights_iterator=iter(weights.items()))  # type: ignore[attr-defined]
         if EMBEDDING in weights:
             _refresh_tied_output_layer(self.model_runner.model)  # type: ignore[attr-defined]

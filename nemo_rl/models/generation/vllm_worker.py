@@ -13,7 +13,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nemo_rl.models.generation.weight_transports import FlatLayout, Rendezvous
 
 REFIT_EXTENSION = "nemo_rl.models.generation.vllm_weight_refit.WeightRefitExtension"
 
@@ -134,6 +137,26 @@ class VllmGenerationWorker:
             raise RuntimeError(f"the engine's tensor-parallel ranks loaded different numbers of tensors: {loaded}")
         self.llm.reset_prefix_cache()  # cached KV of the old weights must not be reused
         return loaded[0]
+
+    def weight_group_size(self) -> int:
+        """How many vLLM workers of this engine join a weight group (each loads every bucket)."""
+        return self.llm.llm_engine.vllm_config.parallel_config.world_size
+
+    def join_weight_group(self, sender: int, rendezvous: Rendezvous, offset: int) -> None:
+        """Join ``sender``'s weight group, this engine's workers from rank ``offset`` on; returns once the whole
+        group has joined."""
+        r = rendezvous
+        self.llm.collective_rpc("join_weight_group", args=(sender, r.host, r.port, r.world_size, r.backend, offset))
+
+    def load_flat_weights(self, sender: int, layout: FlatLayout, ipc_handle: tuple[Any, tuple[Any, ...]] | None) -> int:
+        """Load one bucket that comes over ``sender``'s weight group (``weight_sync``: broadcast or CUDA IPC)."""
+        import pickle
+
+        (loaded, *_) = self.llm.collective_rpc(
+            "load_flat_hf_weights", args=(pickle.dumps((sender, layout, ipc_handle)),)
+        )
+        self.llm.reset_prefix_cache()  # cached KV of the old weights must not be reused
+        return loaded
 
     def wake_up(self) -> None:
         if self.sleep_mode:

@@ -24,7 +24,7 @@ import torch
 
 from nemo_rl.data.token_alignment import align_to_predictions
 from nemo_rl.distributed.worker_process_group import init_worker_process_group
-from nemo_rl.models.generation.weight_sync import BucketHeader
+from nemo_rl.models.generation.weight_sync import BucketHeader, RefitSender
 from nemo_rl.models.megatron.hf_export import DTENSOR_CHECKPOINT, write_hf_files
 from nemo_rl.models.policy.interfaces import LossFunction
 from nemo_rl.models.policy.loss_metrics import micro_batch_totals
@@ -34,7 +34,7 @@ from nemo_rl.rope.hf_config import apply_hf_config_overrides
 from nemo_rl.rope.rules import requests_yarn
 
 
-class DTensorPolicyWorker:
+class DTensorPolicyWorker(RefitSender):
     def __init__(
         self,
         policy_cfg,
@@ -166,8 +166,12 @@ class DTensorPolicyWorker:
             predicted = [self._token_logprobs(mb["input_ids"].to(self.device)).cpu() for mb in microbatches]
         return logprobs_at_tokens(torch.cat(predicted))
 
-    def hf_weight_buckets(self, bucket_bytes: int) -> Iterator[BucketHeader | bytes]:
-        """The policy's HF-named weights in object-store buckets (refit; see ``weight_sync``).
+    @property
+    def sends_refit(self) -> bool:
+        return self.rank == 0
+
+    def hf_weight_buckets(self, bucket_bytes: int, transport: str = "object_store") -> Iterator[BucketHeader | bytes]:
+        """The policy's HF-named weights in refit buckets over ``transport`` (see ``weight_sync``).
 
         Run as a Ray streaming generator on every rank: each parameter is made
         whole in turn (``full_tensor``, a collective), and rank 0 sends, so it
@@ -181,8 +185,8 @@ class DTensorPolicyWorker:
             (name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor)
             for name, tensor in self.model.state_dict().items()
         )
-        if self.rank == 0:
-            yield from publish(bucketed(full, bucket_bytes))
+        if self.sends_refit:
+            yield from publish(bucketed(full, bucket_bytes), transport, self.weight_group)
         else:
             deque(full, maxlen=0)  # this rank's part is its shards in the gathers
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import ray
 import torch
 
 from nemo_rl.data.packing import pack_batch, pack_capacity
@@ -19,6 +20,7 @@ from nemo_rl.distributed.parallel_dims import ParallelDims
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
 from nemo_rl.distributed.worker_group import RayWorkerGroup
 from nemo_rl.models.generation.weight_sync import WeightBucket, receive
+from nemo_rl.models.generation.weight_transports import OBJECT_STORE, Rendezvous
 from nemo_rl.models.megatron.context_parallel import single_sample_rows
 from nemo_rl.models.policy.dtensor_policy_worker import DTensorPolicyWorker
 from nemo_rl.models.policy.interfaces import LossFunction, PolicyInterface, PolicyWorkerInterface
@@ -158,19 +160,28 @@ class Policy:
         scores = self._forward_rows("get_scores", batch, micro_batch_size)
         return scores[torch.arange(scores.shape[0]), batch["input_lengths"] - 1]
 
-    def stream_hf_weights(self, bucket_bytes: int) -> Iterator[WeightBucket]:
-        """The policy's HF-named weights for a refit, as buckets the workers put into the object store.
+    def stream_hf_weights(self, bucket_bytes: int, transport: str = OBJECT_STORE) -> Iterator[WeightBucket]:
+        """The policy's HF-named weights for a refit, as buckets the workers send over ``transport``.
 
         Every worker streams (those that send nothing take part in their TP
-        group's gathers); the driver receives names and object refs only, never
-        a tensor (see ``weight_sync``).
+        group's gathers); the driver receives names, layouts and object refs
+        only, never a tensor (see ``weight_sync``).
         """
         streams = [
-            worker.hf_weight_buckets.options(num_returns="streaming").remote(bucket_bytes)
+            worker.hf_weight_buckets.options(num_returns="streaming").remote(bucket_bytes, transport)
             for worker in self.worker_group.workers
         ]
-        for stream in streams:
-            yield from receive(stream)
+        for sender, stream in enumerate(streams):
+            yield from receive(stream, sender)
+
+    def weight_group_addresses(self, transport: str) -> dict[int, tuple[str, int, str]]:
+        """Each sending worker's weight-group rendezvous (host, port, backend), by worker index."""
+        addresses = ray.get([w.weight_group_address.remote(transport) for w in self.worker_group.workers])
+        return {sender: address for sender, address in enumerate(addresses) if address is not None}
+
+    def join_weight_group(self, sender: int, rendezvous: Rendezvous) -> ray.ObjectRef:
+        """The sender's side of joining its weight group; the engines join at the same time."""
+        return self.worker_group.workers[sender].join_weight_group.remote(rendezvous)
 
     def gathered_state(self, what: str = "params") -> dict[str, torch.Tensor]:
         """Full Megatron-named tensors of the parameters or gradients, merged over every TP x PP shard."""

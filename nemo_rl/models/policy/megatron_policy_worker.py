@@ -21,7 +21,7 @@ import torch
 from nemo_rl.data.token_alignment import align_to_predictions
 from nemo_rl.distributed.parallel_dims import ParallelDims
 from nemo_rl.distributed.worker_process_group import init_worker_process_group
-from nemo_rl.models.generation.weight_sync import BucketHeader
+from nemo_rl.models.generation.weight_sync import BucketHeader, RefitSender
 from nemo_rl.models.megatron.context_parallel import (
     gather_context_parallel,
     single_sample_rows,
@@ -103,7 +103,7 @@ def _next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-class MegatronPolicyWorker:
+class MegatronPolicyWorker(RefitSender):
     def __init__(
         self,
         policy_cfg,
@@ -481,8 +481,12 @@ class MegatronPolicyWorker:
         self.model.eval()
         return self._collect(microbatches, partial(_loss_input, "scores"), with_labels=False)
 
-    def hf_weight_buckets(self, bucket_bytes: int) -> Iterator[BucketHeader | bytes]:
-        """This pipeline stage's weights under HF names, in object-store buckets (refit; see ``weight_sync``).
+    @property
+    def sends_refit(self) -> bool:
+        return self.dp_cp_rank == 0 and self.tp_rank == 0
+
+    def hf_weight_buckets(self, bucket_bytes: int, transport: str = "object_store") -> Iterator[BucketHeader | bytes]:
+        """This pipeline stage's weights under HF names, in refit buckets over ``transport`` (see ``weight_sync``).
 
         Run as a Ray streaming generator on every worker. Only the first
         data-parallel replica (first CP rank) takes part: its TP ranks gather
@@ -504,8 +508,8 @@ class MegatronPolicyWorker:
             self.hf_config.tie_word_embeddings,
         )
         hf = (item for layer in layer_groups(full) for item in megatron_to_hf(layer, self.hf_config).items())
-        if self.tp_rank == 0:
-            yield from publish(bucketed(hf, bucket_bytes))
+        if self.sends_refit:
+            yield from publish(bucketed(hf, bucket_bytes), transport, self.weight_group)
         else:
             deque(hf, maxlen=0)  # this rank's part is its slices in TP rank 0's gathers
 
