@@ -181,4 +181,3 @@ def cpu_thread_binding(tp: int, engine: int, engines: int) -> str:
     share = cores[engine * len(cores) // engines : (engine + 1) * len(cores) // engines] or cores
     ranks = [share[r * len(share) // tp : (r + 1) * len(share) // tp] or [share[r % len(share)]] for r in range(tp)]
     return "|".join(",".join(map(str, rank)) for rank in ranks)
-
