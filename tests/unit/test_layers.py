@@ -2,7 +2,7 @@
 
 The order is written in the README's Layout section and enforced by the
 import-linter contracts in pyproject.toml (run here, so CI fails on an upward
-import); validating a recipe must not import torch or an engine, which is what
+import, as it does on a ruff finding or a type error beyond the baseline); validating a recipe must not import torch or an engine, which is what
 keeps a bad recipe's error instant.
 """
 
@@ -27,6 +27,18 @@ def test_import_contracts_hold():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Contracts: 1 kept, 0 broken." in result.stdout
+
+
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["lint", "format"])
+def test_ruff_finds_nothing(command):
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "ruff"), *command, "nemo_rl", "tests", "examples", "tools", "benchmarks"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 
 def test_validating_a_recipe_imports_no_torch_and_no_engine():
