@@ -7,6 +7,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+import pytest
 from packaging.tags import sys_tags
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,3 +56,18 @@ def test_wheels_whose_tags_fit_and_packages_the_lock_does_not_know_are_left_alon
     assert fix_wheel_tags.fix(site, lock) == []
     assert fitting.read_text() == HEADER + f"Tag: {here}\n"
     assert unknown.read_text().endswith("Tag: cp399-cp399-linux_x86_64\n")
+
+
+def test_uv_run_installs_nothing_in_the_set_up_environment():
+    """What the fix is for: after tools/setup.sh, `uv run` finds the environment as locked and touches nothing."""
+    import shutil
+    import subprocess
+
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not on PATH (the tests were started without it)")
+    result = subprocess.run(
+        [uv, "run", "--locked", "python", "-c", "pass"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    changes = [line for line in result.stderr.splitlines() if line.lstrip().startswith(("Installed", "Uninstalled"))]
+    assert changes == [], f"`uv run` changed the environment ({changes}); run `bash tools/setup.sh`"
