@@ -4,7 +4,7 @@
 
 One forward-only Megatron policy worker and one vLLM-CPU engine per model
 (``tiny``: the built-in tiny Qwen2; ``100m``: the random-weight Qwen2 of about
-100M parameters of ``tests/functional/test_refit_driver_memory.py``). Each
+100M parameters of ``tests/functional/test_refit_driver_memory.py``, both built by ``tests/helpers.py``). Each
 transport refits the engine ``--repeats`` times through ``WeightSync``; the
 first collective refit includes joining the weight group, so the table shows
 the first refit and the median of the others. Prints the table and writes
@@ -34,47 +34,25 @@ BUCKET_BYTES = 64 * 2**20
 
 def _model(name: str, work: Path) -> Path:
     from nemo_rl.models.builtin_models import resolve_model_path
-    from tests.functional.test_refit_driver_memory import _build_model
+    from tests.helpers import build_qwen2_100m
 
-    return resolve_model_path("tiny-qwen2") if name == "tiny" else _build_model(work / "qwen2-100m")[0]
+    return resolve_model_path("tiny-qwen2") if name == "tiny" else build_qwen2_100m(work / "qwen2-100m")[0]
 
 
 def _measure(model_dir: Path, repeats: int, work: Path) -> dict[str, dict[str, float]]:
-    import ray
-
-    from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
-    from nemo_rl.models.generation.vllm_worker import VllmGenerationWorker
     from nemo_rl.models.generation.weight_sync import WeightSync
-    from nemo_rl.models.policy.lm_policy import Policy
-    from tests.helpers import local_ray, sft_config
+    from tests.helpers import refit_pair
 
-    cfg = sft_config(
-        f"policy.model_name={model_dir}", "~policy.hf_config_overrides", "policy.max_total_sequence_length=256"
-    )
     results: dict[str, dict[str, float]] = {}
-    with local_ray(2, work / "mcore"):
-        engine = (
-            ray.remote(VllmGenerationWorker)
-            .options(num_cpus=0)
-            .remote(cfg.policy, str(model_dir), {"max_num_seqs": 1, "max_num_batched_tokens": 256})
-        )
-        cluster = RayVirtualCluster(1)
-        policy = Policy(cluster, cfg.policy, model_dir, seed=0, trainable=False)
-        try:
-            ray.get(engine.__ray_ready__.remote())
-            for transport in TRANSPORTS:
-                sync = WeightSync([engine], BUCKET_BYTES, transport)
-                seconds = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    sync.refit(policy)
-                    seconds.append(time.perf_counter() - start)
-                results[transport] = {"first_s": seconds[0], "median_s": statistics.median(seconds[1:] or seconds)}
-        finally:
-            ray.get(engine.shutdown.remote())
-            ray.kill(engine)
-            policy.shutdown()
-            cluster.shutdown()
+    with refit_pair(model_dir, work / "mcore") as (policy, engine):
+        for transport in TRANSPORTS:
+            sync = WeightSync([engine], BUCKET_BYTES, transport)
+            seconds = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                sync.refit(policy)
+                seconds.append(time.perf_counter() - start)
+            results[transport] = {"first_s": seconds[0], "median_s": statistics.median(seconds[1:] or seconds)}
     return results
 
 

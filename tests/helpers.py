@@ -120,3 +120,59 @@ def _script_main(folder: str, script: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main
+
+
+def build_qwen2_100m(out_dir: Path) -> tuple[Path, int]:
+    """A Qwen2 of ~100M parameters with the tiny model's tokenizer and window (nothing downloaded); its bytes."""
+    from nemo_rl.models.tiny_model import build_tokenizer, save_initialized, tiny_qwen2_config
+
+    tokenizer = build_tokenizer()
+    config = tiny_qwen2_config(tokenizer, num_hidden_layers=9)
+    config.update(
+        {
+            "hidden_size": 1024,
+            "intermediate_size": 2816,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 2,
+            "head_dim": 128,
+        }
+    )
+    save_initialized(config, tokenizer, out_dir, seed=0)
+    num_bytes = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
+    return out_dir, num_bytes
+
+
+@contextmanager
+def refit_pair(model_dir: Path, megatron_cache: Path) -> Iterator[tuple[Any, Any]]:
+    """A forward-only Megatron policy of ``model_dir`` (no optimizer state) and one vLLM engine of it: what a
+    refit measurement moves weights between.
+
+    The model's own window and one short sequence at a time keep the engine's
+    start-up profiling small; the engine starts first, so vLLM's start-up
+    overlaps the policy's checkpoint conversion.
+    """
+    import ray
+
+    from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
+    from nemo_rl.models.generation.vllm_worker import VllmGenerationWorker
+    from nemo_rl.models.policy.lm_policy import Policy
+
+    cfg = sft_config(
+        f"policy.model_name={model_dir}", "~policy.hf_config_overrides", "policy.max_total_sequence_length=256"
+    )
+    with local_ray(2, megatron_cache):
+        engine = (
+            ray.remote(VllmGenerationWorker)
+            .options(num_cpus=0)
+            .remote(cfg.policy, str(model_dir), {"max_num_seqs": 1, "max_num_batched_tokens": 256})
+        )
+        cluster = RayVirtualCluster(1)
+        policy = Policy(cluster, cfg.policy, model_dir, seed=0, trainable=False)
+        try:
+            ray.get(engine.__ray_ready__.remote())
+            yield policy, engine
+        finally:
+            ray.get(engine.shutdown.remote())
+            ray.kill(engine)
+            policy.shutdown()
+            cluster.shutdown()
