@@ -15,6 +15,7 @@ without starting Ray is checked first.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -44,6 +45,8 @@ from nemo_rl.models.policy.interfaces import LossFunction, PolicyInterface
 from nemo_rl.models.policy.lm_policy import split_rows
 from nemo_rl.models.policy.loss_metrics import add_totals, logged_metrics
 from nemo_rl.rope.vllm_engine import vllm_engine_kwargs
+
+logger = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
 
@@ -195,8 +198,10 @@ class RolloutRun(RunLoop[RolloutResult]):
                     devices_per_bundle=tp,
                 )
             )
+        start = time.perf_counter()
         self.policy = self.start_policy()
         self.generation = self.start_generation(cfg.policy)
+        logger.info("policy and vLLM engines started in %.1f s", time.perf_counter() - start)
         self.environment = self.start_environment()
 
     # ------------------------------------------------------------ per algorithm
