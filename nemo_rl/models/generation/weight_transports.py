@@ -18,7 +18,6 @@ vLLM's) that the other cannot join.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -123,11 +122,9 @@ def group_backend(transport: str) -> str:
 
 def free_address() -> tuple[str, int]:
     """This node's address and a port free now, for a sender's rendezvous."""
-    import ray
+    from nemo_rl.distributed.worker_group import node_address_and_port  # ray: imported where a group is made
 
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return ray.util.get_node_ip_address(), sock.getsockname()[1]
+    return node_address_and_port()
 
 
 def join_group(rendezvous: Rendezvous, rank: int) -> Any:
