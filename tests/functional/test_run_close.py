@@ -1,7 +1,7 @@
 """A run whose set-up fails part-way stops what it had started: no worker or reservation outlives the error.
 
-The engines are made to fail after the policy's Megatron workers (and the
-KL reference they hold) are up, the way a bad generator setting only detected
+The engines, launched beside the policy, are made to fail after the policy's
+Megatron workers (and the KL reference they hold) are up, the way a bad generator setting only detected
 when vLLM starts does. ``run_and_close`` never gets a run object to close, so
 the run itself must have stopped the workers and released the placement
 group before the error reached the caller, while the caller still holds the
@@ -42,19 +42,26 @@ def test_a_run_failing_after_its_workers_started_leaves_none_running(tmp_path):
             ],
         )
     )
-    policy_workers = []
+    policy_workers, engines = [], []
 
     class EnginesFailToStart(GRPORun):
         def start_generation(self, policy_cfg):
-            policy_workers.extend(self.policy.worker_group.workers)
-            ray.get([worker.__ray_ready__.remote() for worker in policy_workers])  # up and running
-            raise RuntimeError("the vLLM engines failed to start")
+            generation = super().start_generation(policy_cfg)  # real engines, launched beside the policy
+
+            def engines_fail_while_the_policy_runs() -> None:
+                engines.extend(generation.engines)
+                policy_workers.extend(self.policy.worker_group.workers)
+                ray.get([worker.__ray_ready__.remote() for worker in policy_workers])  # up and running
+                raise RuntimeError("the vLLM engines failed to start")
+
+            generation.wait_until_started = engines_fail_while_the_policy_runs
+            return generation
 
     with local_ray(2, tmp_path / "mcore"):
         with pytest.raises(RuntimeError, match="the vLLM engines failed to start"):
             run_and_close(EnginesFailToStart, validate_grpo_config(resolved), resolved)
-        assert policy_workers
-        for worker in policy_workers:  # the test's own handles would keep them alive; only the run stops them
+        assert policy_workers and engines
+        for worker in policy_workers + engines:  # the test's own handles would keep them alive; only the run stops them
             with pytest.raises(RayActorError):
                 ray.get(worker.__ray_ready__.remote(), timeout=120)
         assert {group["state"] for group in placement_group_table().values()} == {"REMOVED"}

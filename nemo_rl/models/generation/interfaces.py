@@ -23,6 +23,10 @@ class GenerationInterface(Protocol):
         """One completion per prompt, sampled with its own seed (greedy for validation), in prompt order."""
         ...
 
+    def wait_until_started(self) -> None:
+        """Block until the engines can serve; construction only launches them, so other workers start meanwhile."""
+        ...
+
     def prompt_logprobs(self, prompts: Sequence[Sequence[int]]) -> list[list[float]]:
         """log p(token t | tokens < t) for t >= 1 of each prompt, from the current weights."""
         ...

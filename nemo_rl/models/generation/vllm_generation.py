@@ -53,14 +53,19 @@ class VllmGeneration:
             )
             for rank, (bundle, slot) in enumerate(placements)
         ]
-        wait_until_ready(self.engines)  # constructor errors surface here
         self.weight_sync = WeightSync(self.engines, gen.refit_bucket_mib * MIB, transport)
-        logger.info(
-            "%d vLLM engine(s) %s, refit over %s",
-            len(self.engines),
-            "colocated with the policy" if colocated else "on their own bundles",
-            transport,
+        self._started = False
+        self._placement_note = (
+            f"{len(self.engines)} vLLM engine(s) {'colocated with the policy' if colocated else 'on their own bundles'}"
+            f", refit over {transport}"
         )
+
+    def wait_until_started(self) -> None:
+        """Return once every engine is up; the constructor only launches them, so the caller can start the policy
+        workers while the engines import vLLM and load. An engine's constructor error surfaces here."""
+        wait_until_ready(self.engines)
+        self._started = True
+        logger.info(self._placement_note)
 
     def generate(
         self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], greedy: bool = False
@@ -105,8 +110,10 @@ class VllmGeneration:
         ray.get([engine.sleep.remote() for engine in self.engines])
 
     def shutdown(self) -> None:
+        """Engines that never finished starting are killed at once (waiting would mean waiting out their start)."""
         try:
-            ray.get([engine.shutdown.remote() for engine in self.engines])
+            if self._started:
+                ray.get([engine.shutdown.remote() for engine in self.engines])
         finally:
             for engine in self.engines:
                 ray.kill(engine)

@@ -62,8 +62,13 @@ class VllmGenerationWorker:
             vllm_kwargs,
         )
         kwargs.setdefault("enforce_eager", not torch.cuda.is_available())
+        # The engine core and a TP=1 worker run inside this actor: a process of their own each would import
+        # vLLM and torch again, which took 45 of the 50 s an engine needed to start on CPU.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         tp = int(kwargs.get("tensor_parallel_size", 1))
-        if tp > 1:
+        if tp == 1:
+            kwargs.setdefault("distributed_executor_backend", "uni")
+        else:
             kwargs.setdefault("distributed_executor_backend", "mp")  # the engine's TP processes, inside its actor
             if not torch.cuda.is_available():
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(tp, *cpu_slot))
