@@ -2,7 +2,8 @@
 
 Runs never download anything: a config names either a local directory or a
 built-in model (``tiny-qwen2``, ``tiny-qwen2-teacher``, ``tiny-qwen2-base``,
-``tiny-qwen2-base-init``) that the project generates itself into the cache
+``tiny-qwen2-base-init``, and the real shapes ``qwen3-0.6b-shape``, ``qwen2.5-1.5b-shape``,
+``llama-3.2-1b-shape``) that the project generates itself into the cache
 (:func:`nemo_rl.utils.cache_paths.nemo_rl_cache_dir`) through
 :func:`nemo_rl.utils.atomic_dir.materialize`; a hub id is accepted only if it is
 already in the local Hugging Face cache.
@@ -11,11 +12,13 @@ already in the local Hugging Face cache.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+from nemo_rl.models.real_shape_models import REAL_SHAPES, create_real_shape_model
 from nemo_rl.models.tiny_base_model import cache_name as base_cache_name
 from nemo_rl.models.tiny_base_model import copy_base_model, create_base_init
 from nemo_rl.models.tiny_model import create_tiny_model, create_tiny_teacher
@@ -28,6 +31,8 @@ BUILTIN_MODELS: dict[str, Callable[[Path], object]] = {
     "tiny-qwen2-base": copy_base_model,  # pre-trained at a 128-token window, committed (tools/build_base_model.py)
     "tiny-qwen2-base-init": create_base_init,  # its shape and tokenizer, random weights: where pre-training starts
 }
+# The real recipes' shapes with random weights (real_shape_models): 2.4 GB (Qwen3-0.6B) to 6.2 GB, built once.
+BUILTIN_MODELS |= {name: partial(create_real_shape_model, name) for name in REAL_SHAPES}
 
 
 def resolve_model_path(model_name: str) -> Path:
@@ -40,7 +45,7 @@ def resolve_model_path(model_name: str) -> Path:
     if model_name in BUILTIN_MODELS:
         return materialize(
             nemo_rl_cache_dir()
-            / "tiny_models"
+            / ("real_shape_models" if model_name in REAL_SHAPES else "tiny_models")
             / (base_cache_name() if model_name == "tiny-qwen2-base" else model_name),
             BUILTIN_MODELS[model_name],
         )
