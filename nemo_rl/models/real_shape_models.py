@@ -51,6 +51,26 @@ def qwen3_0_6b() -> Qwen3Config:
     )
 
 
+def qwen3_1_7b() -> Qwen3Config:
+    """Qwen3-1.7B (the distillation recipe's teacher): Qwen3-0.6B's family at hidden 2048."""
+    return Qwen3Config(
+        vocab_size=QWEN_VOCAB_SIZE,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40_960,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        use_sliding_window=False,
+        max_window_layers=28,
+    )
+
+
 def qwen2_5_1_5b() -> Qwen2Config:
     """Qwen2.5-1.5B: QKV bias, GQA 12:2, tied embeddings."""
     return Qwen2Config(
@@ -95,19 +115,45 @@ def llama_3_2_1b() -> LlamaConfig:
     )
 
 
+def llama_2_7b() -> LlamaConfig:
+    """Llama-2-7B: full multi-head attention (32 KV heads), untied output layer, a 4,096-token window."""
+    return LlamaConfig(
+        vocab_size=32_000,
+        hidden_size=4096,
+        intermediate_size=11_008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+
+
 @dataclass(frozen=True)
 class RealShape:
+    hub_id: str  # the model the recipes name (never downloaded: the shape stands in for it where needed)
     config: Callable[[], PretrainedConfig]
     bpe_tokens: int  # the real tokenizer's regular tokens, before its special ones
-    # The model card's figures in billions, as printed there (total, non-embedding): checks the shape.
+    # The model card's (or the hub page's) figures in billions as printed (total, non-embedding): checks the shape.
     published_billions: tuple[str, str | None]
 
 
 REAL_SHAPES: dict[str, RealShape] = {
-    "qwen3-0.6b-shape": RealShape(qwen3_0_6b, QWEN_BPE_TOKENS, ("0.6", "0.44")),
-    "qwen2.5-1.5b-shape": RealShape(qwen2_5_1_5b, QWEN_BPE_TOKENS, ("1.54", "1.31")),
-    "llama-3.2-1b-shape": RealShape(llama_3_2_1b, LLAMA3_BPE_TOKENS, ("1.23", None)),
+    "qwen3-0.6b-shape": RealShape("Qwen/Qwen3-0.6B", qwen3_0_6b, QWEN_BPE_TOKENS, ("0.6", "0.44")),
+    "qwen3-1.7b-shape": RealShape("Qwen/Qwen3-1.7B", qwen3_1_7b, QWEN_BPE_TOKENS, ("1.7", "1.4")),
+    "qwen2.5-1.5b-shape": RealShape("Qwen/Qwen2.5-1.5B-Instruct", qwen2_5_1_5b, QWEN_BPE_TOKENS, ("1.54", "1.31")),
+    "llama-3.2-1b-shape": RealShape("meta-llama/Llama-3.2-1B", llama_3_2_1b, LLAMA3_BPE_TOKENS, ("1.23", None)),
+    "llama-2-7b-shape": RealShape("meta-llama/Llama-2-7b-hf", llama_2_7b, 32_000 - 3, ("6.74", None)),
 }
+
+
+def shape_for_hub_id(model_name: str) -> RealShape | None:
+    """The locally built stand-in for a recipe's hub model, if there is one."""
+    return next((shape for shape in REAL_SHAPES.values() if shape.hub_id == model_name), None)
 
 
 def tokenizer_texts() -> Iterator[str]:
