@@ -31,12 +31,12 @@ LLAMA3_VOCAB_SIZE = 128_256  # 128,000 regular tokens and 256 reserved specials
 LLAMA3_BPE_TOKENS = 128_000
 
 
-def qwen3_0_6b() -> Qwen3Config:
-    """Qwen3-0.6B: QK-norm, head_dim 128 while hidden / heads = 64, GQA 16:8, tied embeddings."""
+def _qwen3(hidden_size: int, intermediate_size: int) -> Qwen3Config:
+    """The Qwen3 dense family at one width: QK-norm, head_dim 128 (not hidden / heads), GQA 16:8, tied."""
     return Qwen3Config(
         vocab_size=QWEN_VOCAB_SIZE,
-        hidden_size=1024,
-        intermediate_size=3072,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=28,
         num_attention_heads=16,
         num_key_value_heads=8,
@@ -49,26 +49,16 @@ def qwen3_0_6b() -> Qwen3Config:
         use_sliding_window=False,
         max_window_layers=28,
     )
+
+
+def qwen3_0_6b() -> Qwen3Config:
+    """Qwen3-0.6B: head_dim 128 while hidden / heads = 64."""
+    return _qwen3(1024, 3072)
 
 
 def qwen3_1_7b() -> Qwen3Config:
-    """Qwen3-1.7B (the distillation recipe's teacher): Qwen3-0.6B's family at hidden 2048."""
-    return Qwen3Config(
-        vocab_size=QWEN_VOCAB_SIZE,
-        hidden_size=2048,
-        intermediate_size=6144,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=40_960,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        attention_bias=False,
-        use_sliding_window=False,
-        max_window_layers=28,
-    )
+    """Qwen3-1.7B (the distillation recipe's teacher)."""
+    return _qwen3(2048, 6144)
 
 
 def qwen2_5_1_5b() -> Qwen2Config:
