@@ -24,7 +24,7 @@ from transformers import AutoConfig
 
 from nemo_rl.algorithms.distillation_loss import DistillationLoss
 from nemo_rl.algorithms.rollout_training import Batch, Responses, RolloutResult, RolloutRun, Timer, rollout_batch
-from nemo_rl.algorithms.run_setup import run_and_close
+from nemo_rl.algorithms.run_setup import resolve_policy_model, run_and_close
 from nemo_rl.data.dataloader import ResumableDataloader
 from nemo_rl.data.prompt_dataset import PromptSample
 from nemo_rl.models.builtin_models import resolve_model_path
@@ -58,7 +58,7 @@ class DistillationRun(RolloutRun):
     teacher: PolicyInterface  # forward-only: the top-k log-probs of every sampled token (set by ``start_policy``)
 
     def prepare(self) -> ResumableDataloader:
-        self.teacher_path = resolve_model_path(self.cfg.teacher.model_name)
+        self.teacher_path = resolve_policy_model(self.cfg.policy, self.cfg.teacher.model_name, "teacher.model_name")
         check_teacher_compatible(
             resolve_model_path(self.cfg.policy.model_name), self.teacher_path, self.loop.topk_logits_k
         )

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from transformers import AutoTokenizer
 
 from nemo_rl.algorithms.run_loop import RunLoop
+from nemo_rl.algorithms.run_setup import resolve_policy_model
 from nemo_rl.data.builtin_datasets import resolve_dataset_paths
 from nemo_rl.data.dataloader import ResumableDataloader
 from nemo_rl.data.preference_dataset import PreferenceDataset, collate_pairs, load_preference_dataset
@@ -57,7 +58,7 @@ class OfflineRun(RunLoop[OfflineResult]):
 
     def prepare(self) -> ResumableDataloader:
         cfg, pcfg = self.cfg, self.cfg.policy
-        self.model_path = resolve_model_path(pcfg.model_name)
+        self.model_path = resolve_policy_model(pcfg)
         self.tokenizer_path = resolve_model_path(pcfg.tokenizer.name)
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
         train_path, self.val_path = resolve_dataset_paths(

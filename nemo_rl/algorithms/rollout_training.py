@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from nemo_rl.algorithms.logprob_parity import check_first_step, token_mult_prob_error
 from nemo_rl.algorithms.run_loop import RunLoop
+from nemo_rl.algorithms.run_setup import resolve_policy_model
 from nemo_rl.data.builtin_datasets import resolve_dataset_paths
 from nemo_rl.data.dataloader import ResumableDataloader
 from nemo_rl.data.prompt_dataset import PromptSample, load_prompt_dataset
@@ -141,7 +142,7 @@ class RolloutRun(RunLoop[RolloutResult]):
 
     def prepare(self) -> ResumableDataloader:
         cfg, pcfg, loop = self.cfg, self.cfg.policy, self.loop
-        self.model_path = resolve_model_path(pcfg.model_name)
+        self.model_path = resolve_policy_model(pcfg)
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(pcfg.tokenizer.name))
         # The generator's arguments, merged with the recipe's own; a contradiction is a ConfigError now, not in Ray.
         vllm_engine_kwargs(

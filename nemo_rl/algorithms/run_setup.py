@@ -9,9 +9,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from transformers import AutoConfig
+
 from nemo_rl.config.loader import save_config
+from nemo_rl.models.builtin_models import resolve_model_path
 from nemo_rl.models.long_context import run_receipt, write_receipt
+from nemo_rl.rope.base_model import base_model_rope_errors
 from nemo_rl.rope.canonical import canonical_overrides_json
+from nemo_rl.utils.errors import ConfigError
 from nemo_rl.utils.logger import Logger
 
 if TYPE_CHECKING:
@@ -20,6 +25,27 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ResultT = TypeVar("ResultT")
+
+
+def resolve_policy_model(policy_cfg, model_name: str | None = None, field: str = "policy.model_name") -> Path:
+    """The local HF directory of the policy's model (or ``model_name``, e.g. a teacher run with the policy's RoPE).
+
+    Refused before anything starts when the run's RoPE block would replace the
+    RoPE scaling the model's config.json ships, or when the Megatron backend
+    cannot build the model's own RoPE (see ``base_model_rope_errors``).
+    """
+    name = model_name or policy_cfg.model_name
+    path = resolve_model_path(name)
+    errors = base_model_rope_errors(
+        AutoConfig.from_pretrained(path),
+        f"{field} ({name})",
+        policy_cfg.hf_config_overrides,
+        policy_cfg.max_total_sequence_length,
+        megatron_enabled=policy_cfg.megatron_cfg.enabled and not policy_cfg.dtensor_cfg.enabled,
+    )
+    if errors:
+        raise ConfigError(errors)
+    return path
 
 
 def open_run_log(cfg, resolved_config: Mapping[str, Any], engines: list[str]) -> Logger:

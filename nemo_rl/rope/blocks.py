@@ -104,6 +104,21 @@ class DynamicNTKScaling(PlainRope):
 
 
 @dataclass(frozen=True)
+class Llama3Scaling(PlainRope):
+    """Llama 3.1/3.2's RoPE (``rope_type: llama3``): frequencies whose wavelength exceeds
+    ``original / low_freq_factor`` are divided by ``factor``, those shorter than ``original / high_freq_factor``
+    kept, and the band between blended smoothly. A base model ships it; runs keep it as it is."""
+
+    ROPE_TYPE: ClassVar[str] = "llama3"
+    LABEL: ClassVar[str] = "llama3"
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
 class NTKAwareScaling:
     """Static NTK-aware base scaling: plain RoPE with base ``theta * s^(d/(d-2))``.
 
@@ -188,10 +203,11 @@ class DynamicYarnScaling(YarnScaling):
         raise ValueError(f"rope_type={DYNAMIC_YARN}: the attention factor depends on the length, use at_length()")
 
 
-RopeScaling = PlainRope | LinearScaling | DynamicNTKScaling | YarnScaling | DynamicYarnScaling
+RopeScaling = PlainRope | LinearScaling | DynamicNTKScaling | Llama3Scaling | YarnScaling | DynamicYarnScaling
 # The types a block can be parsed into, by rope_type (NTK-aware scaling is written as `default`).
 ROPE_SCALING_TYPES: dict[str, type] = {
-    cls.ROPE_TYPE: cls for cls in (PlainRope, LinearScaling, DynamicNTKScaling, YarnScaling, DynamicYarnScaling)
+    cls.ROPE_TYPE: cls
+    for cls in (PlainRope, LinearScaling, DynamicNTKScaling, Llama3Scaling, YarnScaling, DynamicYarnScaling)
 }
 _EXAMPLES = {
     "rope_theta": "1000000 (the model's rope_theta, see its config.json)",
@@ -201,6 +217,8 @@ _EXAMPLES = {
     "beta_slow": "1",
     "mscale": "1",
     "mscale_all_dim": "0",
+    "low_freq_factor": "1.0 (Llama 3.1/3.2)",
+    "high_freq_factor": "4.0 (Llama 3.1/3.2)",
 }
 
 
@@ -341,6 +359,23 @@ _RANGES: dict[type, tuple[_RangeRule, ...]] = {
     PlainRope: (_POSITIVE_THETA,),
     LinearScaling: (_POSITIVE_THETA, _POSITIVE_FACTOR),
     DynamicNTKScaling: (_POSITIVE_THETA, _POSITIVE_FACTOR, _POSITIVE_ORIGINAL),
+    Llama3Scaling: (
+        _POSITIVE_THETA,
+        _POSITIVE_FACTOR,
+        _POSITIVE_ORIGINAL,
+        _RangeRule(
+            "low_freq_factor",
+            ("low_freq_factor",),
+            lambda v: v["low_freq_factor"] > 0,
+            "must be > 0, got {low_freq_factor}",
+        ),
+        _RangeRule(
+            "high_freq_factor",
+            ("low_freq_factor", "high_freq_factor"),
+            lambda v: v["high_freq_factor"] > v["low_freq_factor"],
+            "must be > low_freq_factor ({low_freq_factor}), got {high_freq_factor}",
+        ),
+    ),
     YarnScaling: _YARN_RANGES,
     DynamicYarnScaling: _YARN_RANGES,
 }

@@ -21,6 +21,7 @@ from nemo_rl.rope.blocks import (
     DynamicNTKScaling,
     DynamicYarnScaling,
     LinearScaling,
+    Llama3Scaling,
     RopeScaling,
     YarnScaling,
     parse_rope_scaling,
@@ -124,9 +125,24 @@ def inv_freq(scaling: RopeScaling, dim: int, seq_len: int | None = None) -> torc
             scaling.rope_theta, scaling.factor, dim, scaling.original_max_position_embeddings, seq_len
         )
         return _default_inv_freq(theta, dim)
+    if isinstance(scaling, Llama3Scaling):
+        return llama3_inv_freq(scaling, dim)
     if isinstance(scaling, LinearScaling):
         return _default_inv_freq(scaling.rope_theta, dim) / scaling.factor
     return _default_inv_freq(scaling.rope_theta, dim)
+
+
+def llama3_inv_freq(llama3: Llama3Scaling, dim: int) -> torch.Tensor:
+    """Llama 3's remapping by wavelength ``2 pi / f`` against the original window ``L``: long waves
+    (> ``L / low_freq_factor``) are slowed by ``factor``, short ones (< ``L / high_freq_factor``) kept, and in
+    between ``f`` is blended with ``f / factor`` by ``(L / wavelength - low) / (high - low)``."""
+    freq = _default_inv_freq(llama3.rope_theta, dim)
+    wavelength = 2 * math.pi / freq
+    original = llama3.original_max_position_embeddings
+    smooth = (original / wavelength - llama3.low_freq_factor) / (llama3.high_freq_factor - llama3.low_freq_factor)
+    blended = (1 - smooth) * freq / llama3.factor + smooth * freq
+    slowed = torch.where(wavelength > original / llama3.low_freq_factor, freq / llama3.factor, blended)
+    return torch.where(wavelength < original / llama3.high_freq_factor, freq, slowed)
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, attention_factor: float, positions: Any) -> tuple[torch.Tensor, torch.Tensor]:

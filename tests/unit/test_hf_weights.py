@@ -77,8 +77,17 @@ def test_round_trip_is_bit_exact(name):
         YARN,
         {"rope_type": "default", "rope_theta": 10000.0},
         {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+        # Llama 3.2's remapping: at head_dim 32 the slowest pairs' wavelengths pass 8192, so all three bands occur.
+        {
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
     ],
-    ids=["yarn", "plain", "linear"],
+    ids=["yarn", "plain", "linear", "llama3"],
 )
 def test_megatron_logits_equal_hf(megatron_single_process, name, rope):
     from nemo_rl.distributed.parallel_dims import ParallelDims

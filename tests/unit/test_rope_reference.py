@@ -654,3 +654,84 @@ def test_user_vllm_kwargs_merge_with_the_derived_ones_and_conflicts_name_both_va
     lines = str(raised.value)
     assert "generation.vllm_kwargs.hf_overrides.max_position_embeddings: 2048 contradicts 1024" in lines
     assert "generation.vllm_kwargs.max_model_len: 512 contradicts policy.max_total_sequence_length = 1024" in lines
+
+
+# ----------------------------------------------------------------------------
+# Llama 3's RoPE (a base model's own block, e.g. Llama-3.2-1B: x32 over 8,192)
+# ----------------------------------------------------------------------------
+LLAMA3_FACTORS = [8.0, 32.0]  # Llama 3.1, Llama 3.2
+
+
+def llama3_block(factor: float, base: float = 500_000.0, original: int = 8192, low: float = 1.0, high: float = 4.0):
+    return {
+        "rope_type": "llama3",
+        "rope_theta": base,
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": original,
+    }
+
+
+def test_llama3_reference_keeps_short_waves_and_slows_long_ones():
+    block = llama3_block(32.0)
+    freqs, attention_factor = rope_frequencies(block, 64)
+    plain, _ = rope_frequencies({"rope_type": "default", "rope_theta": 500_000.0}, 64)
+    wavelength = 2 * math.pi / plain
+    assert attention_factor == 1.0
+    assert torch.equal(freqs[wavelength < 8192 / 4], plain[wavelength < 8192 / 4])
+    assert torch.allclose(freqs[wavelength > 8192], plain[wavelength > 8192] / 32, rtol=0, atol=0)
+    middle = (wavelength >= 8192 / 4) & (wavelength <= 8192)
+    assert middle.any() and ((freqs[middle] < plain[middle]) & (freqs[middle] > plain[middle] / 32)).all()
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("factor", LLAMA3_FACTORS)
+@pytest.mark.parametrize(("low", "high"), [(1.0, 4.0), (2.0, 8.0)])
+def test_transformers_llama3(hf, head_dim, factor, low, high):
+    block = llama3_block(factor, low=low, high=high)
+    got_inv, got_factor = hf.init(head_dim, 1.0, block, 131_072)
+    want_inv, want_factor = rope_frequencies(block, head_dim)
+    assert_inv_freq("transformers", got_inv, want_inv, factor, f"{block} head_dim={head_dim}")
+    assert_attention_factor("transformers", got_factor, want_factor, f"{block}")
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("factor", LLAMA3_FACTORS)
+def test_megatron_llama3(hf, megatron, head_dim, factor):
+    """RotaryEmbedding built from megatron_gpt_rope_kwargs, as the model builder builds it."""
+    from nemo_rl.rope.megatron_config import megatron_gpt_rope_kwargs
+
+    block = llama3_block(factor)
+    kwargs = megatron_gpt_rope_kwargs(hf.config(head_dim, 1.0, block, 131_072))
+    assert (kwargs["position_embedding_type"], kwargs["rope_scaling"]) == ("rope", True)
+    rope = megatron.RotaryEmbedding(
+        kv_channels=head_dim,
+        rotary_percent=kwargs["rotary_percent"],
+        rotary_base=kwargs["rotary_base"],
+        rope_scaling=kwargs["rope_scaling"],
+        rope_scaling_factor=kwargs["rope_scaling_factor"],
+        use_cpu_initialization=True,
+    )
+    want_inv, want_factor = rope_frequencies(block, head_dim)
+    positions, cos, sin, inv_freq = megatron_table(rope, 131_072, head_dim // 2)
+    assert_inv_freq("megatron-core", inv_freq, want_inv, factor, f"{block}")
+    assert_cos_sin("megatron-core", positions, cos, sin, want_inv, want_factor, factor, f"{block}")
+
+
+def test_megatron_refuses_llama3_values_it_would_not_build(hf):
+    """megatron-core 0.16 takes only the factor: other low/high/original values would be silently replaced."""
+    with pytest.raises(ValueError, match=r"low_freq_factor: 2\.0, but megatron-core 0\.16 builds .* low_freq_factor=1"):
+        megatron_rope_fields(hf.config(64, 1.0, llama3_block(8.0, low=2.0), 131_072))
+    with pytest.raises(ValueError, match=r"original_max_position_embeddings: 4096"):
+        megatron_rope_fields(hf.config(64, 1.0, llama3_block(8.0, original=4096), 131_072))
+    assert megatron_rope_fields(hf.config(64, 1.0, llama3_block(32.0), 131_072)) == {}
+
+
+@pytest.mark.parametrize("factor", LLAMA3_FACTORS)
+def test_vllm_llama3(vllm_rope, factor):
+    block = llama3_block(factor)
+    rope = vllm_rope(64, 131_072, block)
+    want_inv, want_factor = rope_frequencies(block, 64)
+    positions, cos, sin = vllm_table(rope, 32)
+    assert_cos_sin("vLLM", positions, cos, sin, want_inv, want_factor, factor, f"{block}")

@@ -301,7 +301,14 @@ def test_missing_rope_type_is_an_error():
         {"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0},
         {"rope_type": "dynamic", "rope_theta": 1e6, "factor": 0.5, "original_max_position_embeddings": 4096},
         {"rope_type": "default", "rope_theta": 1e6},
-        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+        {
+            "rope_type": "llama3",
+            "rope_theta": 5e5,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
         {"type": "linear", "rope_theta": 10000, "factor": 2},
     ],
 )
@@ -340,7 +347,10 @@ def test_a_block_without_rope_theta_is_refused_because_engines_would_reset_it(ro
 
 @pytest.mark.parametrize(
     ("rope_type", "extra"),
-    [("dynamic", {"factor": 2.0, "original_max_position_embeddings": 256}), ("llama3", {"factor": 8.0})],
+    [
+        ("dynamic", {"factor": 2.0, "original_max_position_embeddings": 256}),
+        ("longrope", {"short_factor": [1.0], "long_factor": [1.0]}),
+    ],
 )
 def test_a_run_refuses_rope_types_megatron_cannot_build_before_anything_starts(rope_type, extra):
     from nemo_rl.rope.megatron_config import megatron_rope_type_errors
@@ -417,8 +427,31 @@ def test_parse_rope_scaling_lists_every_problem_and_names_types_without_a_typed_
         f"{PREFIX}.rope_theta",
         f"{PREFIX}.factor",
     ]
-    with pytest.raises(ConfigError, match="no typed form for 'llama3'"):
-        parse_rope_scaling({"rope_type": "llama3", "factor": 8.0})
+    with pytest.raises(ConfigError, match="no typed form for 'longrope'"):
+        parse_rope_scaling({"rope_type": "longrope", "factor": 8.0})
+
+
+def test_llama3_blocks_are_typed_and_megatron_takes_only_llama_3s_own_values():
+    """megatron-core 0.16 builds Llama 3's RoPE from the factor alone (low 1, high 4, window 8192 fixed)."""
+    from nemo_rl.rope.megatron_config import megatron_rope_type_errors
+
+    llama32 = {
+        "rope_type": "llama3",
+        "rope_theta": 5e5,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    assert megatron_rope_type_errors({"rope_scaling": llama32}) == []
+    assert check({"rope_scaling": llama32}) == (None, [], [])
+    (message,) = megatron_rope_type_errors({"rope_scaling": llama32 | {"high_freq_factor": 8.0}})
+    assert message.startswith(f"{PREFIX}.high_freq_factor: 8.0, but megatron-core 0.16 builds")
+    errors = check({"rope_scaling": {k: v for k, v in llama32.items() if k != "low_freq_factor"} | {"factor": 0}})[1]
+    assert [e.split(":")[0] for e in errors] == [
+        f"{PREFIX}.low_freq_factor",
+        f"{PREFIX}.factor",
+    ]
 
 
 def test_dynamic_yarn_is_static_yarn_at_each_length():
