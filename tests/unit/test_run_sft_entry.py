@@ -56,3 +56,25 @@ def test_a_bad_data_row_is_one_clear_line_and_nothing_is_written(tmp_path, capsy
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"], "nothing may be written for bad data"
     assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+
+
+def test_a_yarn_block_over_a_base_models_own_rope_scaling_is_refused_before_anything_starts(
+    tmp_path, capsys, monkeypatch
+):
+    """A Llama 3.x base ships llama3 x32 RoPE; the default recipe's YaRN block would silently replace it."""
+    from transformers import LlamaConfig
+
+    from nemo_rl.models.real_shape_models import REAL_SHAPES
+
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "llama"
+    shape = REAL_SHAPES["llama-3.2-1b-shape"].config().to_dict()
+    LlamaConfig.from_dict(shape | {"num_hidden_layers": 1}).save_pretrained(model)
+    code = _main()([f"policy.model_name={model}", f"logger.log_dir={tmp_path / 'logs'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "rope_type: 'yarn' would replace the RoPE scaling policy.model_name" in err
+    assert "rope_type 'llama3', factor 32, original_max_position_embeddings 8192" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"], "nothing may be written"
+    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
