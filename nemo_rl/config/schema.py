@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from functools import cache, cached_property, partial
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
 from pydantic import (
     BaseModel,
@@ -210,6 +210,11 @@ class ClusterConfig(_Section):
 
 class MasterConfig(_Section):
     """Sections every algorithm shares; algorithm masters subclass it."""
+
+    # Training rows one sample of the algorithm's batch becomes (a preference pair: chosen and rejected).
+    rows_per_sample: ClassVar[int] = 1
+    # Whether the policy keeps its starting weights to score with (DPO's and GRPO's reference model).
+    keeps_reference_model: ClassVar[bool] = False
 
     checkpointing: CheckpointingConfig
     policy: PolicyConfig
@@ -456,11 +461,14 @@ def _validation_batch_errors(cfg: MasterConfig, loop: OfflineLoopConfig, section
 
 
 class DPOMasterConfig(MasterConfig):
+    rows_per_sample: ClassVar[int] = 2
+    keeps_reference_model: ClassVar[bool] = True
     dpo: DPOConfig
     data: DataConfig
 
 
 class RMMasterConfig(MasterConfig):
+    rows_per_sample: ClassVar[int] = 2
     rm: RMConfig
     data: DataConfig
 
@@ -547,6 +555,7 @@ class EnvConfig(_Section):
 
 
 class GRPOMasterConfig(MasterConfig):
+    keeps_reference_model: ClassVar[bool] = True
     grpo: GRPOConfig
     loss_fn: ClippedPGLossConfig
     data: DataConfig
@@ -877,14 +886,23 @@ def _sequence_length_errors(cfg: MasterConfig) -> list[str]:
     ]
 
 
-def _min_lr_errors(cfg: MasterConfig) -> list[str]:
-    optimizer = cfg.policy.megatron_cfg.optimizer
-    if optimizer.min_lr <= optimizer.lr:
-        return []
-    return [
-        f"policy.megatron_cfg.optimizer.min_lr: {optimizer.min_lr} is above lr = {optimizer.lr}; the schedule would "
-        "raise the LR"
-    ]
+def _lr_schedule_errors(cfg: MasterConfig) -> list[str]:
+    """The schedule warms up from ``lr_warmup_init`` to ``lr`` and decays to ``min_lr``; megatron-core asserts
+    both bounds in each worker, after Ray and the engines have started, so they are checked here."""
+    optimizer, scheduler = cfg.policy.megatron_cfg.optimizer, cfg.policy.megatron_cfg.scheduler
+    errors = []
+    if optimizer.min_lr > optimizer.lr:
+        errors.append(
+            f"policy.megatron_cfg.optimizer.min_lr: {optimizer.min_lr} is above lr = {optimizer.lr}; the schedule "
+            "would raise the LR"
+        )
+    if scheduler.lr_warmup_init > optimizer.lr:
+        errors.append(
+            f"policy.megatron_cfg.scheduler.lr_warmup_init: {scheduler.lr_warmup_init} is above "
+            f"policy.megatron_cfg.optimizer.lr = {optimizer.lr}; the warm-up starts there and rises to lr, so set it "
+            f"at most lr (e.g. lr_warmup_init: {optimizer.lr / 10:g}, or 0 without warm-up)"
+        )
+    return errors
 
 
 def _backend_errors(cfg: MasterConfig) -> list[str]:
@@ -948,7 +966,7 @@ _POLICY_RULES: tuple[Rule[MasterConfig], ...] = (
     lambda cfg: _dims(cfg).packing_errors(cfg.policy.sequence_packing.enabled),
     lambda cfg: _dims(cfg).sequence_length_errors(cfg.policy.make_sequence_length_divisible_by),
     _backend_errors,
-    _min_lr_errors,
+    _lr_schedule_errors,
 )
 
 

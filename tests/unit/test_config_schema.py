@@ -198,6 +198,15 @@ def test_min_lr_above_lr_is_refused(raw):
     assert errors_of(raw)[0].startswith("policy.megatron_cfg.optimizer.min_lr: 1.0 is above lr")
 
 
+def test_a_warm_up_starting_above_lr_is_refused_before_megatron_asserts_it(raw):
+    raw["policy"]["megatron_cfg"]["scheduler"]["lr_warmup_init"] = 1.0
+    (error,) = errors_of(raw)
+    assert error.startswith(
+        "policy.megatron_cfg.scheduler.lr_warmup_init: 1.0 is above policy.megatron_cfg.optimizer.lr"
+    )
+    assert "set it at most lr" in error
+
+
 # ----------------------------------------------------------------------------
 # YaRN through the schema, and one report for everything
 # ----------------------------------------------------------------------------
