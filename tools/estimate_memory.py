@@ -23,7 +23,6 @@ from nemo_rl.config.schema import (
     validate_rm_config,
     validate_sft_config,
 )
-from nemo_rl.distributed.parallel_dims import ParallelDims
 from nemo_rl.models.memory_estimate import GIB, Layout, estimate
 from nemo_rl.models.real_shape_models import shape_for_hub_id
 from nemo_rl.utils.errors import ConfigError
@@ -59,18 +58,7 @@ def recipe_layout(recipe: Path, overrides: list[str], device_gib: float) -> tupl
     policy = cfg.policy
     if not policy.megatron_cfg.enabled:
         raise ConfigError(f"{recipe}: policy.megatron_cfg.enabled is false; the estimate covers the Megatron backend")
-    generation = getattr(policy, "generation", None)
-    colocated = generation is not None and generation.colocated.enabled
-    layout = Layout(
-        dims=ParallelDims.from_config(policy, cfg.cluster),
-        precision=policy.precision,
-        sequence_length=policy.max_total_sequence_length,
-        micro_batch=policy.train_micro_batch_size,
-        recompute=policy.megatron_cfg.activation_checkpointing,
-        distributed_optimizer=policy.megatron_cfg.optimizer.use_distributed_optimizer,
-        vllm_memory_fraction=generation.vllm_kwargs.get("gpu_memory_utilization", 0.9) if colocated else None,
-        device_gib=device_gib,
-    )
+    layout = Layout.of_run(cfg, device_gib)
     return policy.model_name, layout
 
 
@@ -88,6 +76,10 @@ def report(recipe: Path, overrides: list[str], device_gib: float) -> str:
     ]
     for (part, gib), (_, other_gib) in zip(chosen.rows(), other.rows(), strict=True):
         lines.append(f"  {part:<16}{gib:>14.2f}{other_gib:>16.2f}")
+    if chosen.host_reference:
+        lines.append(
+            f"  host memory per rank for the reference model (not on the device): {chosen.host_reference / GIB:.2f} GiB"
+        )
     verdict = "fits" if chosen.peak <= device_gib * GIB else "does NOT fit"
     lines.append(f"  {verdict} in {device_gib:g} GiB (recompute {'on' if layout.recompute else 'off'})")
     return "\n".join(lines)

@@ -30,11 +30,31 @@ class Layout:
     dims: ParallelDims
     precision: str
     sequence_length: int  # tokens per micro-batch row (policy.max_total_sequence_length)
-    micro_batch: int
+    micro_batch: int  # rows
     recompute: bool  # policy.megatron_cfg.activation_checkpointing: full recomputation, one layer at a time
     distributed_optimizer: bool
     vllm_memory_fraction: float | None = None  # colocated engines: vLLM's gpu_memory_utilization
     device_gib: float = 80.0
+    reference_model: bool = False  # DPO and GRPO score with the starting weights (a host copy, ReferenceWeights)
+
+    @classmethod
+    def of_run(cls, cfg, device_gib: float = 80.0) -> Layout:
+        """The layout a validated run config (of any algorithm) trains with on devices of ``device_gib``."""
+        policy = cfg.policy
+        generation = getattr(policy, "generation", None)
+        colocated = generation is not None and generation.colocated.enabled
+        return cls(
+            dims=ParallelDims.from_config(policy, cfg.cluster),
+            precision=policy.precision,
+            sequence_length=policy.max_total_sequence_length,
+            # A packed micro-batch is one row of max_total_sequence_length tokens; a preference pair two rows.
+            micro_batch=1 if policy.sequence_packing.enabled else policy.train_micro_batch_size * cfg.rows_per_sample,
+            recompute=policy.megatron_cfg.activation_checkpointing,
+            distributed_optimizer=policy.megatron_cfg.optimizer.use_distributed_optimizer,
+            vllm_memory_fraction=generation.vllm_kwargs.get("gpu_memory_utilization", 0.9) if colocated else None,
+            device_gib=device_gib,
+            reference_model=cfg.keeps_reference_model,
+        )
 
 
 @dataclass(frozen=True)
@@ -48,6 +68,8 @@ class MemoryEstimate:
     activations: int
     logits: int
     vllm: int  # colocated engines' reservation while they generate (0 when they have their own devices)
+    # Host memory, not the device's: the reference weights' copy, and the live weights' while the reference scores.
+    host_reference: int = 0
 
     @property
     def training(self) -> int:
@@ -136,4 +158,5 @@ def estimate(hf_config, layout: Layout) -> MemoryEstimate:
         activations=activation_bytes(hf_config, layout),
         logits=logits_bytes(hf_config, layout),
         vllm=vllm,
+        host_reference=2 * params * width if layout.reference_model else 0,
     )

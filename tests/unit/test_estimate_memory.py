@@ -62,3 +62,20 @@ def test_every_real_model_recipe_names_a_shape_and_gets_a_report(capsys):
 def test_a_recipe_model_without_a_shape_is_not_silently_guessed():
     assert shape_for_hub_id("Qwen/Qwen3-0.6B") is REAL_SHAPES["qwen3-0.6b-shape"]
     assert shape_for_hub_id("Qwen/Qwen3-32B") is None
+
+
+def test_a_runs_layout_counts_the_rows_it_really_trains_and_the_reference_models_host_copy():
+    """A DPO micro-batch of one pair is two rows; a packed one is one row of the full length whatever the micro
+    batch; DPO and GRPO keep the starting weights on the host (plus the live ones while the reference scores)."""
+    from nemo_rl.config.loader import load_config, resolve_config
+    from nemo_rl.config.schema import validate_dpo_config, validate_sft_config
+
+    dpo = validate_dpo_config(resolve_config(load_config(RECIPES / "dpo-qwen3-0.6B-1n8g-megatron-yarn-64k.yaml")))
+    sft = validate_sft_config(resolve_config(load_config(RECIPES / "sft-qwen3-0.6B-1n8g-megatron-yarn-64k.yaml")))
+    dpo_layout, sft_layout = Layout.of_run(dpo), Layout.of_run(sft)
+    assert (dpo_layout.micro_batch, dpo_layout.reference_model) == (2 * dpo.policy.train_micro_batch_size, True)
+    assert sft.policy.sequence_packing.enabled and (sft_layout.micro_batch, sft_layout.reference_model) == (1, False)
+    config = REAL_SHAPES["qwen3-0.6b-shape"].config()
+    found = estimate(config, dpo_layout)
+    assert found.host_reference == 2 * found.weights and estimate(config, sft_layout).host_reference == 0
+    assert found.peak == max(found.training, found.generation), "host memory is not the device's"
