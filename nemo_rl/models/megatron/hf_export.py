@@ -9,8 +9,9 @@ trainer used.
 
 from __future__ import annotations
 
+import json
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -22,6 +23,96 @@ from nemo_rl.models.megatron.parallel_weights import merge_shards, read_checkpoi
 
 FIRST_SHARD = shard_file_name(0, 0)  # present in every Megatron training checkpoint, whatever its layout
 DTENSOR_CHECKPOINT = "dtensor"  # the DTensor worker's torch.distributed.checkpoint directory
+SINGLE_FILE = "model.safetensors"  # transformers' name for a model that fits one file
+INDEX_FILE = "model.safetensors.index.json"  # and the weight map of a model split over several
+MAX_FILE_BYTES = 2 * 1024**3
+
+
+class SafetensorsFiles:
+    """HF-named tensors written to safetensors files of at most ``max_bytes`` as they arrive.
+
+    An export then never holds more than one file's worth of tensors beside
+    the model: gathering a whole model first (fp32 Qwen3-0.6B is 2.4 GB, a 7B
+    model 28 GB) and serialising it in one buffer needs that much again, which
+    is what ran a 2-rank CPU export of Qwen3-0.6B out of memory. Each writer
+    (one per pipeline stage) names its files after ``stem``;
+    ``finish_hf_directory`` joins their weight maps.
+    """
+
+    def __init__(self, out: Path, stem: str, max_bytes: int = MAX_FILE_BYTES) -> None:
+        self.out, self.stem, self.max_bytes = Path(out), stem, max_bytes
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.weight_map: dict[str, str] = {}
+        self.total_bytes = 0
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._files = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_bytes:
+            self._flush()
+        self._pending[name] = tensor.detach().cpu().contiguous()
+        self._pending_bytes += size
+
+    def close(self) -> tuple[dict[str, str], int]:
+        """(tensor name -> file name, bytes written)."""
+        if self._pending:
+            self._flush()
+        return self.weight_map, self.total_bytes
+
+    def _flush(self) -> None:
+        self._files += 1
+        name = f"{self.stem}-{self._files:05d}.safetensors"
+        save_file(self._pending, str(self.out / name), metadata={"format": "pt"})
+        self.weight_map |= dict.fromkeys(self._pending, name)
+        self.total_bytes += self._pending_bytes
+        self._pending, self._pending_bytes = {}, 0
+
+
+def write_weight_files(
+    hf_tensors: Iterable[tuple[str, torch.Tensor]],
+    hf_config,
+    out: Path,
+    stem: str = "model",
+    max_bytes: int = MAX_FILE_BYTES,
+) -> tuple[dict[str, str], int]:
+    """Stream ``hf_tensors`` into ``SafetensorsFiles``; a tied output layer is the embedding, written once."""
+    tied = getattr(hf_config, "tie_word_embeddings", False)
+    files = SafetensorsFiles(out, stem, max_bytes)
+    for name, tensor in hf_tensors:
+        if not (tied and name == "lm_head.weight"):
+            files.add(name, tensor)
+    return files.close()
+
+
+def finish_hf_directory(
+    out: Path,
+    written: Sequence[tuple[dict[str, str], int]],
+    hf_config,
+    model_dir: Path | None = None,
+    tokenizer_dir: Path | None = None,
+) -> Path:
+    """Join the writers' files into one HF directory: ``model.safetensors`` when there is one file, else an index
+    transformers and vLLM read; plus config.json (+ tokenizer and generation config when their sources are given)."""
+    out = Path(out)
+    weight_map = {name: file for files, _ in written for name, file in files.items()}
+    file_names = sorted(set(weight_map.values()))
+    if len(file_names) == 1:
+        (out / file_names[0]).replace(out / SINGLE_FILE)
+        (out / INDEX_FILE).unlink(missing_ok=True)  # an earlier, larger export's
+    else:
+        index = {
+            "metadata": {"total_size": sum(size for _, size in written)},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    hf_config.save_pretrained(out)
+    if tokenizer_dir:
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    if model_dir and (Path(model_dir) / "generation_config.json").exists():
+        GenerationConfig.from_pretrained(model_dir).save_pretrained(out)
+    return out
 
 
 def write_hf_directory(
@@ -43,21 +134,9 @@ def write_hf_files(
     model_dir: Path | None = None,
     tokenizer_dir: Path | None = None,
 ) -> Path:
-    """Safetensors + config.json (+ tokenizer and generation config when their sources are given).
-
-    A tied output layer is the embedding; it is written once, as transformers does.
-    """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tied = getattr(hf_config, "tie_word_embeddings", False)
-    weights = {k: v.detach().cpu().contiguous() for k, v in hf_state.items() if not (tied and k == "lm_head.weight")}
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    hf_config.save_pretrained(out)
-    if tokenizer_dir:
-        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
-    if model_dir and (Path(model_dir) / "generation_config.json").exists():
-        GenerationConfig.from_pretrained(model_dir).save_pretrained(out)
-    return out
+    """An HF directory from full HF-named tensors held in memory (one writer, see ``finish_hf_directory``)."""
+    written = write_weight_files(hf_state.items(), hf_config, out)
+    return finish_hf_directory(out, [written], hf_config, model_dir, tokenizer_dir)
 
 
 def is_training_checkpoint(path: Path) -> bool:
