@@ -46,6 +46,10 @@ def tiny_qwen2_config(**changes):
 
 SFT_YAML = Path(__file__).resolve().parents[1] / "examples" / "configs" / "sft.yaml"
 
+# Python code that makes Ray and vLLM unimportable (None in sys.modules fails the import): what a lone GPU
+# machine lacks (tools/gpu_check.sh ships the rest as wheels). Run it before anything imports them.
+WITHOUT_RAY_OR_VLLM = "import sys; sys.modules['ray'] = sys.modules['vllm'] = None"
+
 
 def sft_config(*overrides: str):
     """The validated default SFT config with Hydra-style ``overrides``."""

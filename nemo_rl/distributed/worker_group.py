@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,12 +9,7 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
+from nemo_rl.distributed.worker_process_group import free_port
 
 
 def wait_until_ready(actors: Sequence[Any]) -> None:
@@ -30,7 +24,7 @@ def wait_until_ready(actors: Sequence[Any]) -> None:
 
 def node_address_and_port() -> tuple[str, int]:
     """This node's address and a port free now: a rendezvous hosted by this process."""
-    return ray.util.get_node_ip_address(), _free_port()
+    return ray.util.get_node_ip_address(), free_port()
 
 
 _node_address_and_port = ray.remote(node_address_and_port)  # the same, probed in another actor's bundle

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a rendezvous this process hosts."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 def init_worker_process_group(rank: int, world_size: int, master_addr: str, master_port: int) -> torch.device:

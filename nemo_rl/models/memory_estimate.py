@@ -42,7 +42,9 @@ class Layout:
         """The layout a validated run config (of any algorithm) trains with on devices of ``device_gib``."""
         policy = cfg.policy
         generation = getattr(policy, "generation", None)
-        colocated = generation is not None and generation.colocated.enabled
+        vllm_fraction = None
+        if generation is not None and generation.colocated.enabled:
+            vllm_fraction = generation.vllm_kwargs.get("gpu_memory_utilization", 0.9)
         return cls(
             dims=ParallelDims.from_config(policy, cfg.cluster),
             precision=policy.precision,
@@ -51,7 +53,7 @@ class Layout:
             micro_batch=1 if policy.sequence_packing.enabled else policy.train_micro_batch_size * cfg.rows_per_sample,
             recompute=policy.megatron_cfg.activation_checkpointing,
             distributed_optimizer=policy.megatron_cfg.optimizer.use_distributed_optimizer,
-            vllm_memory_fraction=generation.vllm_kwargs.get("gpu_memory_utilization", 0.9) if colocated else None,
+            vllm_memory_fraction=vllm_fraction,
             device_gib=device_gib,
             reference_model=cfg.keeps_reference_model,
         )

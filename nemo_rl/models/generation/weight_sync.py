@@ -33,9 +33,8 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import groupby
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import ray
 import torch
 
 from nemo_rl.models.generation.vllm_weight_refit import pack_weights
@@ -55,6 +54,9 @@ from nemo_rl.models.generation.weight_transports import (
     ipc_handle,
     join_group,
 )
+
+if TYPE_CHECKING:  # ray is imported where a refit moves buckets: a policy worker in its own process needs none
+    import ray
 
 MIB = 2**20
 # Buckets being loaded by the engines at once: one loading while the next is fetched.
@@ -179,6 +181,8 @@ def _share(buckets: Iterable[Mapping[str, torch.Tensor]], group: Any) -> Iterato
 
 def receive(stream: Iterator[ray.ObjectRef], sender: int = 0) -> Iterator[WeightBucket]:
     """The driver's side of ``publish``: reads each header, keeps a blob's ref without fetching it."""
+    import ray
+
     for header_ref in stream:
         header: BucketHeader = ray.get(header_ref)
         blob = next(stream) if header.layout is None else None
@@ -247,6 +251,8 @@ class WeightSync:
 
     def _join(self, source: WeightSource) -> None:
         """One weight group per sender: rank 0 the sender, then every vLLM worker of every engine in turn."""
+        import ray
+
         sizes = ray.get([engine.weight_group_size.remote() for engine in self.engines])
         offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
         for sender, (host, port, backend) in source.weight_group_addresses(self.transport).items():
@@ -268,6 +274,8 @@ def _load(engine: Any, bucket: WeightBucket) -> ray.ObjectRef:
 
 
 def _check_loaded(bucket: WeightBucket, loads: list[ray.ObjectRef]) -> None:
+    import ray
+
     loaded = ray.get(loads)
     if any(n != len(bucket.names) for n in loaded):
         raise RuntimeError(

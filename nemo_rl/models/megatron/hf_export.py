@@ -90,8 +90,8 @@ def finish_hf_directory(
     out: Path,
     written: Sequence[tuple[dict[str, str], int]],
     hf_config,
-    model_dir: Path | None = None,
-    tokenizer_dir: Path | None = None,
+    model_dir: str | Path | None = None,
+    tokenizer_dir: str | Path | None = None,
 ) -> Path:
     """Join the writers' files into one HF directory: ``model.safetensors`` when there is one file, else an index
     transformers and vLLM read; plus config.json (+ tokenizer and generation config when their sources are given)."""

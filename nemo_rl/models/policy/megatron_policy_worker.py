@@ -1,9 +1,14 @@
-"""The Megatron policy worker: one Ray actor per model-parallel rank.
+"""The Megatron policy worker: one Ray actor per model-parallel rank, or one object in the calling process.
 
 Each worker joins a torch.distributed group (NCCL on GPUs, gloo on CPU), builds
 megatron-core's GPTModel from the cached converted checkpoint, and trains it
 with megatron-core's own DDP, optimizer, LR scheduler and forward/backward
 schedule, so a CPU run and a GPU run execute the same code.
+
+``MegatronPolicyWorker.in_process`` is the same worker without Ray (world size
+1, its own torch.distributed world in this process): what a check on a lone
+device runs (``tools/gpu_check.py``), where neither Ray nor vLLM is installed.
+This module therefore imports neither.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 
 from nemo_rl.data.token_alignment import align_to_predictions
 from nemo_rl.distributed.parallel_dims import ParallelDims
-from nemo_rl.distributed.worker_process_group import init_worker_process_group
+from nemo_rl.distributed.worker_process_group import free_port, init_worker_process_group
 from nemo_rl.models.generation.weight_sync import BucketHeader, RefitSender
 from nemo_rl.models.megatron.context_parallel import (
     gather_context_parallel,
@@ -69,6 +74,15 @@ def check_dims_match_process_groups(dims: ParallelDims) -> None:
     expected = {"tp": dims.tp, "pp": dims.pp, "cp": dims.cp, "dp": dims.dp, "dp_cp": dims.dp_cp}
     if built != expected:
         raise RuntimeError(f"megatron-core built process groups of sizes {built}; the layout is {expected}")
+
+
+def end_distributed_world() -> None:
+    """megatron-core's parallel state and this process's torch.distributed world, ended (nothing to end is fine)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def token_logprobs_from_megatron_loss(per_token_ce: torch.Tensor) -> torch.Tensor:
@@ -132,9 +146,29 @@ class MegatronPolicyWorker(RefitSender):
         self._init_model_parallel(seed)
         self.checkpoint_dir, self.converted_now = self._ensure_converted(Path(model_path))
         self._build_model()
+        self.trainable = trainable
         if trainable:
             self._build_optimizer()
         self.reference = ReferenceWeights(self.model.module) if init_reference_model else None
+
+    @classmethod
+    def in_process(cls, policy_cfg, model_path: str | Path, seed: int, **kwargs: Any) -> MegatronPolicyWorker:
+        """The worker as an object of this process: world size 1, rendezvous on a free local port.
+
+        ``kwargs`` are the constructor's (``trainable``, ``reward_head``, ...).
+        megatron-core's parallel state is global to a process, so one worker
+        lives at a time; ``shutdown`` ends its world and the next can start.
+        """
+        return cls(
+            policy_cfg,
+            str(model_path),
+            rank=0,
+            world_size=1,
+            master_addr="127.0.0.1",
+            master_port=free_port(),
+            seed=seed,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------ setup
     def _init_distributed(self, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
@@ -495,10 +529,20 @@ class MegatronPolicyWorker(RefitSender):
         one layer and one bucket.
         """
         from nemo_rl.models.generation.weight_sync import bucketed, publish
-        from nemo_rl.models.megatron.hf_weights import megatron_to_hf
 
         if self.dp_cp_rank != 0:
             return
+        hf = self._hf_stage_weights()
+        if self.sends_refit:
+            yield from publish(bucketed(hf, bucket_bytes), transport, self.weight_group)
+        else:
+            deque(hf, maxlen=0)  # this rank's part is its slices in TP rank 0's gathers
+
+    def _hf_stage_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """This pipeline stage's weights under HF names, one full tensor at a time (a collective over TP: every
+        TP rank of the first data-parallel replica iterates it; TP rank 0's tensors are the full ones)."""
+        from nemo_rl.models.megatron.hf_weights import megatron_to_hf
+
         state = self.model.module.state_dict()
         full = stage_tensors(
             state,
@@ -507,11 +551,7 @@ class MegatronPolicyWorker(RefitSender):
             self.hf_config.num_hidden_layers,
             self.hf_config.tie_word_embeddings,
         )
-        hf = (item for layer in layer_groups(full) for item in megatron_to_hf(layer, self.hf_config).items())
-        if self.sends_refit:
-            yield from publish(bucketed(hf, bucket_bytes), transport, self.weight_group)
-        else:
-            deque(hf, maxlen=0)  # this rank's part is its slices in TP rank 0's gathers
+        return (item for layer in layer_groups(full) for item in megatron_to_hf(layer, self.hf_config).items())
 
     def _tp_slices(self, state: dict[str, torch.Tensor], local: str) -> list[torch.Tensor]:
         """Every TP rank's slice of a stage-local tensor; a collective, called in state-dict order on each TP rank."""
@@ -611,10 +651,15 @@ class MegatronPolicyWorker(RefitSender):
             self.hf_config.save_pretrained(directory)
 
     def load_checkpoint(self, directory: str) -> None:
+        """Resume this shard from a ``step_N`` directory; a forward-only worker (``trainable=False``: one that
+        scores or evaluates a trained policy) takes only the weights and never reads the optimizer shards."""
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
         path = self._shard_file(Path(directory))
         state = torch.load(path, map_location=self.device, weights_only=False)
+        if not self.trainable:
+            self.model.module.load_state_dict(state["model"])
+            return
         check_optimizer_layout(path, state.get("optimizer_layout"), self._distributed_optimizer, self.dims.dp_cp)
         self.model.module.load_state_dict(state["model"])
         shard = None
@@ -630,12 +675,25 @@ class MegatronPolicyWorker(RefitSender):
 
         The generation config (stop tokens) comes from ``model_dir``, the HF model
         the run started from, and the tokenizer from ``tokenizer_dir``.
-        """
-        from nemo_rl.models.megatron.hf_export import write_hf_directory
 
-        full = self.gathered_state("params")
-        if full is not None:
-            write_hf_directory(full, self.hf_config, Path(directory), model_dir, tokenizer_dir)
+        Streamed: each pipeline stage's TP rank 0 writes its stage's files while
+        its TP peers gather tensor by tensor, so no rank holds the whole model;
+        global rank 0 then joins the stages' weight maps.
+        """
+        from nemo_rl.models.megatron.hf_export import finish_hf_directory, write_weight_files
+
+        out = Path(directory)
+        written = None
+        if self.dp_cp_rank == 0:
+            hf = self._hf_stage_weights()
+            if self.sends_refit:
+                written = write_weight_files(hf, self.hf_config, out, stem=f"model-pp{self.pp_rank:02d}")
+            else:
+                deque(hf, maxlen=0)
+        everyone: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+        torch.distributed.gather_object(written, everyone, dst=0)
+        if everyone is not None:
+            finish_hf_directory(out, [w for w in everyone if w is not None], self.hf_config, model_dir, tokenizer_dir)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -650,11 +708,9 @@ class MegatronPolicyWorker(RefitSender):
         }
 
     def shutdown(self) -> None:
-        from megatron.core import parallel_state
-
-        parallel_state.destroy_model_parallel()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        """Ends the worker's distributed world (a Ray actor then exits; an in-process worker leaves the process
+        free for the next one)."""
+        end_distributed_world()
 
 
 if TYPE_CHECKING:  # basedpyright holds the worker to the contract ``Policy`` dispatches to
