@@ -425,9 +425,13 @@ def plot(results: dict, path: Path) -> None:
     estimated = [results[n]["estimate_check"]["estimated_gib"] for n in names]
     ax.bar([x - width / 2 for x in xs], measured, width, label="busiest policy rank: peak RSS - import baseline")
     ax.bar([x + width / 2 for x in xs], estimated, width, label="tools/estimate_memory.py (training)")
-    ax.set_xticks(list(xs), names)
+    labels = [
+        f"{n}\n{results[n]['estimate_gib']['rows']} x {results[n]['estimate_gib']['row_tokens']:.0f} tokens"
+        for n in names
+    ]
+    ax.set_xticks(list(xs), labels)
     ax.set_ylabel("GiB per rank")
-    ax.set_title(f"{results['setup']['model']}, {results['setup']['seq_len']} tokens, TP {results['setup']['tp']}, CPU")
+    ax.set_title(f"{results['setup']['model']}, TP {results['setup']['tp']}, CPU: memory per rank, rows as trained")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
