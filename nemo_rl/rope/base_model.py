@@ -34,7 +34,11 @@ def base_model_rope_errors(
     base_type = params.get("rope_type", "default")
     block = checked_rope_block(effective_overrides(overrides, max_total_sequence_length))
     if block is not None and base_type != "default" and block.rope_type != base_type:
-        shipped = ", ".join(f"{k} {params[k]:g}" for k in ("factor", "original_max_position_embeddings") if k in params)
+        shipped = ", ".join(
+            f"{k} {params[k]:g}"
+            for k in ("factor", "original_max_position_embeddings")
+            if isinstance(params.get(k), (int, float))
+        )
         return [
             f"{block.path}.rope_type: {block.rope_type!r} would replace the RoPE scaling {model_field} ships "
             f"(config.json: rope_type {base_type!r}{', ' + shipped if shipped else ''}), which the model was trained "
