@@ -164,15 +164,24 @@ def test_layout_equals_single_process(reference, batch, layout):
 
 def test_export_of_a_sharded_model_reloads_in_transformers_with_the_workers_logits(ray_four_workers, batch, tmp_path):
     """TP=2 x PP=2 shards are gathered into one HF directory carrying the YaRN config, live or from a checkpoint."""
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from nemo_rl.models.megatron.hf_export import export_training_checkpoint
+    from nemo_rl.models.megatron.checkpoint_cache import load_hf_state_dict
+    from nemo_rl.models.megatron.hf_export import INDEX_FILE, export_training_checkpoint
 
     got = _run(*LAYOUTS["tp2_pp2_sp"], batch, export_dir=tmp_path / "hf")
     assert len(list((tmp_path / "step_1").glob("policy_tp*_pp*.pt"))) == 4
+    # The live export streams: each pipeline stage writes its own file, joined by an index.
+    assert (
+        sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors"))
+        == [
+            "model-pp00-00001.safetensors",
+            "model-pp01-00001.safetensors",
+        ]
+        and (tmp_path / "hf" / INDEX_FILE).is_file()
+    )
     export_training_checkpoint(tmp_path / "step_1", tmp_path / "from_checkpoint")
-    live, offline = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("hf", "from_checkpoint"))
+    live, offline = (load_hf_state_dict(tmp_path / d) for d in ("hf", "from_checkpoint"))
     assert set(live) == set(offline) and all(torch.equal(live[k], offline[k]) for k in live)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert model.config.rope_parameters["rope_type"] == "yarn"
