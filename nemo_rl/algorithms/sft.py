@@ -15,6 +15,7 @@ from nemo_rl.algorithms.offline_training import OfflineResult, OfflineRun, step_
 from nemo_rl.algorithms.run_setup import run_and_close
 from nemo_rl.config.schema import SYNTHETIC_RETRIEVAL
 from nemo_rl.data.builtin_datasets import resolve_dataset_paths
+from nemo_rl.data.dataloader import ResumableDataloader
 from nemo_rl.data.document_dataset import BlendSource, DocumentLoader
 from nemo_rl.data.sft_dataset import collate, load_sft_dataset
 from nemo_rl.models.policy.loss_metrics import logged_metrics
@@ -29,6 +30,17 @@ class SFTRun(OfflineRun):
     """Chat SFT (loss on assistant turns) or, with ``data.format: document``, continued pre-training on documents."""
 
     section = "sft"
+
+    def prepare(self) -> ResumableDataloader:
+        """The offline loop's data and checks, and the long-context evaluation's own file read now: a bad row
+        there must fail before training, not after it."""
+        loader = super().prepare()
+        eval_cfg = self.cfg.long_context_eval
+        if eval_cfg is not None and eval_cfg.enabled and eval_cfg.data_path:
+            from nemo_rl.evals.perplexity import read_documents
+
+            read_documents(Path(eval_cfg.data_path), self.tokenizer)
+        return loader
 
     def load_dataset(self, path: Path, split: str) -> Sequence:
         data, max_len = self.cfg.data, self.cfg.policy.max_total_sequence_length

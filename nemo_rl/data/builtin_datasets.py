@@ -15,12 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nemo_rl.data.python_stdlib import corpus_name, write_python_stdlib
+from nemo_rl.data.rows import existing_data_file
 from nemo_rl.data.tiny_chat import write_tiny_chat
 from nemo_rl.data.tiny_math import write_tiny_math
 from nemo_rl.data.tiny_preference import write_tiny_preference
 from nemo_rl.utils.atomic_dir import materialize
 from nemo_rl.utils.cache_paths import nemo_rl_cache_dir
-from nemo_rl.utils.errors import DataError, MissingDataFile
+from nemo_rl.utils.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -32,20 +33,14 @@ BUILTIN_DATASETS: dict[str, Callable[[Path], object]] = {
 }
 
 
-def _existing_file(path: str, split: str) -> Path:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise MissingDataFile(f"{split} data file {file} does not exist; fix the path in the data config")
-    return file
-
-
 def resolve_dataset_paths(
     dataset_name: str, train_data_path: str | None, val_data_path: str | None
 ) -> tuple[Path, Path | None]:
-    """(train JSONL, validation JSONL or None) for a data config.
+    """(train file, validation file or None) for a data config.
 
     An explicit path wins over the built-in file of the same split and must
-    exist; a dataset that is not built in needs an explicit training file.
+    exist (checked here, so a typo in either path fails before any data is
+    tokenized); a dataset that is not built in needs an explicit training file.
     """
     builtin: dict[str, Path] = {}
     if dataset_name in BUILTIN_DATASETS and (train_data_path is None or val_data_path is None):
@@ -55,8 +50,16 @@ def resolve_dataset_paths(
     elif train_data_path is None:
         raise DataError(
             f"dataset {dataset_name!r} is not built in (built-ins: {', '.join(sorted(BUILTIN_DATASETS))}); "
-            "set data.train_data_path to a JSONL or Parquet file of rows"
+            "set data.train_data_path to a .jsonl, .json or .parquet file of rows"
         )
-    train = _existing_file(train_data_path, "train") if train_data_path is not None else builtin["train"]
-    val = _existing_file(val_data_path, "validation") if val_data_path is not None else builtin.get("validation")
+    train = (
+        existing_data_file(Path(train_data_path), "train data file")
+        if train_data_path is not None
+        else builtin["train"]
+    )
+    val = (
+        existing_data_file(Path(val_data_path), "validation data file")
+        if val_data_path is not None
+        else builtin.get("validation")
+    )
     return train, val

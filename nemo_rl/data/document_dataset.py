@@ -32,7 +32,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from nemo_rl.data.retrieval_documents import RetrievalDocuments
-from nemo_rl.data.rows import read_rows
+from nemo_rl.data.rows import existing_data_file, load_rows
 from nemo_rl.data.sft_dataset import SFTSample
 from nemo_rl.utils.atomic_dir import build_atomically
 from nemo_rl.utils.errors import DataError
@@ -44,20 +44,9 @@ _TOKENS_COMPLETE = "complete.json"  # written last into a token cache entry
 
 
 def document_texts(path: Path, input_key: str) -> list[str]:
-    """The ``input_key`` strings of a JSONL/Parquet file; a row without one is an error naming file, row and fix."""
-    texts = []
-    for row_no, row in enumerate(read_rows(path), 1):
-        text = row.get(input_key)
-        if not isinstance(text, str):
-            found = f"keys {sorted(row)}" if input_key not in row else f"a {type(text).__name__}"
-            raise DataError(
-                f"{path}: row {row_no}: document rows need a string under {input_key!r} (data.input_key), found "
-                f"{found}; fix the row or set data.input_key to the field that holds the text"
-            )
-        texts.append(text)
-    if not texts:
-        raise DataError(f"{path}: no document rows")
-    return texts
+    """The ``input_key`` strings of a data file; a row without one is an error naming file, row and fix."""
+    fix = f"fix the row, or set data.input_key to the field that holds the text (now {input_key!r})"
+    return [row.string(input_key, fix) for row in load_rows(path, f'{{"{input_key}": "..."}}')]
 
 
 @dataclass(frozen=True)
@@ -229,7 +218,7 @@ class DocumentLoader:
     def _load_or_tokenize(self, path: Path) -> TokenizedDocuments:
         if self.cache_root is None:
             return self._tokenize(path)
-        stat = path.stat()
+        stat = existing_data_file(path).stat()  # a missing file is a DataError, not a traceback
         key = json.dumps(
             [path.name, stat.st_size, stat.st_mtime_ns, self.input_key, self.add_eos, self._tokenizer_digest()]
         )
@@ -251,7 +240,7 @@ class DocumentLoader:
     def chunks(self, path: Path, max_tokens: int) -> DocumentChunks:
         chunks = DocumentChunks(self.documents(path), max_tokens)
         if not len(chunks):
-            raise DataError(f"{path}: no document has 2 or more tokens")
+            raise DataError(f"{path}: no document has 2 or more tokens; give the documents their text")
         return chunks
 
     def blend(self, main_path: Path, max_tokens: int, sources: Sequence[BlendSource], seed: int) -> BlendedDocuments:

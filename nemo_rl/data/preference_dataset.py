@@ -21,15 +21,17 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from nemo_rl.data.rows import read_rows
+from nemo_rl.data.rows import Row, load_rows
 from nemo_rl.data.sft_dataset import SFTSample, collate, tokenize_messages
+from nemo_rl.utils.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 EXPECTED_ROW = (
-    '{"context": [{"role": ..., "content": ...}, ...], '
-    '"chosen": [{"role": "assistant", "content": ...}], "rejected": [{"role": "assistant", "content": ...}]}'
+    '{"context": [{"role": "user", "content": "..."}], '
+    '"chosen": [{"role": "assistant", "content": "..."}], "rejected": [{"role": "assistant", "content": "..."}]}'
 )
+REPLY_ONLY = "keep the shared conversation in 'context' and only the assistant's reply in 'chosen' and 'rejected'"
 
 
 @dataclass(frozen=True)
@@ -52,47 +54,31 @@ class PreferenceDataset:
         return self.pairs[index]
 
 
-def _is_assistant_reply(messages: object) -> bool:
-    return (
-        isinstance(messages, list)
-        and bool(messages)
-        and all(
-            isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("content"), str) for m in messages
-        )
-    )
+def _parse_row(row: Row) -> tuple[list[dict], list[dict], list[dict]]:
+    """(context, chosen, rejected) of one row: a conversation, then each side's assistant reply.
 
-
-def _parse_row(row: dict, path: Path, row_no: int) -> tuple[list[dict], list[dict], list[dict]]:
-    """(context, chosen, rejected) of one row, or a ValueError naming the file, the row and the expected shape."""
-    context, chosen, rejected = row.get("context"), row.get("chosen"), row.get("rejected")
-    checks = (
-        ("context", isinstance(context, list) and bool(context) and all(isinstance(m, dict) for m in context)),
-        ("chosen", _is_assistant_reply(chosen)),
-        ("rejected", _is_assistant_reply(rejected)),
-    )
-    invalid = [repr(key) for key, ok in checks if not ok]
-    if invalid:
-        raise ValueError(
-            f"{path}: row {row_no}: missing or invalid {', '.join(invalid)}; expected {EXPECTED_ROW} "
-            "(a non-empty context, and chosen and rejected each a non-empty list of assistant messages)"
-        )
+    A side that is missing or empty leaves nothing to compare, and a side with
+    a non-assistant message would put different prompts under the two sides.
+    """
+    fix = f"write each row as {EXPECTED_ROW}"
+    context = row.messages("context", fix)
+    chosen, rejected = (row.messages(side, fix, ("assistant",), REPLY_ONLY) for side in ("chosen", "rejected"))
     return context, chosen, rejected
 
 
 def load_preference_dataset(path: Path, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> PreferenceDataset:
-    """Tokenize every ``{"context", "chosen", "rejected"}`` row of a ``.jsonl`` or ``.parquet`` file.
+    """Tokenize every ``{"context", "chosen", "rejected"}`` row of a ``.jsonl``, ``.json`` or ``.parquet`` file.
 
     A pair with either side longer than ``max_seq_len`` tokens is dropped whole (counted and logged).
     """
-    rows = read_rows(path)
-    if not rows:
-        raise ValueError(f"{path}: no rows; expected {EXPECTED_ROW} per row")
+    rows = load_rows(path, EXPECTED_ROW)
     pairs: list[PreferencePair] = []
     dropped = 0
-    for row_no, row in enumerate(rows, 1):
-        context, chosen, rejected = _parse_row(row, path, row_no)
+    for row in rows:
+        context, chosen, rejected = _parse_row(row)
         pair = PreferencePair(
-            tokenize_messages(context + chosen, tokenizer), tokenize_messages(context + rejected, tokenizer)
+            row.tokenized(tokenize_messages, context + chosen, tokenizer),
+            row.tokenized(tokenize_messages, context + rejected, tokenizer),
         )
         if max(len(pair.chosen.input_ids), len(pair.rejected.input_ids)) > max_seq_len:
             dropped += 1
@@ -107,7 +93,7 @@ def load_preference_dataset(path: Path, tokenizer: PreTrainedTokenizerBase, max_
             max_seq_len,
         )
     if not pairs:
-        raise ValueError(
+        raise DataError(
             f"{path}: all {dropped} preference pairs have a side longer than max_seq_len={max_seq_len} tokens; "
             "raise policy.max_total_sequence_length (or shorten the data)"
         )

@@ -22,11 +22,12 @@ from typing import cast
 
 from transformers import PreTrainedTokenizerBase
 
-from nemo_rl.data.rows import read_rows
+from nemo_rl.data.rows import Row, load_rows
+from nemo_rl.utils.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-EXPECTED_ROW = '{"messages": [{"role": ..., "content": ...}, ...], "answer": "..."}'
+EXPECTED_ROW = '{"messages": [{"role": "user", "content": "..."}], "answer": "..."}'
 
 
 @dataclass(frozen=True)
@@ -55,31 +56,31 @@ def tokenize_prompt(messages: list[dict[str, str]], tokenizer: PreTrainedTokeniz
     return list(cast(Mapping[str, list[int]], encoded)["input_ids"])
 
 
-def _parse_row(row: dict, path: Path, row_no: int) -> tuple[list[dict[str, str]], str]:
-    messages, answer = row.get("messages"), row.get("answer")
-    valid_answer = isinstance(answer, str | int | float) and not isinstance(answer, bool)
-    if not isinstance(messages, list) or not valid_answer:
-        missing = [key for key, ok in (("messages", isinstance(messages, list)), ("answer", valid_answer)) if not ok]
-        raise ValueError(
-            f"{path}: row {row_no}: missing or invalid {' and '.join(repr(k) for k in missing)}; "
-            f"expected {EXPECTED_ROW} (answer a string or number)"
-        )
+def _parse_row(row: Row) -> tuple[list[dict[str, str]], str]:
+    """The row's conversation and its reference answer: without one, no reward can be computed."""
+    messages = row.messages("messages", f"write each row as {EXPECTED_ROW}")
+    answer_fix = f"give the row the reference answer its reward checks, a string or number: {EXPECTED_ROW}"
+    answer = row.field("answer", "a non-empty string or a number", _is_answer, answer_fix)
     return messages, str(answer)
 
 
+def _is_answer(value: object) -> bool:
+    if isinstance(value, str):
+        return bool(value.strip())
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def load_prompt_dataset(path: Path, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int) -> PromptDataset:
-    """Tokenize every ``{"messages": [...], "answer": ...}`` row of a ``.jsonl`` or ``.parquet`` file.
+    """Tokenize every ``{"messages": [...], "answer": ...}`` row of a ``.jsonl``, ``.json`` or ``.parquet`` file.
 
     Prompts longer than ``max_prompt_length`` tokens are dropped (counted and logged).
     """
-    rows = read_rows(path)
-    if not rows:
-        raise ValueError(f"{path}: no rows; expected {EXPECTED_ROW} per row")
+    rows = load_rows(path, EXPECTED_ROW)
     samples: list[PromptSample] = []
     dropped = 0
-    for row_no, row in enumerate(rows, 1):
-        messages, answer = _parse_row(row, path, row_no)
-        input_ids = tokenize_prompt(messages, tokenizer)
+    for row in rows:
+        messages, answer = _parse_row(row)
+        input_ids = row.tokenized(tokenize_prompt, messages, tokenizer)
         if len(input_ids) > max_prompt_length:
             dropped += 1
             continue
@@ -93,7 +94,7 @@ def load_prompt_dataset(path: Path, tokenizer: PreTrainedTokenizerBase, max_prom
             max_prompt_length,
         )
     if not samples:
-        raise ValueError(
+        raise DataError(
             f"{path}: all {dropped} prompts are longer than max_prompt_length={max_prompt_length} tokens; "
             "raise policy.max_total_sequence_length (or shorten the prompts)"
         )

@@ -1,4 +1,4 @@
-"""SFT data: chat rows (JSONL or Parquet) -> token ids with an assistant-only loss mask -> padded global batches.
+"""SFT data: chat rows (JSONL, JSON or Parquet) -> token ids with an assistant-only loss mask -> padded global batches.
 
 The loss mask comes from the tokenizer's own chat template (its
 ``{% generation %}`` blocks), so what the model is trained to produce is
@@ -20,9 +20,12 @@ from typing import cast
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from nemo_rl.data.rows import read_rows
+from nemo_rl.data.rows import Row, load_rows
+from nemo_rl.utils.errors import DataError
 
 logger = logging.getLogger(__name__)
+
+EXPECTED_ROW = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,20 @@ def truncate(sample: SFTSample, max_seq_len: int) -> SFTSample:
     return SFTSample(sample.input_ids[:max_seq_len], sample.loss_mask[:max_seq_len])
 
 
+def chat_messages(row: Row) -> list[dict[str, str]]:
+    """The row's conversation; one without an assistant message has nothing to train on and is refused.
+
+    A row that only loses its reply to truncation is different: it is dropped
+    and counted (see ``load_sft_dataset``), since a longer sequence length keeps it.
+    """
+    messages = row.messages("messages", f"write each row as {EXPECTED_ROW}")
+    if not any(message["role"] == "assistant" for message in messages):
+        raise row.error("no assistant message to train on", "add the assistant's reply, or remove the row")
+    return messages
+
+
 def load_sft_dataset(path: Path, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> SFTDataset:
-    """Tokenize every ``{"messages": [...]}`` row of a ``.jsonl`` or ``.parquet`` file.
+    """Tokenize every ``{"messages": [...]}`` row of a ``.jsonl``, ``.json`` or ``.parquet`` file.
 
     Rows longer than ``max_seq_len`` are truncated rather than skipped so long
     samples still teach their beginning; rows left with no assistant token have
@@ -69,11 +84,9 @@ def load_sft_dataset(path: Path, tokenizer: PreTrainedTokenizerBase, max_seq_len
     """
     samples: list[SFTSample] = []
     truncated = dropped = 0
-    for row_no, row in enumerate(read_rows(path), 1):
-        messages = row.get("messages")
-        if not isinstance(messages, list):
-            raise ValueError(f"{path}: row {row_no}: expected an object with a 'messages' list")
-        sample = tokenize_messages(messages, tokenizer)
+    for row in load_rows(path, EXPECTED_ROW):
+        messages = chat_messages(row)
+        sample = row.tokenized(tokenize_messages, messages, tokenizer)
         if len(sample.input_ids) > max_seq_len:
             sample = truncate(sample, max_seq_len)
             truncated += 1
@@ -90,9 +103,10 @@ def load_sft_dataset(path: Path, tokenizer: PreTrainedTokenizerBase, max_seq_len
             dropped,
         )
     if not samples:
-        raise ValueError(
-            f"{path}: no sample has an assistant token to train on; the tokenizer's chat template must mark "
-            "assistant replies with {% generation %}...{% endgeneration %}"
+        raise DataError(
+            f"{path}: no sample has an assistant token to train on within {max_seq_len} tokens; raise "
+            "policy.max_total_sequence_length, or use a tokenizer whose chat template marks assistant replies "
+            "with {% generation %}...{% endgeneration %}"
         )
     return SFTDataset(samples, truncated, dropped)
 

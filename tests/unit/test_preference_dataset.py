@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,6 +17,7 @@ from nemo_rl.data.rows import read_rows
 from nemo_rl.data.tiny_chat import WORDS
 from nemo_rl.data.tiny_preference import NUM_TRAIN, NUM_VALIDATION, generate_split
 from nemo_rl.models.builtin_models import resolve_model_path
+from nemo_rl.utils.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -79,18 +81,27 @@ def test_pairs_with_a_side_too_long_are_dropped_and_counted(tokenizer, tmp_path,
 
 
 @pytest.mark.parametrize(
-    "broken",
+    "broken, problem",
     [
-        {"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
-        {**_row("Hi", "a", "b"), "context": []},
-        {**_row("Hi", "a", "b"), "chosen": []},
-        {**_row("Hi", "a", "b"), "rejected": "b"},
-        {**_row("Hi", "a", "b"), "chosen": [{"role": "user", "content": "a"}]},
+        (
+            {"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
+            "no 'context' (the row has 'chosen', 'rejected')",
+        ),
+        (
+            {**_row("Hi", "a", "b"), "context": []},
+            "'context' must be a non-empty list of messages, found an empty list",
+        ),
+        ({**_row("Hi", "a", "b"), "chosen": []}, "'chosen' must be a non-empty list of messages, found an empty list"),
+        ({**_row("Hi", "a", "b"), "rejected": "b"}, "'rejected' must be a non-empty list of messages, found a string"),
+        (
+            {**_row("Hi", "a", "b"), "chosen": [{"role": "user", "content": "a"}]},
+            "message 1 of 'chosen' has role 'user'",
+        ),
     ],
 )
-def test_malformed_rows_name_the_file_and_row(tokenizer, tmp_path, broken):
+def test_malformed_rows_name_the_file_and_row(tokenizer, tmp_path, broken, problem):
     path = _write_jsonl(tmp_path / "d.jsonl", [_row("Hi", "a", "b"), broken])
-    with pytest.raises(ValueError, match=r"d\.jsonl: row 2: missing or invalid .*expected \{\"context\""):
+    with pytest.raises(DataError, match=rf"d\.jsonl: row 2: {re.escape(problem)}.*; (write each row as|keep the)"):
         load_preference_dataset(path, tokenizer, max_seq_len=1024)
 
 

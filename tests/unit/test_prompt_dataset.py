@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,6 +15,7 @@ from nemo_rl.data.builtin_datasets import resolve_dataset_paths
 from nemo_rl.data.prompt_dataset import PromptSample, load_prompt_dataset
 from nemo_rl.data.rows import read_rows
 from nemo_rl.models.builtin_models import resolve_model_path
+from nemo_rl.utils.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -84,18 +86,23 @@ def test_numeric_answers_become_strings(tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "bad_row, missing",
+    "bad_row, problem",
     [
-        ({"messages": _question("2 + 3?")}, "'answer'"),
-        ({"answer": "5"}, "'messages'"),
-        ({"prompt": "2 + 3?"}, "'messages' and 'answer'"),
-        ({"messages": "2 + 3?", "answer": "5"}, "'messages'"),
-        ({"messages": _question("2 + 3?"), "answer": None}, "'answer'"),
+        ({"messages": _question("2 + 3?")}, "no 'answer' (the row has 'messages')"),
+        ({"answer": "5"}, "no 'messages' (the row has 'answer')"),
+        ({"prompt": "2 + 3?"}, "no 'messages' (the row has 'prompt')"),
+        ({"messages": "2 + 3?", "answer": "5"}, "'messages' must be a non-empty list of messages, found a string"),
+        ({"messages": _question("2 + 3?"), "answer": None}, "no 'answer' (the row has 'messages')"),
+        ({"messages": _question("2 + 3?"), "answer": ""}, "'answer' must be a non-empty string or a number"),
+        ({"messages": _question("2 + 3?"), "answer": True}, "'answer' must be a non-empty string or a number"),
     ],
 )
-def test_a_row_missing_a_key_is_named_with_the_expected_form(tokenizer, tmp_path, bad_row, missing):
+def test_a_row_missing_a_key_is_named_with_the_expected_form(tokenizer, tmp_path, bad_row, problem):
     good = {"messages": _question("What is 2 + 3?"), "answer": "5"}
     path = _write_jsonl(tmp_path / "prompts.jsonl", [good, good, bad_row])
-    with pytest.raises(ValueError, match=rf"prompts\.jsonl: row 3: missing or invalid {missing}") as err:
+    with pytest.raises(
+        DataError,
+        match=rf"prompts\.jsonl: row 3: {re.escape(problem)}.*; (write each row as|give the row the reference answer)",
+    ) as err:
         load_prompt_dataset(path, tokenizer, 128)
     assert '"messages": [' in str(err.value) and '"answer"' in str(err.value)

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from nemo_rl.data.builtin_datasets import resolve_dataset_paths
 from nemo_rl.data.sft_dataset import SFTSample, collate, load_sft_dataset
 from nemo_rl.models.tiny_model import create_tiny_model
+from nemo_rl.utils.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -101,5 +102,5 @@ def test_parquet_rows_load_like_jsonl_and_bad_rows_name_their_number(tokenizer, 
     assert parquet.samples == jsonl.samples
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": conversations[0]}) + "\n" + json.dumps({"text": "hi"}) + "\n")
-    with pytest.raises(ValueError, match=r"bad\.jsonl: row 2: expected an object with a 'messages' list"):
+    with pytest.raises(DataError, match=r"bad\.jsonl: row 2: no 'messages' \(the row has 'text'\); write each row as"):
         load_sft_dataset(bad, tokenizer, max_seq_len=1024)
