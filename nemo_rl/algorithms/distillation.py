@@ -72,7 +72,14 @@ class DistillationRun(RolloutRun):
         student = self.started(Policy(self.cluster, self.cfg.policy, self.model_path, seed=self.loop.seed))
         teacher_cfg = self.cfg.policy.model_copy(update={"model_name": self.cfg.teacher.model_name})
         self.teacher = self.started(
-            Policy(self.cluster, teacher_cfg, self.teacher_path, seed=self.loop.seed, trainable=False)
+            Policy(
+                self.cluster,
+                teacher_cfg,
+                self.teacher_path,
+                seed=self.loop.seed,
+                trainable=False,
+                role="teacher worker",
+            )
         )
         return student
 

@@ -35,7 +35,7 @@ from nemo_rl.data.dataloader import ResumableDataloader
 from nemo_rl.data.prompt_dataset import PromptSample, load_prompt_dataset
 from nemo_rl.data.sft_dataset import SFTSample, collate
 from nemo_rl.distributed.ray_init import init_ray
-from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
+from nemo_rl.distributed.virtual_cluster import RayVirtualCluster, has_nodes
 from nemo_rl.environments.factory import make_environment
 from nemo_rl.environments.interfaces import EnvironmentInterface
 from nemo_rl.models.builtin_models import resolve_model_path
@@ -180,7 +180,10 @@ class RolloutRun(RunLoop[RolloutResult]):
             res = gen.colocated.resources
             engines = res.gpus_per_node * res.num_nodes
             init_ray(workers=policy_workers + engines)
-            share = policy_workers / (policy_workers + engines)  # how a CPU machine's cores are split
+            # The engines get nodes of their own after the policy's where the Ray cluster has them; otherwise
+            # the two clusters share the nodes (a CPU machine's cores split by their number of workers).
+            own_nodes = has_nodes(cfg.cluster.num_nodes + res.num_nodes)
+            share = 1.0 if own_nodes else policy_workers / (policy_workers + engines)
             self.cluster = self.started(
                 RayVirtualCluster(
                     cfg.cluster.gpus_per_node,
@@ -195,8 +198,9 @@ class RolloutRun(RunLoop[RolloutResult]):
                     res.gpus_per_node // tp,
                     res.num_nodes,
                     name="nemo_rl_generation",
-                    node_share=1 - share,
+                    node_share=1.0 if own_nodes else 1 - share,
                     devices_per_bundle=tp,
+                    first_node=cfg.cluster.num_nodes if own_nodes else 0,
                 )
             )
         start = time.perf_counter()

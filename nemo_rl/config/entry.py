@@ -4,6 +4,8 @@ A bad recipe (including a problem found while setting up, such as vLLM
 arguments that contradict the policy's RoPE) exits with status 2 and every
 problem listed, never with a traceback from deep inside a run; so does a data
 file the run cannot use (named with its row), found before anything is written.
+A worker process that dies mid-run stops it with status 1 and one line naming
+the worker's role, rank and node.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nemo_rl.config.loader import load_config, parse_args, resolve_config
-from nemo_rl.utils.errors import ConfigError, DataError
+from nemo_rl.utils.errors import ConfigError, DataError, WorkerDied
 
 
 def run_entry(
@@ -36,3 +38,6 @@ def run_entry(
     except DataError as err:
         print(f"Invalid data: {err}", file=sys.stderr)
         return 2
+    except WorkerDied as err:
+        print(f"Run stopped: {err}", file=sys.stderr)
+        return 1

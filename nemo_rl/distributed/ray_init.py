@@ -36,7 +36,8 @@ def init_ray(num_cpus: int | None = None, workers: int | None = None) -> None:
             if workers > cores:
                 logger.warning("%d CPU workers share %d cores (each runs with fewer threads)", workers, cores)
                 num_cpus = workers
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # "local": a new cluster of this process's own, never one that `ray start` left on this host.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
         logger.info("Started a local Ray cluster: %s", ray.cluster_resources())
 
 

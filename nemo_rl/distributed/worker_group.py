@@ -8,6 +8,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from nemo_rl.distributed.actor_roster import ActorRoster
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
 from nemo_rl.distributed.worker_process_group import free_port
 
@@ -35,10 +36,17 @@ class RayWorkerGroup:
 
     The rendezvous (torch.distributed's master) is on the node of rank 0, found by
     running a probe in rank 0's bundle, so multi-node clusters work unchanged.
+    ``role`` names the workers in the log and when one dies (``ActorRoster``).
     """
 
     def __init__(
-        self, cluster: RayVirtualCluster, worker_cls: type, *args: Any, env: dict[str, str] | None = None, **kwargs: Any
+        self,
+        cluster: RayVirtualCluster,
+        worker_cls: type,
+        *args: Any,
+        role: str = "worker",
+        env: dict[str, str] | None = None,
+        **kwargs: Any,
     ):
         bundles = cluster.bundles()
         first_group, first_index = bundles[0]
@@ -59,17 +67,16 @@ class RayWorkerGroup:
         ]
         # Surface constructor failures (bad checkpoint, OOM) here rather than at first use.
         wait_until_ready(self.workers)
+        self.roster = ActorRoster(role, self.workers)
 
     def run_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        return ray.get([getattr(w, method).remote(*args, **kwargs) for w in self.workers])
+        return self.roster.get([getattr(w, method).remote(*args, **kwargs) for w in self.workers])
 
     def run_each(self, method: str, per_worker_args: Sequence[tuple], **kwargs: Any) -> list[Any]:
-        return ray.get([getattr(w, method).remote(*args, **kwargs) for w, args in zip(self.workers, per_worker_args)])
+        return self.roster.get(
+            [getattr(w, method).remote(*args, **kwargs) for w, args in zip(self.workers, per_worker_args, strict=True)]
+        )
 
     def shutdown(self) -> None:
-        try:
-            self.run_all("shutdown")
-        finally:
-            for worker in self.workers:
-                ray.kill(worker)
-            self.workers = []
+        self.roster.shutdown()
+        self.workers = []

@@ -32,9 +32,18 @@ def nearest_key(key: str, candidates: Iterable[str]) -> str | None:
 class DataError(ValueError):
     """A data file the run cannot use; the message names the file (and row) and the fix.
 
-    Entry scripts report it as one line, like a bad config, instead of a traceback.
+    One line, ``<file>: row N: <what is wrong>; <the fix>`` (see ``nemo_rl.data.rows``),
+    which entry scripts report like a bad config instead of a traceback.
     """
 
 
 class MissingDataFile(DataError, FileNotFoundError):
     """A configured data file that does not exist."""
+
+
+class WorkerDied(RuntimeError):
+    """A process of a running job died; the message names its role, rank, node and pid (``ActorRoster``).
+
+    Not a user mistake, but neither is Ray's actor-died traceback what a user
+    needs: entry scripts report it as one line and exit with status 1.
+    """

@@ -18,7 +18,9 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import ray
+from ray.exceptions import RayActorError
 
+from nemo_rl.distributed.actor_roster import ActorRoster
 from nemo_rl.distributed.sharding import split_evenly
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
 from nemo_rl.distributed.worker_group import wait_until_ready
@@ -54,7 +56,7 @@ class VllmGeneration:
             for rank, (bundle, slot) in enumerate(placements)
         ]
         self.weight_sync = WeightSync(self.engines, gen.refit_bucket_mib * MIB, transport)
-        self._started = False
+        self.roster: ActorRoster | None = None  # once the engines are up
         self._placement_note = (
             f"{len(self.engines)} vLLM engine(s) {'colocated with the policy' if colocated else 'on their own bundles'}"
             f", refit over {transport}"
@@ -64,7 +66,7 @@ class VllmGeneration:
         """Return once every engine is up; the constructor only launches them, so the caller can start the policy
         workers while the engines import vLLM and load. An engine's constructor error surfaces here."""
         wait_until_ready(self.engines)
-        self._started = True
+        self.roster = ActorRoster("vLLM engine", self.engines)
         logger.info(self._placement_note)
 
     def generate(
@@ -93,31 +95,41 @@ class VllmGeneration:
         """``call(engine, *shares)`` on each engine's contiguous share of the ``columns`` (prompts first, then
         one value per prompt), results concatenated in prompt order; an engine without prompts is not called."""
         shares = zip(*(split_evenly(column, len(self.engines)) for column in columns), strict=True)
-        futures = [
-            call(engine, *map(list, share)) for engine, share in zip(self.engines, shares, strict=True) if share[0]
+        calls = [
+            (rank, call(engine, *map(list, share)))
+            for rank, (engine, share) in enumerate(zip(self.engines, shares, strict=True))
+            if share[0]
         ]
-        return [item for result in ray.get(futures) for item in result]
+        results = self._get([ref for _, ref in calls], [rank for rank, _ in calls])
+        return [item for result in results for item in result]
+
+    def _get(self, refs: list[ray.ObjectRef], ranks: list[int] | None = None) -> list:
+        assert self.roster is not None, "wait_until_started() first"
+        return self.roster.get(refs, ranks)
 
     def refit(self, policy: WeightSource) -> int:
         """Load the policy's current weights into every engine, bucket by bucket from the policy workers
         (``weight_sync``: nothing passes through the driver); returns the number of tensors sent."""
-        return self.weight_sync.refit(policy)
+        assert self.roster is not None, "wait_until_started() first"
+        try:
+            return self.weight_sync.refit(policy)
+        except RayActorError as err:  # an engine (or a policy worker) died while the weights moved
+            raise self.roster.explain(err) or err from None
 
     def wake_up(self) -> None:
-        ray.get([engine.wake_up.remote() for engine in self.engines])
+        self._get([engine.wake_up.remote() for engine in self.engines])
 
     def sleep(self) -> None:
-        ray.get([engine.sleep.remote() for engine in self.engines])
+        self._get([engine.sleep.remote() for engine in self.engines])
 
     def shutdown(self) -> None:
         """Engines that never finished starting are killed at once (waiting would mean waiting out their start)."""
-        try:
-            if self._started:
-                ray.get([engine.shutdown.remote() for engine in self.engines])
-        finally:
+        if self.roster is None:
             for engine in self.engines:
                 ray.kill(engine)
-            self.engines = []
+        else:
+            self.roster.shutdown()
+        self.engines = []
 
 
 def engine_tensor_parallel_size(vllm_kwargs) -> int:

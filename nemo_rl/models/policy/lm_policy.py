@@ -55,10 +55,12 @@ class Policy:
         init_reference_model: bool = False,
         reward_head: bool = False,
         trainable: bool = True,
+        role: str = "policy worker",
     ):
         """``init_reference_model`` keeps the starting weights for ``get_logprobs(..., reference=True)`` (KL in
         RL, DPO); ``reward_head`` makes the model a reward model; ``trainable=False`` a forward-only model
-        without optimizer state (a distillation teacher). The last two are Megatron-only."""
+        without optimizer state (a distillation teacher). The last two are Megatron-only. ``role`` names the
+        workers in the log and in the error when one dies."""
         self.cfg = policy_cfg
         self.dims = ParallelDims.for_world(policy_cfg, cluster.world_size)
         worker_cls: type[PolicyWorkerInterface] = (
@@ -72,6 +74,7 @@ class Policy:
             str(model_path),
             seed=seed,
             init_reference_model=init_reference_model,
+            role=role,
             **megatron_only,
         )
         self.worker_info = self.worker_group.run_all("info")
@@ -176,7 +179,7 @@ class Policy:
 
     def weight_group_addresses(self, transport: str) -> dict[int, tuple[str, int, str]]:
         """Each sending worker's weight-group rendezvous (host, port, backend), by worker index."""
-        addresses = ray.get([w.weight_group_address.remote(transport) for w in self.worker_group.workers])
+        addresses = self.worker_group.run_all("weight_group_address", transport)
         return {sender: address for sender, address in enumerate(addresses) if address is not None}
 
     def join_weight_group(self, sender: int, rendezvous: Rendezvous) -> ray.ObjectRef:
