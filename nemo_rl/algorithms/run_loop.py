@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from tqdm.auto import tqdm
 
-from nemo_rl.algorithms.run_setup import open_run_log
+from nemo_rl.algorithms.run_setup import claim_run_directories, open_run_log
 from nemo_rl.data.dataloader import ResumableDataloader
 from nemo_rl.models.policy.interfaces import PolicyInterface
 from nemo_rl.utils.checkpoint import CheckpointManager
@@ -61,11 +61,11 @@ class RunLoop(Generic[ResultT]):
         self.loop = getattr(cfg, self.section)
         self._closers: list[Callable[[], None]] = []
         try:
+            self.checkpoints = claim_run_directories(cfg, resolved_config)  # refuses another config's run first
             self.train_loader = self.prepare()
             self.log_dir = Path(cfg.logger.log_dir)
             self.metrics = open_run_log(cfg, resolved_config, list(self.engines))
             self._closers.append(self.metrics.close)
-            self.checkpoints = CheckpointManager(Path(cfg.checkpointing.checkpoint_dir), cfg.checkpointing.keep_top_k)
             self.start_workers()
         except BaseException:
             with contextlib.suppress(Exception):  # a failure to stop is logged; the set-up error is the one to see

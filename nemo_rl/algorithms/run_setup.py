@@ -1,13 +1,14 @@
-"""Opening and closing a run: its directory (resolved config, long-context receipt, metrics log), and
-releasing its workers, engines and cluster however it ends."""
+"""Opening and closing a run: its directories (only its own: another config's run is refused), its log
+directory's contents (resolved config, run identity, long-context receipt, metrics log), and releasing its
+workers, engines and cluster however it ends."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from transformers import AutoConfig
 
@@ -16,8 +17,9 @@ from nemo_rl.models.builtin_models import resolve_model_path
 from nemo_rl.models.long_context import run_receipt, write_receipt
 from nemo_rl.rope.base_model import base_model_rope_errors
 from nemo_rl.rope.canonical import canonical_overrides_json
+from nemo_rl.utils.checkpoint import IDENTITY_FILE, RESUME_SAFE_FIELDS, CheckpointManager, RunIdentity
 from nemo_rl.utils.errors import ConfigError
-from nemo_rl.utils.logger import Logger
+from nemo_rl.utils.logger import METRICS_FILE, Logger
 
 if TYPE_CHECKING:
     from nemo_rl.algorithms.run_loop import RunLoop
@@ -48,10 +50,73 @@ def resolve_policy_model(policy_cfg, model_name: str | None = None, field: str =
     return path
 
 
+def claim_run_directories(cfg, resolved_config: Mapping[str, Any]) -> CheckpointManager:
+    """The run's checkpoints, once neither its checkpoint nor its log directory holds a run of another config.
+
+    Called before anything is written or started. Resuming another config's
+    latest step would continue its weights under this config, and opening its
+    log directory would overwrite its config and rewind (truncate) its
+    metrics; so either is a ConfigError naming both config hashes, the
+    directory, the fields that differ and the fix. Only the fields in
+    ``RESUME_SAFE_FIELDS`` (``max_num_steps`` among them) may change between
+    a run and its resume.
+    """
+    identity = RunIdentity.of(resolved_config)
+    checkpoints = CheckpointManager(Path(cfg.checkpointing.checkpoint_dir), cfg.checkpointing.keep_top_k, identity)
+    errors = [_foreign_run_error(run, identity) for run in _recorded_runs(cfg, checkpoints) if run.identity != identity]
+    if errors:
+        raise ConfigError(errors)
+    return checkpoints
+
+
+class _RecordedRun(NamedTuple):
+    key: str  # the config key of the directory
+    directory: Path
+    record_dir: Path  # where its identity is recorded
+    identity: RunIdentity
+    harm: str  # what starting this run there would do to it
+
+
+def _recorded_runs(cfg, checkpoints: CheckpointManager) -> Iterator[_RecordedRun]:
+    """The runs the checkpoint and log directories hold something of (a step to resume, logged metrics) and
+    recorded the identity of; a directory of a run from before records existed cannot be told apart."""
+    latest = checkpoints.latest() if cfg.checkpointing.enabled else None  # a run without checkpoints never resumes
+    if latest is not None and (recorded := RunIdentity.read(latest)) is not None:
+        harm = "Resuming its latest step would continue that run's weights under this config."
+        yield _RecordedRun("checkpointing.checkpoint_dir", checkpoints.root, latest, recorded, harm)
+    log_dir = Path(cfg.logger.log_dir)
+    metrics = log_dir / METRICS_FILE
+    if metrics.is_file() and metrics.stat().st_size > 0 and (recorded := RunIdentity.read(log_dir)) is not None:
+        harm = f"Opening it would overwrite that run's config.yaml and rewind its {METRICS_FILE}."
+        yield _RecordedRun("logger.log_dir", log_dir, log_dir, recorded, harm)
+
+
+_MAX_DIFFERENCES = 20  # a run of a wholly different recipe differs everywhere; the first fields tell enough
+
+
+def _foreign_run_error(run: _RecordedRun, identity: RunIdentity) -> str:
+    differences = identity.differences(run.identity)
+    if len(differences) > _MAX_DIFFERENCES:
+        differences = [*differences[:_MAX_DIFFERENCES], f"... and {len(differences) - _MAX_DIFFERENCES} more"]
+    return "\n".join(
+        [
+            f"{run.key}: {run.directory} holds a run of another config: config hash {run.identity.hash} (recorded "
+            f"in {run.record_dir / IDENTITY_FILE}), while this run's config hash is {identity.hash}. {run.harm} "
+            "The fields that differ (recorded -> now):",
+            *(f"    {line}" for line in differences),
+            f"  Give this run a directory of its own ({run.key}=<new path>), or restore the recorded values to "
+            f"resume that run. A resume may change only {', '.join(RESUME_SAFE_FIELDS)} (* is the algorithm's "
+            "section).",
+        ]
+    )
+
+
 def open_run_log(cfg, resolved_config: Mapping[str, Any], engines: list[str]) -> Logger:
-    """The run directory: resolved config, long-context receipt (which RoPE each engine uses) and the metrics log."""
+    """The run directory: resolved config, the run's identity (what ``claim_run_directories`` compares), long-context
+    receipt (which RoPE each engine uses) and the metrics log."""
     log_dir = Path(cfg.logger.log_dir)
     save_config(resolved_config, log_dir / "config.yaml")
+    RunIdentity.of(resolved_config).write(log_dir)
     yarn = cfg.policy.long_context
     if yarn is not None:
         block = json.loads(canonical_overrides_json(cfg.policy.effective_hf_config_overrides))

@@ -548,6 +548,9 @@ class ClippedPGLossConfig(_Section):
 class MathEnvConfig(_Section):
     num_workers: PositiveInt
     format_reward_weight: NonNegativeFloat  # weight of the answer-format term added to correctness
+    # Seconds one response's answer check may take (math-verify's own default limit); one that overruns is
+    # scored 0 and counted in env/verify_timeouts, and its worker process is killed and replaced.
+    verify_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 5.0
 
 
 class EnvConfig(_Section):

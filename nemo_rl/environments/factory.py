@@ -9,4 +9,5 @@ from nemo_rl.environments.math_environment import MathEnvironmentPool
 
 def make_environment(env_cfg: EnvConfig) -> EnvironmentInterface:
     """Start the configured environment's workers (math answer verification: ``env.math``); Ray must be running."""
-    return MathEnvironmentPool(env_cfg.math.num_workers, env_cfg.math.format_reward_weight)
+    math = env_cfg.math
+    return MathEnvironmentPool(math.num_workers, math.verify_timeout_s, math.format_reward_weight)

@@ -4,21 +4,27 @@ Built-in assets and converted checkpoints are produced by whichever process
 asks first, possibly several at once (Ray workers, parallel runs), and a
 process can die mid-write. Building in a temporary sibling under a file lock and
 renaming it into place makes concurrent callers build once and means a crash
-never leaves a directory that passes ``is_complete``.
+never leaves a directory that passes ``is_complete``. A caller that finds the
+lock held says that it waits (a run blocked behind another one's conversion
+is otherwise indistinguishable from a hung one), and the next builder removes
+what a crashed one left (a converted checkpoint's temporary copy can be as
+large as the model).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +44,10 @@ def build_atomically(
     if is_complete(target) and not force:
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
+    with _build_lock(target):
         if is_complete(target) and not force:  # another process finished while we waited
             return False
+        _remove_leftovers(target)
         tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         try:
@@ -55,6 +62,30 @@ def build_atomically(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return True
+
+
+@contextmanager
+def _build_lock(target: Path) -> Iterator[None]:
+    """``target``'s file lock (an OS lock: a builder that dies releases it); a caller that must wait says so."""
+    lock = FileLock(str(target) + ".lock")
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        logger.info("Waiting for the lock %s: another process is building %s", lock.lock_file, target)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Temporary and replaced copies of ``target`` that a builder killed mid-way left; called under the lock,
+    when no other process can be writing one."""
+    name = glob.escape(target.name)
+    for leftover in [*target.parent.glob(f"{name}.tmp-*"), *target.parent.glob(f"{name}.stale-*")]:
+        logger.warning("Removing %s, left by a build of %s that did not finish", leftover, target)
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def is_complete(path: Path) -> bool:

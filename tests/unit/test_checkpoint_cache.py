@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing as mp
 import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, Qwen2ForCausalLM
+from transformers import AutoConfig
 
 from nemo_rl.models.megatron import checkpoint_cache
 from nemo_rl.models.megatron.hf_weights import hf_to_megatron
@@ -33,12 +34,19 @@ def _yarn(factor=4.0):
     }
 
 
+def _save_random_qwen2(path, seed: int) -> None:
+    # Imported here, not at the top: the spawned conversion processes below import this module, and HF's
+    # modeling code (seconds to import) is nothing a conversion needs.
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(tiny_qwen2_config()).save_pretrained(path)
+
+
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("hf")
-    torch.manual_seed(0)
-    config = tiny_qwen2_config()
-    Qwen2ForCausalLM(config).save_pretrained(path)
+    _save_random_qwen2(path, seed=0)
     return path
 
 
@@ -82,13 +90,11 @@ def test_convert_reuse_and_force(hf_dir, tmp_path):
 
 def test_changed_source_weights_are_converted_again(tmp_path):
     source = tmp_path / "hf"
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(tiny_qwen2_config()).save_pretrained(source)
+    _save_random_qwen2(source, seed=0)
     path, converted = checkpoint_cache.ensure_converted(source, "tiny", _yarn(), 256, root=tmp_path / "cache")
     assert converted
     # The same directory re-written with other weights (a rebuilt built-in, a re-exported run).
-    torch.manual_seed(1)
-    Qwen2ForCausalLM(tiny_qwen2_config()).save_pretrained(source)
+    _save_random_qwen2(source, seed=1)
     again, converted = checkpoint_cache.ensure_converted(source, "tiny", _yarn(), 256, root=tmp_path / "cache")
     assert again == path and converted
     weights = load_file(str(path / checkpoint_cache.WEIGHTS_FILE))
@@ -110,12 +116,76 @@ def test_crash_during_conversion_leaves_nothing_usable(hf_dir, tmp_path, monkeyp
     assert converted and checkpoint_cache.is_complete(path)
 
 
-def _convert_in_process(args):
-    hf_dir, root = args
-    return checkpoint_cache.ensure_converted(hf_dir, "tiny", _yarn(), 256, root=root)[1]
+def test_a_killed_builders_leftovers_are_removed_by_the_next_build(hf_dir, tmp_path):
+    """A builder killed outright (SIGKILL, node loss) cleans nothing up; the next one does, under the lock."""
+    name = checkpoint_cache.cache_dir_name("tiny", _yarn())
+    for leftover in (f"{name}.tmp-k1ll3d", f"{name}.stale-4242"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / checkpoint_cache.WEIGHTS_FILE).write_bytes(b"half a model")
+    (tmp_path / f"{name}-other.tmp-x").mkdir()  # another entry's name: not this build's to remove
+    path, converted = checkpoint_cache.ensure_converted(hf_dir, "tiny", _yarn(), 256, root=tmp_path)
+    assert converted and checkpoint_cache.is_complete(path)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [name, f"{name}-other.tmp-x"]
 
 
-def test_concurrent_workers_convert_once(hf_dir, tmp_path):
-    with mp.get_context("spawn").Pool(2) as pool:
-        converted = pool.map(_convert_in_process, [(hf_dir, tmp_path)] * 2)
-    assert sorted(converted) == [False, True]
+class _Messages(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _convert_when_the_peer_does(model_path, barrier, results, hold_lock_s: float) -> None:
+    """One run's conversion of the built-in model into $NRL_MEGATRON_CHECKPOINT_DIR, started with its peer's.
+
+    The conversion first sleeps ``hold_lock_s``: whichever process takes the lock holds it that long, so the
+    other surely arrives while it is held, however the two are scheduled.
+    """
+    import hashlib
+    import time
+
+    messages = _Messages()
+    logging.getLogger("nemo_rl").addHandler(messages)
+    logging.getLogger("nemo_rl").setLevel(logging.INFO)
+    convert = checkpoint_cache._convert_into
+    checkpoint_cache._convert_into = lambda *args: (time.sleep(hold_lock_s), convert(*args))
+    barrier.wait()
+    start = time.monotonic()
+    path, converted = checkpoint_cache.ensure_converted(model_path, "tiny-qwen2", _yarn(), 256)
+    elapsed = time.monotonic() - start
+    files = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir())}
+    results.put({"converted": converted, "path": path, "files": files, "messages": messages.messages, "s": elapsed})
+
+
+def test_two_runs_converting_at_once_convert_once_and_the_second_waits_and_reuses(tmp_path, monkeypatch):
+    """Two processes (as two runs on one node) ask for the same conversion at the same moment."""
+    from nemo_rl.models.builtin_models import resolve_model_path
+
+    monkeypatch.setenv("NRL_MEGATRON_CHECKPOINT_DIR", str(tmp_path / "mcore"))
+    model_path = resolve_model_path("tiny-qwen2")
+    hold_lock_s = 1.5
+    spawn = mp.get_context("spawn")
+    barrier, results = spawn.Barrier(2), spawn.Queue()
+    runs = [
+        spawn.Process(target=_convert_when_the_peer_does, args=(model_path, barrier, results, hold_lock_s))
+        for _ in range(2)
+    ]
+    for run in runs:
+        run.start()
+    outcomes = [results.get(timeout=300) for _ in runs]
+    for run in runs:
+        run.join(timeout=60)
+        assert run.exitcode == 0
+    converter, reuser = sorted(outcomes, key=lambda outcome: not outcome["converted"])
+    assert (converter["converted"], reuser["converted"]) == (True, False), "exactly one converts"
+    assert any(m.startswith("Converted ") for m in converter["messages"])
+    assert not any(m.startswith("Waiting for the lock") for m in converter["messages"])
+    assert any(m.startswith("Waiting for the lock") for m in reuser["messages"]), reuser["messages"]
+    assert any(m.startswith("Reusing converted Megatron checkpoint") for m in reuser["messages"])
+    assert reuser["s"] >= hold_lock_s, "the second run waited for the first one's conversion"
+    expected = tmp_path / "mcore" / checkpoint_cache.cache_dir_name("tiny-qwen2", _yarn())
+    assert converter["path"] == reuser["path"] == expected and checkpoint_cache.is_complete(expected)
+    assert converter["files"] == reuser["files"] and checkpoint_cache.WEIGHTS_FILE in converter["files"]
+    assert sorted(p.name for p in (tmp_path / "mcore").iterdir()) == [expected.name, f"{expected.name}.lock"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nemo_rl.utils.checkpoint import CheckpointManager
+from nemo_rl.utils.checkpoint import TRAINING_INFO, CheckpointManager, RunIdentity
 
 
 def _write(manager: CheckpointManager, step: int) -> None:
@@ -41,3 +41,16 @@ def test_keep_top_k_keeps_most_recent(tmp_path):
         _write(manager, step)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_10", "step_3"]
     assert manager.latest().name == "step_10"  # numeric, not lexical, order
+
+
+def test_each_step_records_the_identity_of_the_run_that_wrote_it(tmp_path):
+    resolved = {"sft": {"seed": 1, "max_num_steps": 4}, "policy": {"lr": 1e-3}, "logger": {"log_dir": "logs"}}
+    identity = RunIdentity.of(resolved)
+    assert identity.config == {"sft": {"seed": 1}, "policy": {"lr": 1e-3}}, "resume-safe fields are no part of it"
+    manager = CheckpointManager(tmp_path, identity=identity)
+    _write(manager, 1)
+    assert RunIdentity.read(tmp_path / "step_1") == identity
+    assert (tmp_path / "step_1" / TRAINING_INFO).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1"], "nothing is written beside the steps"
+    _write(CheckpointManager(tmp_path), 2)  # a manager that knows no identity records none
+    assert RunIdentity.read(tmp_path / "step_2") is None

@@ -19,10 +19,10 @@ import json
 import logging
 import time
 from collections.abc import Mapping
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import megatron.core
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -96,7 +96,8 @@ def _convert_into(
         "source_fingerprint": source_fingerprint(model_path),
         "hf_config_overrides": json.loads(canonical_overrides_json(overrides or {})),
         "overrides_hash": overrides_hash(overrides or {}),
-        "megatron_core_version": megatron.core.__version__,
+        # The installed distribution's version: importing megatron-core for it would cost seconds per process.
+        "megatron_core_version": version("megatron-core"),
         "created_unix": time.time(),
     }
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
