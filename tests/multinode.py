@@ -2,7 +2,7 @@
 
 Each node is its own raylet with its own CPUs and object store, joined over
 the head's GCS port exactly as on a cluster of machines (token authentication
-included, as ``tools/slurm/ray.sub`` runs it); only the host is shared. The
+included); only the host is shared. The
 nodes are named ``node0``, ``node1``... (``ray start --node-name``), so tests
 and error messages can tell them apart although they share an IP address.
 ``ray start --block`` keeps each node's processes under one parent, which
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 import time
@@ -59,8 +58,11 @@ def ray_nodes(cpus_per_node: Sequence[int], log_dir: Path) -> Iterator[str]:
     """A cluster of ``len(cpus_per_node)`` nodes offering those CPUs; yields its address with ``RAY_ADDRESS``
     and the cluster's token set in this process's environment (runs started here join it), and stops it."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    saved = {key: os.environ.get(key) for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    saved = {key: os.environ.get(key) for key in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    # The nodes and every driver use this user's token file (~/.ray/auth_token, made by the first Ray that
+    # needs one): a process keeps the token it first loaded, so a fresh token per cluster would lock out a
+    # test process that had started a local Ray before.
+    os.environ["RAY_AUTH_MODE"] = "token"
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     port = free_port()

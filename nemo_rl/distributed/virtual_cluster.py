@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import ray
 from ray.util.placement_group import (
@@ -135,11 +135,12 @@ class RayVirtualCluster:
         target = None if self.targets is None else self.targets[node]
         if target is not None:
             self._check_fits(bundles, target)
+        selector = None if target is None else [{NODE_ID_LABEL: target.node_id}] * len(bundles)
         group = placement_group(
             bundles,
             strategy="STRICT_PACK",
             name=f"{name}_node{node}",
-            bundle_label_selector=None if target is None else [{NODE_ID_LABEL: target.node_id}] * len(bundles),
+            bundle_label_selector=cast("list[dict[str, str]]", selector),  # None, its default, is not in its annotation
         )
         ready, _ = ray.wait([group.ready()], timeout=300)
         if not ready:

@@ -5,10 +5,13 @@ What is checked:
 * SFT with TP2 x DP2 over two nodes of two workers: ranks fill the nodes in
   order, each TP group inside a node and each DP group across them, and the
   losses equal the same layout on one node (1e-5);
-* GRPO with vLLM on bundles of its own: the engine sits on the second node,
-  the policy on the first; 2 steps keep the parity probe at 1.0 (the refit
-  after step 1 landed on the other node);
-* runs attach through ``RAY_ADDRESS`` and leave the cluster running.
+* GRPO (the user's command, attached through ``RAY_ADDRESS``) with vLLM on
+  bundles of its own: the engine sits on the second node, the policy on the
+  first; 2 steps keep the parity probe at 1.0 (the refit after step 1 landed
+  on the other node). Then the engine is SIGKILLed: the command stops naming
+  it and node1; the same command resumes from the newest checkpoint, trains a
+  step, and stops naming its math environment when that is killed;
+* runs attach through ``RAY_ADDRESS`` and leave the cluster running, killed or not.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import pytest
 import torch
 
 from nemo_rl.utils.logger import read_metrics
+from tests.functional.test_worker_death import assert_named, checkpoints, command_line, kill_mid_run, seats, steps
 from tests.multinode import nodes_alive, ray_nodes
 
 pytestmark = [pytest.mark.functional, pytest.mark.slow, pytest.mark.multinode]
@@ -99,33 +103,41 @@ def test_sft_tp2_dp2_over_two_nodes_equals_one_node(two_nodes, tmp_path):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(one_node), rtol=1e-5, atol=1e-5)
 
 
-def test_grpo_with_the_generator_on_the_second_node(two_nodes, tmp_path):
-    from nemo_rl.algorithms.grpo import GRPORun
-    from nemo_rl.config.schema import validate_grpo_config
-
-    resolved = _resolved(
-        GRPO,
-        tmp_path,
-        "grpo.max_num_steps=2",
-        "grpo.val_period=0",
-        "checkpointing.enabled=false",
-        "logger.tensorboard_enabled=false",
+def test_grpo_engine_on_the_second_node_and_dead_workers_named_there(two_nodes, tmp_path):
+    """The user's command attached to the cluster; its engine, then its environment, killed; each time the cluster
+    survives and the same command resumes."""
+    run_dir, cache = tmp_path / "grpo", tmp_path / "mcore"
+    command = command_line("run_grpo_math", "grpo", run_dir, max_steps=40) + [
         "cluster.gpus_per_node=2",
         "policy.generation.colocated.enabled=false",
         "policy.generation.colocated.resources.gpus_per_node=1",
         "policy.generation.colocated.resources.num_nodes=1",
+    ]
+    # Two steps (the second on weights refit across nodes after the first), then the engine dies on node1.
+    text, pid = kill_mid_run(
+        command, run_dir, "vLLM engine", 0, cache, ready=lambda: checkpoints(run_dir)[-1:] >= [2], ray_address=two_nodes
     )
-    run = GRPORun(validate_grpo_config(resolved), resolved)
-    try:
-        policy_nodes = {s.node.split()[0] for s in run.policy.worker_group.roster.seats}
-        assert run.generation.roster is not None
-        engine_nodes = {s.node.split()[0] for s in run.generation.roster.seats}
-        assert (policy_nodes, engine_nodes) == ({"node0"}, {"node1"})
-        run.train()
-    finally:
-        run.close()
-    train = read_metrics(tmp_path / "logs", "train")
-    assert [m["step"] for m in train] == [1, 2]
-    for m in train:  # step 2 samples from the weights refit after step 1, on the other node
+    assert {node.split()[0] for node, _ in seats(text, "policy worker").values()} == {"node0"}
+    assert {node.split()[0] for node, _ in seats(text, "vLLM engine").values()} == {"node1"}
+    assert_named(text, "vLLM engine", 0, pid, node="node1")
+    train = read_metrics(run_dir / "logs", "train")
+    assert [m["step"] for m in train][:2] == [1, 2]
+    for m in train:
         assert 1.0 <= m["token_mult_prob_error"] < PARITY_BOUND, m
-    _disconnect_and_check_cluster(two_nodes)
+    assert nodes_alive(two_nodes) == NODES
+
+    # The same command resumes from the newest checkpoint, trains on, and loses its environment.
+    newest = checkpoints(run_dir)[-1]
+    text, pid = kill_mid_run(
+        command,
+        run_dir,
+        "math environment",
+        0,
+        cache,
+        ready=lambda: newest + 1 in steps(run_dir),
+        ray_address=two_nodes,
+    )
+    assert f"step_{newest}" in text
+    assert_named(text, "math environment", 0, pid)
+    assert steps(run_dir)[: newest + 1] == list(range(1, newest + 2))
+    assert nodes_alive(two_nodes) == NODES
