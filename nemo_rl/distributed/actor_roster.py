@@ -20,7 +20,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
-from nemo_rl.distributed.virtual_cluster import node_by_id
+from nemo_rl.distributed.virtual_cluster import alive_nodes
 from nemo_rl.utils.errors import WorkerDied
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,10 @@ class ActorRoster:
         self.dead: Seat | None = None
         self.seats = [Seat(rank, "unknown", -1) for rank in range(len(self.actors))]
         whereabouts = self.get([actor.__ray_call__.remote(_whereabouts) for actor in self.actors])
-        self.seats = [Seat(rank, _describe_node(node_id), pid) for rank, (node_id, pid) in enumerate(whereabouts)]
+        nodes = {node.node_id: node.describe() for node in alive_nodes()}
+        self.seats = [
+            Seat(rank, nodes.get(node_id, f"id {node_id[:8]}"), pid) for rank, (node_id, pid) in enumerate(whereabouts)
+        ]
         logger.info("%s", self.describe())
 
     def describe(self) -> str:
@@ -59,14 +62,15 @@ class ActorRoster:
         """``ray.get(refs)`` (``refs[i]`` a call on actor ``ranks[i]``, by default actor ``i``), raising
         ``WorkerDied`` as soon as one of those actors is dead, however long the others would wait."""
         rank_of = dict(zip(refs, range(len(refs)) if ranks is None else ranks, strict=True))
+        results: dict[ray.ObjectRef, Any] = {}
         pending = list(refs)
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+            (ready,), pending = ray.wait(pending, num_returns=1)
             try:
-                ray.get(ready)
+                results[ready] = ray.get(ready)
             except RayActorError as err:
-                raise self._died(rank_of[ready[0]], err) from None
-        return ray.get(list(refs))
+                raise self._died(rank_of[ready], err) from None
+        return [results[ref] for ref in refs]
 
     def explain(self, err: RayActorError) -> WorkerDied | None:
         """The named failure for ``err`` if the dead actor is one of this roster's (a death met outside ``get``)."""
@@ -112,8 +116,3 @@ def _exit_detail(err: RayActorError) -> str:
         return text.split(". ")[0] or type(err).__name__
     end = text.find(". ", text.find("exit detail", start))
     return text[start : end if end > 0 else None]
-
-
-def _describe_node(node_id: str) -> str:
-    node = node_by_id(node_id)
-    return node.describe() if node else f"id {node_id[:8]}"

@@ -28,12 +28,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import ray
-from ray.util.placement_group import (
-    PlacementGroup,
-    placement_group,
-    placement_group_table,
-    remove_placement_group,
-)
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from nemo_rl.utils.errors import ConfigError
@@ -78,10 +73,6 @@ def alive_nodes() -> list[RayNode]:
         if n["Alive"]
     ]
     return sorted(nodes, key=lambda n: (not n.is_head, n.name, n.node_id))
-
-
-def node_by_id(node_id: str) -> RayNode | None:
-    return next((n for n in alive_nodes() if n.node_id == node_id), None)
 
 
 class RayVirtualCluster:
@@ -166,11 +157,6 @@ class RayVirtualCluster:
     def bundles(self) -> list[tuple[PlacementGroup, int]]:
         """(placement group, bundle index) for every worker, in global-rank order."""
         return [(group, i) for group in self._groups for i in range(self.workers_per_node)]
-
-    def node_of(self, rank: int) -> RayNode | None:
-        """The Ray node bundle ``rank`` was reserved on (None if it has left the cluster since)."""
-        group, index = self.bundles()[rank]
-        return node_by_id(placement_group_table(group)["bundles_to_node_id"][index])
 
     def actor_options(self, rank: int, env: dict[str, str] | None = None) -> dict[str, Any]:
         """Ray ``.options(...)`` that place one actor of a (possibly colocated) worker group on bundle ``rank``.
