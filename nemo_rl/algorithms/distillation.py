@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from transformers import AutoConfig
 
 from nemo_rl.algorithms.distillation_loss import DistillationLoss
@@ -29,7 +28,7 @@ from nemo_rl.data.dataloader import ResumableDataloader
 from nemo_rl.data.prompt_dataset import PromptSample
 from nemo_rl.models.builtin_models import resolve_model_path
 from nemo_rl.models.policy.interfaces import PolicyInterface
-from nemo_rl.models.policy.lm_policy import Policy
+from nemo_rl.models.policy.lm_policy import Policy, layout_metrics
 from nemo_rl.models.policy.loss_metrics import logged_metrics
 from nemo_rl.utils.errors import ConfigError
 
@@ -99,16 +98,16 @@ class DistillationRun(RolloutRun):
         _, parity = self.trainer_logprobs(batch, timer)
         with timer("training"):
             train = self.optimize(batch)
-        lengths = torch.tensor([len(c.token_ids) for c in responses.completions], dtype=torch.float32)
         return {
             **train["metrics"],  # kl, and the same value as loss
             "reward_mean": float(responses.rewards.mean()),
             **responses.logged_environment_metrics(),
-            "generation_length_mean": float(lengths.mean()),
+            **responses.length_metrics(samples, self.cfg.policy.max_total_sequence_length),
             "sequence_length_max": int(batch["input_lengths"].max()),
-            "token_mult_prob_error": parity,
+            **parity.metrics(),  # token_mult_prob_error and generator_kl, overall and per position bucket
             "grad_norm": train["grad_norm"],
             "lr": train["lr"],
+            **layout_metrics(train),
         }
 
     def validate(self) -> dict[str, float] | None:

@@ -27,7 +27,7 @@ from nemo_rl.distributed.ray_init import init_ray
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
 from nemo_rl.models.builtin_models import resolve_model_path
 from nemo_rl.models.policy.interfaces import LossFunction
-from nemo_rl.models.policy.lm_policy import Policy
+from nemo_rl.models.policy.lm_policy import Policy, layout_metrics
 from nemo_rl.models.policy.loss_metrics import add_totals, logged_metrics
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,14 @@ class OfflineRun(RunLoop[OfflineResult]):
         init_ray(workers=cfg.cluster.gpus_per_node * cfg.cluster.num_nodes)
         self.cluster = self.started(RayVirtualCluster(cfg.cluster.gpus_per_node, cfg.cluster.num_nodes))
         self.policy = self.started(
-            Policy(self.cluster, cfg.policy, self.model_path, seed=self.loop.seed, **self.policy_kwargs)
+            Policy(
+                self.cluster,
+                cfg.policy,
+                self.model_path,
+                seed=self.loop.seed,
+                rows_per_sample=cfg.rows_per_sample,
+                **self.policy_kwargs,
+            )
         )
         if self.policy.checkpoint_dir is not None:
             cache_note = "converted now" if self.policy.converted_now else "reused from cache"
@@ -164,8 +171,9 @@ class PreferenceRun(OfflineRun):
 
 
 def step_metrics(result: dict[str, Any], batch: dict) -> dict[str, float]:
-    """What every training step reports besides its loss: the update and the batch's shape."""
-    return {
+    """What every training step reports besides its loss: the update, the batch's shape and its micro-batch
+    layout (``layout_metrics``)."""
+    return layout_metrics(result) | {
         "grad_norm": result["grad_norm"],
         "lr": result["lr"],
         "sequence_length": batch["input_ids"].shape[1],

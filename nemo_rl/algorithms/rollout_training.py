@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from nemo_rl.algorithms.logprob_parity import check_first_step, token_mult_prob_error
+from nemo_rl.algorithms.logprob_parity import ParityReport, check_first_step, measure_parity
 from nemo_rl.algorithms.run_loop import RunLoop
 from nemo_rl.algorithms.run_setup import resolve_policy_model
 from nemo_rl.data.builtin_datasets import resolve_dataset_paths
@@ -43,7 +43,7 @@ from nemo_rl.models.generation.interfaces import GenerationInterface
 from nemo_rl.models.generation.vllm_generation import VllmGeneration, engine_tensor_parallel_size
 from nemo_rl.models.generation.vllm_worker import Completion
 from nemo_rl.models.policy.interfaces import LossFunction, PolicyInterface
-from nemo_rl.models.policy.lm_policy import split_rows
+from nemo_rl.models.policy.lm_policy import layout_metrics, split_rows
 from nemo_rl.models.policy.loss_metrics import add_totals, logged_metrics
 from nemo_rl.rope.vllm_engine import vllm_engine_kwargs
 
@@ -61,9 +61,10 @@ class RolloutResult:
     last_metrics: dict[str, float]  # the last step's metrics
 
 
-def rollout_seeds(seed: int, step: int, count: int) -> list[int]:
-    """One sampling seed per request of a step: a function of (run seed, step, index) only (step 0: validation)."""
-    return [int(np.random.SeedSequence([seed, step, i]).generate_state(1)[0]) for i in range(count)]
+def rollout_seeds(seed: int, step: int, count: int, start: int = 0) -> list[int]:
+    """The seeds of a step's requests ``start`` to ``start + count``: each a function of (run seed, step, index)
+    only (step 0: validation), so requests a step adds later (dynamic sampling's) continue the index."""
+    return [int(np.random.SeedSequence([seed, step, i]).generate_state(1)[0]) for i in range(start, start + count)]
 
 
 def rollout_batch(
@@ -124,6 +125,23 @@ class Responses:
     def logged_environment_metrics(self) -> dict[str, float]:
         return {f"env/{key}": value for key, value in self.environment_metrics.items()}
 
+    def length_metrics(self, samples: Sequence[PromptSample], max_total_sequence_length: int) -> dict[str, float]:
+        """Response lengths, and how many were cut: by ``max_new_tokens`` or by the run's window.
+
+        A response whose prompt plus response reaches
+        ``policy.max_total_sequence_length`` was stopped by the engine at the
+        window (``window_truncated_fraction``), never an error; it is trained on
+        as sampled, like any response cut at ``max_new_tokens``.
+        """
+        lengths = [len(c.token_ids) for c in self.completions]
+        at_window = [len(s.input_ids) + n >= max_total_sequence_length for s, n in zip(samples, lengths, strict=True)]
+        return {
+            "generation_length_mean": float(np.mean(lengths)),
+            "generation_length_max": float(max(lengths)),
+            "truncated_fraction": sum(c.finish_reason == "length" for c in self.completions) / len(lengths),
+            "window_truncated_fraction": sum(at_window) / len(lengths),
+        }
+
 
 class RolloutRun(RunLoop[RolloutResult]):
     """One run of a rollout algorithm.
@@ -139,6 +157,7 @@ class RolloutRun(RunLoop[RolloutResult]):
     engines = ("megatron", "vllm")
     trainer_groups: ClassVar[int] = 1  # models colocated on the policy's bundles besides vLLM
     progress_keys: ClassVar[tuple[str, ...]]  # the step metrics the progress bar shows
+    step: int  # the step ``train_step`` is running (``step_requests`` seeds its requests from it)
 
     def prepare(self) -> ResumableDataloader:
         cfg, pcfg, loop = self.cfg, self.cfg.policy, self.loop
@@ -263,7 +282,7 @@ class RolloutRun(RunLoop[RolloutResult]):
     def logprob_batch(self) -> int:
         return self.cfg.policy.logprob_batch_size or self.cfg.policy.train_micro_batch_size
 
-    def trainer_logprobs(self, batch: Batch, timer: Timer) -> tuple[torch.Tensor, float]:
+    def trainer_logprobs(self, batch: Batch, timer: Timer) -> tuple[torch.Tensor, ParityReport]:
         """The trainer's log-probs of the sampled tokens, and the parity probe against the generator's.
 
         On the process's first step the run stops here, before any update,
@@ -271,22 +290,30 @@ class RolloutRun(RunLoop[RolloutResult]):
         """
         with timer("logprobs"):
             logprobs = self.policy.get_logprobs(batch, self.logprob_batch())
-        parity = token_mult_prob_error(batch["generation_logprobs"], logprobs, batch["loss_mask"])
+        parity = measure_parity(batch["generation_logprobs"], logprobs, batch["loss_mask"], self.parity_window())
         if not self.parity_checked:
             self.check_parity(parity)
             self.parity_checked = True
         return logprobs, parity
 
-    def check_parity(self, error: float) -> None:
+    def parity_window(self) -> int:
+        """The window the probe's position buckets are multiples of: YaRN's original one, else the whole length."""
+        long_context = self.cfg.policy.long_context
+        return (
+            long_context.original_max_position_embeddings if long_context else self.cfg.policy.max_total_sequence_length
+        )
+
+    def check_parity(self, report: ParityReport) -> None:
         """Stop when the first step's parity error is over the threshold this algorithm's section sets."""
         threshold = self.loop.token_mult_prob_error_threshold
-        check_first_step(error, threshold, self.cfg.policy.long_context is not None, self.section)
+        check_first_step(report, threshold, self.cfg.policy.long_context is not None, self.section)
 
     def optimize(self, batch: Batch) -> dict[str, Any]:
         """One optimizer step per ``train_global_batch_size`` rows of the rollout (off-policy after the first).
 
         The loss's metrics are logged over the whole rollout (its parts totalled
-        over the steps, ``logged_metrics``); the update's are means over the steps.
+        over the steps, ``logged_metrics``); the update's and the micro-batch
+        layout's (``layout_metrics``) are means over the steps.
         """
         pcfg = self.cfg.policy
         steps = batch["input_ids"].shape[0] // pcfg.train_global_batch_size
@@ -300,9 +327,7 @@ class RolloutRun(RunLoop[RolloutResult]):
             "grad_norm": float(np.mean([r["grad_norm"] for r in results])),
             "lr": results[-1]["lr"],
         }
-        if "packing_efficiency" in results[0]:
-            out["packing_efficiency"] = sum(r["packing_efficiency"] for r in results) / steps
-        return out
+        return out | {key: sum(r[key] for r in results) / steps for key in layout_metrics(results[0])}
 
     def validation_prompts(self) -> tuple[list[PromptSample], list[int]]:
         """The first ``max_val_samples`` validation prompts and their seeds (the same ones every time)."""
@@ -312,13 +337,23 @@ class RolloutRun(RunLoop[RolloutResult]):
     # ------------------------------------------------------------- loop hooks
     def train_step(self, batch: list, step: int) -> dict[str, float]:
         timer = Timer()
+        self.step = step
         with timer("step"):
-            samples = [prompt for prompt in batch for _ in range(self.loop.num_generations_per_prompt)]
-            metrics = self.learn(samples, rollout_seeds(self.loop.seed, step, len(samples)), timer)
+            metrics = self.learn(*self.step_requests(batch, 0), timer)
         return metrics | timer.metrics()
 
+    def step_requests(self, prompts: Sequence[PromptSample], start: int) -> tuple[list[PromptSample], list[int]]:
+        """Each prompt ``num_generations_per_prompt`` times in a row, seeded as the step's requests ``start`` on."""
+        samples = [prompt for prompt in prompts for _ in range(self.loop.num_generations_per_prompt)]
+        return samples, rollout_seeds(self.loop.seed, self.step, len(samples), start)
+
     def progress(self, metrics: dict[str, float]) -> dict[str, str]:
-        return {key: f"{metrics[key]:.4f}" for key in self.progress_keys}
+        """The algorithm's keys, then the parity per position bucket (7 decimals: float32 engines differ at 1e-7)."""
+        shown = {key: f"{metrics[key]:.{7 if key == 'token_mult_prob_error' else 4}f}" for key in self.progress_keys}
+        buckets = {key: value for key, value in metrics.items() if key.startswith("token_mult_prob_error/")}
+        if len(buckets) > 1:
+            shown["by_position"] = " ".join(f"{key.split('/', 1)[1]} {value:.7f}" for key, value in buckets.items())
+        return shown
 
     def describe_validation(self, metrics: dict[str, float]) -> str:
         return f"reward {metrics['reward_mean']:.4f}"

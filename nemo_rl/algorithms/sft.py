@@ -59,8 +59,7 @@ class SFTRun(OfflineRun):
     def update(self, samples: Sequence) -> dict[str, float]:
         batch = self._collate(samples)
         result = self.policy.train(batch, NLLLoss(), self.cfg.policy.train_micro_batch_size)
-        layout = {"packing_efficiency": result["packing_efficiency"]} if "packing_efficiency" in result else {}
-        return layout | logged_metrics(result["metrics"], NLLLoss()) | step_metrics(result, batch)
+        return logged_metrics(result["metrics"], NLLLoss()) | step_metrics(result, batch)
 
     def validation_sums(self, samples: Sequence) -> dict[str, float]:
         return self.policy.evaluate(self._collate(samples), NLLLoss(), self.loop.val_micro_batch_size)["metrics"]

@@ -99,6 +99,17 @@ class SequencePackingConfig(_Section):
     enabled: bool
 
 
+class DynamicBatchingConfig(_Section):
+    """Token-budget micro-batches (NeMo RL's names): each DP shard's rows sorted by length and grouped while
+    rows x the group's longest row (rounded up to ``sequence_length_round``) stays within a budget of tokens,
+    in place of ``train_micro_batch_size`` and ``logprob_batch_size`` (``nemo_rl.models.policy.token_budget``)."""
+
+    enabled: bool
+    train_mb_tokens: PositiveInt  # budget of the loss passes (training and validation)
+    logprob_mb_tokens: PositiveInt  # budget of the forward passes (log-probs, a teacher's top-k, scores)
+    sequence_length_round: PositiveInt  # micro-batch lengths are rounded up to a multiple of this
+
+
 class MegatronOptimizerConfig(_Section):
     optimizer: Literal["adam", "sgd"]
     lr: PositiveFloat
@@ -175,6 +186,7 @@ class PolicyConfig(_Section):
     dtensor_cfg: DTensorConfig
     optimizer: TorchOptimizerConfig | None = None  # the DTensor backend's optimizer
     sequence_packing: SequencePackingConfig
+    dynamic_batching: DynamicBatchingConfig
     megatron_cfg: MegatronConfig
     logprob_batch_size: PositiveInt | None = None  # micro-batch of log-prob passes; null: train_micro_batch_size
     generation: GenerationConfig | None = None  # the rollout engine of RL algorithms
@@ -532,17 +544,116 @@ class RolloutLoopConfig(_Section):
     token_mult_prob_error_threshold: Annotated[float, Field(ge=1.0)]
 
 
+class RewardShapingConfig(_Section):
+    """DAPO's soft overlong punishment (NeMo RL's names), added to the rewards before advantages
+    (``nemo_rl.algorithms.reward_shaping``): 0 up to ``max_response_length - overlong_buffer_length`` tokens,
+    falling linearly to ``-overlong_buffer_penalty`` at ``max_response_length``, that beyond."""
+
+    enabled: bool = False
+    overlong_buffer_length: PositiveInt | None = None  # required when enabled
+    overlong_buffer_penalty: PositiveFloat = 1.0
+    max_response_length: PositiveInt | None = None  # null: policy.generation.max_new_tokens
+
+
 class GRPOConfig(RolloutLoopConfig):
     num_generations_per_prompt: Annotated[int, Field(ge=2)]  # group-relative advantages need a group
     normalize_rewards: bool  # divide advantages by the group's reward std
+    # DAPO's dynamic sampling (nemo_rl.algorithms.dynamic_sampling): drop the prompt groups whose rewards are all
+    # equal and refill the step from the loader, generating at most dynamic_sampling_max_gen_batches batches of
+    # batch_multiplier loader batches each.
+    use_dynamic_sampling: bool = False
+    dynamic_sampling_max_gen_batches: PositiveInt = 10
+    batch_multiplier: PositiveInt = 1  # loader batches per generation batch (NeMo RL's is a float; whole here)
+    reward_shaping: RewardShapingConfig = RewardShapingConfig()
 
 
 class ClippedPGLossConfig(_Section):
+    """GRPO's loss (``ClippedPGLoss``); DAPO's decoupled clip is ``ratio_clip_max > ratio_clip_min``.
+
+    The generator/trainer mismatch corrections (``importance_correction``) are
+    off unless set; NeMo RL's names where it has them.
+    """
+
     reference_policy_kl_penalty: NonNegativeFloat
     ratio_clip_min: Annotated[float, Field(ge=0, lt=1)]
     ratio_clip_max: NonNegativeFloat
     token_level_loss: bool  # false: each sequence's token mean counts once
-    use_importance_sampling_correction: bool
+    use_importance_sampling_correction: bool  # weight each loss token by exp(prev_logprobs - generation_logprobs)
+    importance_sampling_level: Literal["token", "sequence"] = "token"  # sequence: the product over the sequence
+    truncated_importance_sampling_ratio: PositiveFloat | None = None  # TIS: the weight capped at this
+    # Drop tokens (ICE-POP) or whole sequences (by the geometric mean) whose ratio is outside [min, max].
+    importance_sampling_mask: Literal["token", "sequence"] | None = None
+    importance_sampling_mask_min: PositiveFloat = 0.5
+    importance_sampling_mask_max: PositiveFloat = 2.0
+    sequence_level_importance_ratios: bool = False  # GSPO: one clipped ratio per sequence
+
+
+def _importance_weight_errors(cfg: GRPOMasterConfig) -> list[str]:
+    """The weight's options need the weight, and a sequence's product of ratios needs a cap."""
+    loss, errors = cfg.loss_fn, []
+    cap, weighted = loss.truncated_importance_sampling_ratio, loss.use_importance_sampling_correction
+    if cap is not None and not weighted:
+        errors.append(
+            "loss_fn.truncated_importance_sampling_ratio: caps the importance weights, and "
+            "loss_fn.use_importance_sampling_correction = false applies none; set it to true, or the ratio to null"
+        )
+    if cap is not None and cap < 1:
+        errors.append(
+            f"loss_fn.truncated_importance_sampling_ratio: {cap} is below 1, so it caps even the tokens both "
+            "engines score alike (ratio 1); use a cap of at least 1 (e.g. 2.0)"
+        )
+    if loss.importance_sampling_level == "sequence" and not weighted:
+        errors.append(
+            "loss_fn.importance_sampling_level: sequence with loss_fn.use_importance_sampling_correction = false "
+            "has no weight to compute; set it to true, or the level to token"
+        )
+    elif loss.importance_sampling_level == "sequence" and cap is None:
+        errors.append(
+            "loss_fn.importance_sampling_level: sequence weights a sequence by the product of its tokens' ratios, "
+            "which grows exponentially with its length; cap it with loss_fn.truncated_importance_sampling_ratio "
+            "(e.g. 2.0)"
+        )
+    return errors
+
+
+def _importance_mask_errors(cfg: GRPOMasterConfig) -> list[str]:
+    """The mask's bounds keep on-policy tokens, and the mask agrees with the weight it multiplies."""
+    loss, errors = cfg.loss_fn, []
+    if loss.importance_sampling_mask is None:
+        return []
+    low, high = loss.importance_sampling_mask_min, loss.importance_sampling_mask_max
+    if not low <= 1 <= high or low >= high:
+        errors.append(
+            f"loss_fn.importance_sampling_mask_min, loss_fn.importance_sampling_mask_max: [{low}, {high}] must "
+            "contain 1 (the ratio of a token both engines score alike) with min < max, or the mask drops "
+            "on-policy tokens; e.g. 0.5 and 2.0"
+        )
+    if loss.importance_sampling_mask != "token" or not loss.use_importance_sampling_correction:
+        return errors
+    cap = loss.truncated_importance_sampling_ratio
+    if loss.importance_sampling_level == "sequence":
+        errors.append(
+            "loss_fn.importance_sampling_mask: token drops single tokens, and loss_fn.importance_sampling_level = "
+            "sequence weights a sequence by the product over all its tokens; mask sequences "
+            "(importance_sampling_mask=sequence) or weight tokens (importance_sampling_level=token)"
+        )
+    elif cap is not None and cap >= high:
+        errors.append(
+            f"loss_fn.truncated_importance_sampling_ratio: {cap} is not below loss_fn.importance_sampling_mask_max "
+            f"= {high}; the token mask drops every token whose ratio exceeds {high}, so the cap never applies; "
+            "lower the cap below the mask's max, or set it to null"
+        )
+    return errors
+
+
+def _sequence_ratio_errors(cfg: GRPOMasterConfig) -> list[str]:
+    if not (cfg.loss_fn.sequence_level_importance_ratios and cfg.loss_fn.token_level_loss):
+        return []
+    return [
+        "loss_fn.sequence_level_importance_ratios: GSPO clips and averages per sequence (each sequence's loss "
+        "counts once), and loss_fn.token_level_loss = true weighs sequences by their length; set "
+        "loss_fn.token_level_loss=false"
+    ]
 
 
 class MathEnvConfig(_Section):
@@ -637,8 +748,56 @@ def validate_grpo_config(resolved: Mapping[str, Any]) -> GRPOMasterConfig:
             lambda cfg: _rollout_logprob_batch_errors(cfg, cfg.grpo, "grpo"),
             *_generation_rules("grpo", "GRPO"),
             _greedy_group_errors,
+            _batch_multiplier_errors,
+            _reward_shaping_errors,
+            _importance_weight_errors,
+            _importance_mask_errors,
+            _sequence_ratio_errors,
         ),
     )
+
+
+def _batch_multiplier_errors(cfg: GRPOMasterConfig) -> list[str]:
+    loop = cfg.grpo
+    if loop.batch_multiplier == 1 or loop.use_dynamic_sampling:
+        return []
+    return [
+        f"grpo.batch_multiplier: {loop.batch_multiplier} over-samples prompts for dynamic sampling only (without it "
+        "the extra prompts would be generated for and never trained on); set grpo.use_dynamic_sampling=true or "
+        "grpo.batch_multiplier=1"
+    ]
+
+
+def _reward_shaping_errors(cfg: GRPOMasterConfig) -> list[str]:
+    """The overlong buffer lies within the maximum length, and responses can reach it."""
+    shaping = cfg.grpo.reward_shaping
+    if not shaping.enabled:
+        return []
+    buffer = shaping.overlong_buffer_length
+    if buffer is None:
+        return [
+            "grpo.reward_shaping.overlong_buffer_length: required with grpo.reward_shaping.enabled=true (the last "
+            "tokens before max_response_length over which the penalty grows; DAPO: 4096 of 20480)"
+        ]
+    max_new = _generation(cfg).max_new_tokens
+    max_len, source = (
+        (shaping.max_response_length, "grpo.reward_shaping.max_response_length")
+        if shaping.max_response_length is not None
+        else (max_new, "policy.generation.max_new_tokens (grpo.reward_shaping.max_response_length is null)")
+    )
+    if buffer > max_len:
+        return [
+            f"grpo.reward_shaping.overlong_buffer_length: {buffer} is longer than the maximum response length "
+            f"{max_len} of {source}; set grpo.reward_shaping.overlong_buffer_length to at most {max_len}"
+        ]
+    if max_len - buffer >= max_new:
+        return [
+            f"grpo.reward_shaping: the penalty starts after max_response_length - overlong_buffer_length = "
+            f"{max_len} - {buffer} = {max_len - buffer} tokens, but policy.generation.max_new_tokens = {max_new} "
+            "stops every response before that, so nothing would be penalised; lower "
+            "grpo.reward_shaping.max_response_length or raise overlong_buffer_length"
+        ]
+    return []
 
 
 def _greedy_group_errors(cfg: GRPOMasterConfig) -> list[str]:
@@ -879,6 +1038,54 @@ def _train_batch_errors(cfg: MasterConfig) -> list[str]:
     )
 
 
+def _dynamic_batching_pipeline_errors(cfg: MasterConfig) -> list[str]:
+    """Pipeline stages exchange activations of one shape per schedule; token-budget micro-batches differ in shape."""
+    pp = _dims(cfg).pp
+    if not cfg.policy.dynamic_batching.enabled or pp == 1:
+        return []
+    return [
+        f"policy.dynamic_batching.enabled: true with policy.megatron_cfg.pipeline_model_parallel_size = {pp}; "
+        "pipeline stages send each other activations of one fixed shape per schedule, and token-budget "
+        "micro-batches differ in shape; set policy.dynamic_batching.enabled=false or pipeline_model_parallel_size=1"
+    ]
+
+
+def _dynamic_batching_packing_errors(cfg: MasterConfig) -> list[str]:
+    if not (cfg.policy.dynamic_batching.enabled and cfg.policy.sequence_packing.enabled):
+        return []
+    return [
+        "policy.dynamic_batching.enabled: true with policy.sequence_packing.enabled = true; packing already fills "
+        "each micro-batch to a token budget (one row of max_total_sequence_length); enable only one of the two"
+    ]
+
+
+def _dynamic_batching_backend_errors(cfg: MasterConfig) -> list[str]:
+    """FSDP's collectives run in every micro-batch, so its ranks must run as many; token-budget shards may not."""
+    if not (cfg.policy.dynamic_batching.enabled and cfg.policy.dtensor_cfg.enabled):
+        return []
+    return [
+        "policy.dynamic_batching.enabled: true needs the Megatron backend (on the DTensor backend every rank must "
+        "run the same number of micro-batches, and token-budget shards may need different numbers); set "
+        "policy.dynamic_batching.enabled=false or use policy.megatron_cfg.enabled=true"
+    ]
+
+
+def _dynamic_batching_budget_errors(cfg: MasterConfig) -> list[str]:
+    """Each budget holds the longest row a batch can have; with preference pairs, which stay together, two."""
+    section, max_len = cfg.policy.dynamic_batching, cfg.policy.max_total_sequence_length
+    if not section.enabled:
+        return []
+    need = cfg.rows_per_sample * max_len
+    unit = "a row" if cfg.rows_per_sample == 1 else f"{cfg.rows_per_sample} rows of a sample, kept together,"
+    budgets = {"train_mb_tokens": section.train_mb_tokens, "logprob_mb_tokens": section.logprob_mb_tokens}
+    return [
+        f"policy.dynamic_batching.{key}: {budget} is below {need}, what {unit} of "
+        f"policy.max_total_sequence_length = {max_len} tokens needs; raise it to at least {need}"
+        for key, budget in budgets.items()
+        if budget < need
+    ]
+
+
 def _sequence_length_errors(cfg: MasterConfig) -> list[str]:
     max_len, divisible_by = cfg.policy.max_total_sequence_length, cfg.policy.make_sequence_length_divisible_by
     if max_len % divisible_by == 0:
@@ -970,6 +1177,10 @@ _POLICY_RULES: tuple[Rule[MasterConfig], ...] = (
     lambda cfg: _dims(cfg).sequence_length_errors(cfg.policy.make_sequence_length_divisible_by),
     _backend_errors,
     _lr_schedule_errors,
+    _dynamic_batching_pipeline_errors,
+    _dynamic_batching_packing_errors,
+    _dynamic_batching_backend_errors,
+    _dynamic_batching_budget_errors,
 )
 
 

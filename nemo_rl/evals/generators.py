@@ -127,6 +127,12 @@ class VllmGenerator:
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_token_ids], params, use_tqdm=False)
         return [completion_text(self.tokenizer, out.outputs[0].token_ids, self.stop_ids) for out in outputs]
 
+    def prompt_logprobs(self, prompt_token_ids: list[list[int]]) -> list[list[float]]:
+        """Each prompt's tokens scored teacher-forced (t >= 1): the generator's side of a parity comparison."""
+        from nemo_rl.models.generation.vllm_worker import prompt_logprobs
+
+        return prompt_logprobs(self.llm, prompt_token_ids)
+
     def close(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()
 

@@ -37,9 +37,29 @@ def _hf_teacher(run):
     return AutoModelForCausalLM.from_pretrained(run.teacher_path, config=config, dtype=torch.float32).eval()
 
 
+def assert_teacher_topk_matches_hf(run) -> None:
+    """The teacher's summary of four long validation prompts (+ a short fake response), through the run's own
+    layout (packing, context parallelism), equals transformers' ``log_softmax(...).topk`` of the teacher."""
+    from nemo_rl.algorithms.rollout_training import rollout_batch
+    from nemo_rl.models.generation.vllm_worker import Completion
+
+    long = [s for s in run.val_data.samples if len(s.input_ids) > ORIGINAL_WINDOW][:4]
+    assert len(long) == 4
+    reply = Completion(token_ids=[5, 6, 7], logprobs=[0.0, 0.0, 0.0], text="", finish_reason="stop")
+    divisible_by = run.cfg.policy.make_sequence_length_divisible_by
+    batch = rollout_batch(long, [reply] * 4, torch.zeros(4), run.tokenizer.pad_token_id, divisible_by)
+    values, indices = run.teacher.get_topk_logprobs(batch, 4, 8)
+    with torch.no_grad():
+        reference = torch.log_softmax(_hf_teacher(run)(input_ids=batch["input_ids"]).logits.float(), -1)
+    expected = reference.topk(8, dim=-1)
+    for row, length in enumerate(batch["input_lengths"].tolist()):
+        # Row t of the teacher's summary describes token t (predicted at t - 1), like get_logprobs.
+        torch.testing.assert_close(values[row, 1:length], expected.values[row, : length - 1], atol=1e-4, rtol=1e-4)
+        assert (indices[row, 1:length, 0] == expected.indices[row, : length - 1, 0]).float().mean() > 0.99
+
+
 def test_distillation_kl_falls_and_teacher_topk_matches_hf(tmp_path):
     from nemo_rl.algorithms.distillation import DistillationRun
-    from nemo_rl.algorithms.rollout_training import rollout_batch
     from nemo_rl.config.loader import load_config, resolve_config
     from nemo_rl.config.schema import validate_distillation_config
 
@@ -62,25 +82,7 @@ def test_distillation_kl_falls_and_teacher_topk_matches_hf(tmp_path):
     with local_ray(2, tmp_path / "mcore"):
         run = DistillationRun(validate_distillation_config(resolved), resolved)
         try:
-            # The teacher's summary of long prompts (+ a short fake response) against transformers.
-            long = [s for s in run.val_data.samples if len(s.input_ids) > ORIGINAL_WINDOW][:4]
-            assert len(long) == 4
-
-            class _Reply:
-                token_ids, logprobs = [5, 6, 7], [0.0, 0.0, 0.0]
-
-            batch = rollout_batch(long, [_Reply()] * 4, torch.zeros(4), run.tokenizer.pad_token_id, 8)
-            values, indices = run.teacher.get_topk_logprobs(batch, 4, 8)
-            with torch.no_grad():
-                reference = torch.log_softmax(_hf_teacher(run)(input_ids=batch["input_ids"]).logits.float(), -1)
-            expected = reference.topk(8, dim=-1)
-            for row, length in enumerate(batch["input_lengths"].tolist()):
-                # Row t of the teacher's summary describes token t (predicted at t - 1), like get_logprobs.
-                torch.testing.assert_close(
-                    values[row, 1:length], expected.values[row, : length - 1], atol=1e-4, rtol=1e-4
-                )
-                assert (indices[row, 1:length, 0] == expected.indices[row, : length - 1, 0]).float().mean() > 0.99
-
+            assert_teacher_topk_matches_hf(run)
             result = run.train()
         finally:
             run.close()

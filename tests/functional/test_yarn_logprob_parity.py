@@ -2,7 +2,10 @@
 
 The tiny model's query/key projections are scaled up so attention is sharp and
 position-dependent; a negative control (the same model without YaRN) shows the
-comparison would catch a RoPE mismatch beyond the original window.
+comparison would catch a RoPE mismatch beyond the original window. The rollout
+loop's parity probe, by position bucket, is run on the same sequence: a vLLM
+engine given the same YaRN block passes it in every bucket, one whose block
+differs in a single field (``truncate``, which vLLM 0.11 ignored) stops it.
 """
 
 from __future__ import annotations
@@ -14,11 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from nemo_rl.models.builtin_models import resolve_model_path
 from nemo_rl.rope.hf_config import apply_hf_config_overrides
-from nemo_rl.rope.vllm_engine import vllm_engine_kwargs
 from tests.helpers import yarn_block
 
 pytestmark = [pytest.mark.functional, pytest.mark.slow]
@@ -84,33 +86,33 @@ def _megatron_logprobs(path: Path, ids: torch.Tensor, tmp: Path) -> torch.Tensor
         del os.environ["NRL_MEGATRON_CHECKPOINT_DIR"]
 
 
-def _vllm_logprobs(path: Path, ids: torch.Tensor) -> torch.Tensor:
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM, SamplingParams
+def _vllm_logprobs(path: Path, ids: torch.Tensor, overrides=OVERRIDES) -> torch.Tensor:
+    from nemo_rl.evals.generators import VllmGenerator
 
-    kwargs = vllm_engine_kwargs(AutoConfig.from_pretrained(path), OVERRIDES, MAX_LEN)
-    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, seed=0, **kwargs)
+    generator = VllmGenerator(path, overrides, MAX_LEN, AutoTokenizer.from_pretrained(path))
     try:
-        out = llm.generate(
-            [{"prompt_token_ids": ids[0].tolist()}], SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
-        )
+        return torch.tensor(generator.prompt_logprobs([ids[0].tolist()])[0], dtype=torch.float64)
     finally:
-        llm.llm_engine.engine_core.shutdown()
-    prompt_logprobs = out[0].prompt_logprobs  # entry t: logprob of prompt token t given tokens < t
-    return torch.tensor(
-        [prompt_logprobs[t][int(ids[0, t])].logprob for t in range(1, ids.shape[1])], dtype=torch.float64
-    )
+        generator.close()
 
 
-def test_hf_megatron_and_vllm_agree_beyond_the_original_window(sharp_model, tokens, tmp_path):
+@pytest.fixture(scope="module")
+def megatron(sharp_model, tokens, tmp_path_factory) -> torch.Tensor:
+    return _megatron_logprobs(sharp_model, tokens, tmp_path_factory.mktemp("megatron"))
+
+
+@pytest.fixture(scope="module")
+def vllm(sharp_model, tokens) -> torch.Tensor:
+    return _vllm_logprobs(sharp_model, tokens)
+
+
+def test_hf_megatron_and_vllm_agree_beyond_the_original_window(sharp_model, tokens, megatron, vllm):
     hf = _hf_logprobs(sharp_model, tokens, OVERRIDES)
     no_yarn = _hf_logprobs(sharp_model, tokens, None)
     beyond = slice(256, None)  # predictions at positions past the original window
     control_gap = (hf[beyond] - no_yarn[beyond]).abs().max().item()
     assert control_gap > 100 * ATOL, f"the model is not position-sensitive enough ({control_gap})"
 
-    megatron = _megatron_logprobs(sharp_model, tokens, tmp_path)
-    vllm = _vllm_logprobs(sharp_model, tokens)
     print(
         f"max |logprob diff| vs HF: megatron {(megatron - hf).abs().max():.2e} "
         f"(at {int((megatron - hf).abs().argmax())}), vllm {(vllm - hf).abs().max():.2e}; "
@@ -118,3 +120,31 @@ def test_hf_megatron_and_vllm_agree_beyond_the_original_window(sharp_model, toke
     )
     torch.testing.assert_close(megatron, hf, rtol=0, atol=ATOL)
     torch.testing.assert_close(vllm.float(), hf.float(), rtol=0, atol=ATOL)
+
+
+def _parity(generator: torch.Tensor, trainer: torch.Tensor):
+    """The rollout loop's probe over the sequence's predicted tokens (column t: the token at position t)."""
+    from nemo_rl.algorithms.logprob_parity import measure_parity
+
+    pad = torch.zeros(1, dtype=torch.float64)
+    rows = [torch.cat([pad, values.double()])[None] for values in (generator, trainer)]
+    mask = torch.ones_like(rows[0])
+    mask[0, 0] = 0  # the first token is never predicted
+    return measure_parity(rows[0], rows[1], mask, window=256)
+
+
+def test_parity_by_position_passes_the_same_yarn_and_stops_a_subtly_different_one(sharp_model, tokens, megatron, vllm):
+    from nemo_rl.algorithms.logprob_parity import ParityError, check_first_step
+
+    matched = _parity(vllm, megatron)
+    different = _parity(_vllm_logprobs(sharp_model, tokens, {"rope_scaling": yarn_block(truncate=False)}), megatron)
+    print("matched:", matched.metrics(), "\ntruncate off in vLLM only:", different.metrics())
+    assert list(matched.buckets) == ["window", "1-2x", "2-4x"]
+    for name, (_, agreement) in matched.buckets.items():
+        assert 1.0 <= agreement.error <= 1.001 and agreement.kl < 1e-4, (name, agreement)
+    check_first_step(matched, 1.001, long_context=True, section="grpo")
+
+    errors = [agreement.error for _, agreement in different.buckets.values()]
+    assert errors == sorted(errors), "the gap should grow with the position"  # measured 1.152, 1.240, 1.249
+    with pytest.raises(ParityError, match=r"token_mult_prob_error/2-4x = .* at positions 512-1023"):
+        check_first_step(different, 1.001, long_context=True, section="grpo")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nemo_rl.algorithms.advantages import group_advantages, token_weights
+from nemo_rl.algorithms.importance_correction import ImportanceCorrection
 from nemo_rl.algorithms.loss_functions import ClippedPGLoss
 from nemo_rl.data.token_alignment import align_to_predictions
 
@@ -66,15 +67,38 @@ def test_importance_weights_and_gradient():
         advantages=[1.0, 1.0, 1.0],
         prev_logprobs=[math.log(0.5)] * 3,
         reference_logprobs=[math.log(0.5)] * 3,
-        generation_logprobs=[math.log(0.25), math.log(0.5), 0.0],
+        importance_weight=[2.0, 1.0, 7.0],  # the driver's (importance_correction); 7 sits on no loss token
         token_weight=[1.0, 3.0, 1.0],
     )
-    numerator, _, _ = ClippedPGLoss(importance_sampling_correction=True)(logp, batch)
-    # r = 1, A = 1: per token -1, weighted by exp(prev - gen) = [2, 1] and token_weight = [1, 3]
-    assert float(numerator) == pytest.approx(-(2 * 1 + 1 * 3))
+    numerator, _, metrics = ClippedPGLoss(importance_correction=ImportanceCorrection(weighted=True))(logp, batch)
+    # r = 1, A = 1: per token -1, weighted by importance_weight = [2, 1] and token_weight = [1, 3]
+    assert float(numerator.detach()) == pytest.approx(-(2 * 1 + 1 * 3))
+    assert float(metrics["is_weight_sum"]) == pytest.approx(2 + 1)
     numerator.backward()
     # d(-r A w)/d logp = -r A w (r = exp(logp - prev)), inside the clip range
     torch.testing.assert_close(logp.grad, torch.tensor([[-2.0, -3.0, 0.0]]))
+
+
+def test_decoupled_clip_clips_each_side_at_its_own_bound():
+    """DAPO's clip higher is ratio_clip_max > ratio_clip_min: [1 - 0.2, 1 + 0.28] here."""
+    ratios = [1.25, 1.3, 0.85, 0.75]  # inside and outside the upper bound 1.28, inside and outside the lower 0.8
+    logp = torch.log(torch.tensor([ratios])).requires_grad_()
+    batch = {
+        "token_mask": torch.ones(1, 4),
+        "advantages": torch.tensor([[1.0, 1.0, -1.0, -1.0]]),  # each side's clip binds for its advantage sign
+        "prev_logprobs": torch.zeros(1, 4),
+        "reference_logprobs": torch.zeros(1, 4),
+    }
+    numerator, _, metrics = ClippedPGLoss(ratio_clip_min=0.2, ratio_clip_max=0.28)(logp, batch)
+    # A > 0: max(-r, -clip(r)) = -1.25 (unclipped), -1.28 (clipped at 1 + 0.28, not 1.2);
+    # A < 0: max(r, clip(r)) = 0.85 (unclipped), 0.8 (clipped at 1 - 0.2)
+    assert float(numerator.detach()) == pytest.approx(-1.25 - 1.28 + 0.85 + 0.8)
+    assert float(metrics["clipped_tokens"]) == 2
+    numerator.backward()
+    # unclipped tokens: d(-A r)/d logp = -A r; clipped ones: no gradient
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1.25, 0.0, 0.85, 0.0]]))
+    symmetric, _, _ = ClippedPGLoss(ratio_clip_min=0.2, ratio_clip_max=0.2)(logp.detach(), batch)
+    assert float(symmetric) == pytest.approx(-1.2 - 1.2 + 0.85 + 0.8)  # 1.25 clipped too at 1 + 0.2
 
 
 def test_per_token_fields_are_moved_to_the_predicting_position():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nemo_rl.algorithms.advantages import token_weights
+from nemo_rl.algorithms.importance_correction import ImportanceCorrection
 from nemo_rl.algorithms.loss_functions import ClippedPGLoss
 from nemo_rl.algorithms.rollout_training import rollout_batch, rollout_seeds
 from nemo_rl.data.prompt_dataset import PromptSample
@@ -167,12 +168,15 @@ def _hand_loss(sequence_level: bool, importance_sampling: bool):
 @pytest.mark.parametrize("sequence_level", [True, False])
 @pytest.mark.parametrize("importance_sampling", [False, True])
 def test_clipped_pg_loss_on_a_rollout_batch_matches_explicit_loops(sequence_level, importance_sampling):
-    _, aligned, token_logprobs = _e2e_inputs(sequence_level)
+    batch, aligned, token_logprobs = _e2e_inputs(sequence_level)
+    correction = ImportanceCorrection(weighted=True) if importance_sampling else None
+    if correction is not None:  # the driver's importance weights, aligned like every per-token field
+        aligned = align_to_predictions(batch | correction.fields(batch))
     loss_fn = ClippedPGLoss(
         ratio_clip_min=EPS_LOW,
         ratio_clip_max=EPS_HIGH,
         reference_policy_kl_penalty=BETA,
-        importance_sampling_correction=importance_sampling,
+        importance_correction=correction,
     )
     numerator, num_tokens, metrics = loss_fn(token_logprobs, aligned)
     want_numerator, want_tokens, want_kl, want_clipped = _hand_loss(sequence_level, importance_sampling)

@@ -39,14 +39,13 @@ def _teacher(seed: int) -> dict[str, torch.Tensor]:
 SHIPPED: dict[str, tuple[LossFunction, torch.Tensor, dict[str, torch.Tensor]]] = {
     "nll": (NLLLoss(), _logprobs(0), {"token_mask": _mask()}),
     "clipped_pg": (
-        ClippedPGLoss(reference_policy_kl_penalty=0.1, importance_sampling_correction=True),
+        ClippedPGLoss(reference_policy_kl_penalty=0.1),
         _logprobs(0),
         {
             "token_mask": _mask(),
             "advantages": torch.linspace(-1, 1, B * L).reshape(B, L),
             "prev_logprobs": _logprobs(1),
             "reference_logprobs": _logprobs(2),
-            "generation_logprobs": _logprobs(3),
         },
     ),
     "dpo": (

@@ -10,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from nemo_rl.algorithms.distillation import DistillationRun
 from nemo_rl.algorithms.grpo import GRPORun
-from nemo_rl.algorithms.logprob_parity import ParityError
+from nemo_rl.algorithms.logprob_parity import ParityError, measure_parity
 from nemo_rl.config.loader import load_config, resolve_config
 from nemo_rl.config.schema import validate_distillation_config, validate_grpo_config
 
@@ -40,9 +41,10 @@ def _run_without_workers(run_cls, recipe: str, validate, tmp_path: Path):
 def test_the_parity_stop_names_the_running_algorithms_threshold(run_cls, recipe, validate, section, other, tmp_path):
     run = _run_without_workers(run_cls, recipe, validate, tmp_path)
     try:
-        run.check_parity(1.0)  # agreeing engines pass
+        tokens, mask = torch.zeros(1, 64), torch.ones(1, 64)
+        run.check_parity(measure_parity(tokens, tokens, mask, run.parity_window()))  # agreeing engines pass
         with pytest.raises(ParityError) as info:
-            run.check_parity(1.5)
+            run.check_parity(measure_parity(tokens, tokens + 0.4, mask, run.parity_window()))
     finally:
         run.close()
     message = str(info.value)

@@ -30,6 +30,18 @@ class Completion:
     finish_reason: str | None
 
 
+def prompt_logprobs(llm: Any, prompts: Sequence[Sequence[int]]) -> list[list[float]]:
+    """log p(token t | tokens < t) for t >= 1 of each prompt, scored by the ``vllm.LLM`` engine ``llm``."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
+    outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+    return [
+        [out.prompt_logprobs[t][prompt[t]].logprob for t in range(1, len(prompt))]
+        for out, prompt in zip(outputs, prompts, strict=True)
+    ]
+
+
 class VllmGenerationWorker:
     def __init__(
         self,
@@ -123,14 +135,7 @@ class VllmGenerationWorker:
 
     def prompt_logprobs(self, prompts: Sequence[Sequence[int]]) -> list[list[float]]:
         """log p(token t | tokens < t) for t >= 1 of each prompt: the generator's side of a parity check."""
-        from vllm import SamplingParams
-
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
-        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
-        return [
-            [out.prompt_logprobs[t][prompt[t]].logprob for t in range(1, len(prompt))]
-            for out, prompt in zip(outputs, prompts, strict=True)
-        ]
+        return prompt_logprobs(self.llm, prompts)
 
     def load_weights(self, blob: bytes) -> int:
         """Replace the engine's weights by HF-named tensors (``vllm_weight_refit.pack_weights``): the whole model

@@ -80,8 +80,9 @@ class PolicyInterface(WeightSource, Protocol):
     """A model as the algorithms see it: global batches in, global results out, whatever the backend and layout.
 
     ``train`` and ``evaluate`` return ``{"metrics": totals of the loss's parts}``
-    (``train`` adds ``grad_norm``, ``lr``, ``update_successful``, and with
-    sequence packing ``packing_efficiency``). ``get_topk_logprobs`` and
+    (``train`` adds ``grad_norm``, ``lr``, ``update_successful``, with
+    sequence packing ``packing_efficiency``, and with token-budget batching
+    ``dynamic_batching/utilisation`` and ``/micro_batches``). ``get_topk_logprobs`` and
     ``get_scores`` exist on the Megatron backend only; the config check refuses
     distillation and reward-model runs on DTensor before Ray starts.
     ``stream_hf_weights`` (``WeightSource``) is the refit source.

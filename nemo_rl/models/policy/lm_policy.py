@@ -8,7 +8,8 @@ of per-rank metrics, so algorithms only see global batches and global metrics.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,10 +27,25 @@ from nemo_rl.models.policy.dtensor_policy_worker import DTensorPolicyWorker
 from nemo_rl.models.policy.interfaces import LossFunction, PolicyInterface, PolicyWorkerInterface
 from nemo_rl.models.policy.loss_metrics import add_totals
 from nemo_rl.models.policy.megatron_policy_worker import MegatronPolicyWorker
+from nemo_rl.models.policy.token_budget import (
+    MICRO_BATCHES,
+    UTILISATION,
+    TokenBudgetSplit,
+    budget_metrics,
+    split_by_budget,
+)
 
 logger = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
+
+# What ``train`` adds about how the step's rows were laid out in micro-batches (packing, token budgets).
+LAYOUT_METRICS = ("packing_efficiency", UTILISATION, MICRO_BATCHES)
+
+
+def layout_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """The layout metrics of a ``train`` result, logged with the step's (none with fixed micro-batches)."""
+    return {key: result[key] for key in LAYOUT_METRICS if key in result}
 
 
 def split_rows(batch: Batch, parts: int) -> list[Batch]:
@@ -56,12 +72,15 @@ class Policy:
         reward_head: bool = False,
         trainable: bool = True,
         role: str = "policy worker",
+        rows_per_sample: int = 1,
     ):
         """``init_reference_model`` keeps the starting weights for ``get_logprobs(..., reference=True)`` (KL in
         RL, DPO); ``reward_head`` makes the model a reward model; ``trainable=False`` a forward-only model
         without optimizer state (a distillation teacher). The last two are Megatron-only. ``role`` names the
-        workers in the log and in the error when one dies."""
+        workers in the log and in the error when one dies. ``rows_per_sample`` consecutive rows stay in one
+        micro-batch under token-budget batching (2: a preference pair, which pairwise losses compare)."""
         self.cfg = policy_cfg
+        self.rows_per_sample = rows_per_sample
         self.dims = ParallelDims.for_world(policy_cfg, cluster.world_size)
         worker_cls: type[PolicyWorkerInterface] = (
             DTensorPolicyWorker if policy_cfg.dtensor_cfg.enabled else MegatronPolicyWorker
@@ -96,13 +115,19 @@ class Policy:
         """Per-worker (micro-batches, loss) and layout metrics.
 
         With sequence packing each DP shard's samples are packed into rows of
-        ``max_total_sequence_length`` tokens, one row per micro-batch, so
-        ``micro_batch_size`` does not apply.
+        ``max_total_sequence_length`` tokens, one row per micro-batch; with
+        token-budget batching they fill micro-batches of ``train_mb_tokens``
+        (``token_budget``). Either way ``micro_batch_size`` does not apply.
         """
+        shards = split_rows(batch, self.dims.dp)
+        if self.cfg.dynamic_batching.enabled:
+            budget = self.cfg.dynamic_batching.train_mb_tokens
+            splits = [self._budget_split(shard, budget) for shard in shards]
+            return self._per_worker([split.micro_batches for split in splits], loss_fn), budget_metrics(splits, budget)
         per_dp = []
         real = allocated = 0
         multiple = self.dims.sequence_multiple
-        for shard in split_rows(batch, self.dims.dp):
+        for shard in shards:
             if self.cfg.sequence_packing.enabled:
                 capacity = pack_capacity(self.cfg.max_total_sequence_length, multiple)
                 rows, stats = pack_batch(shard, capacity, multiple)
@@ -111,7 +136,17 @@ class Policy:
             else:
                 per_dp.append(_micro_batches(shard, micro_batch_size))
         metrics = {"packing_efficiency": real / allocated} if allocated else {}
-        return [(per_dp[info["dp_rank"]], loss_fn) for info in self.worker_info], metrics
+        return self._per_worker(per_dp, loss_fn), metrics
+
+    def _per_worker(self, per_dp: list, *args: Any) -> list[tuple]:
+        """Each worker's call arguments: its DP rank's share, then ``args``."""
+        return [(per_dp[info["dp_rank"]], *args) for info in self.worker_info]
+
+    def _budget_split(self, shard: Batch, budget: int) -> TokenBudgetSplit:
+        """``shard`` in micro-batches of at most ``budget`` tokens, lengths a multiple of both the configured
+        round and what the layout needs (sequence parallelism splits the sequence over the TP ranks)."""
+        multiple = math.lcm(self.cfg.dynamic_batching.sequence_length_round, self.dims.sequence_multiple)
+        return split_by_budget(shard, budget, multiple, self.rows_per_sample)
 
     def _reduce(self, results: list[dict[str, Any]]) -> dict[str, Any]:
         reported = [results[i] for i in self._reporters]
@@ -126,8 +161,8 @@ class Policy:
         return self._run("evaluate", batch, loss_fn, micro_batch_size)
 
     def _run(self, method: str, batch: Batch, loss_fn: LossFunction, micro_batch_size: int) -> dict[str, Any]:
-        args, layout_metrics = self._shard_args(batch, micro_batch_size, loss_fn)
-        return self._reduce(self.worker_group.run_each(method, args)) | layout_metrics
+        args, layout = self._shard_args(batch, micro_batch_size, loss_fn)
+        return self._reduce(self.worker_group.run_each(method, args)) | layout
 
     def get_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits from the last pipeline stage (every rank runs the forward pass)."""
@@ -149,14 +184,28 @@ class Policy:
     def _forward_rows(self, method: str, batch: Batch, micro_batch_size: int, *args, concat: bool = True):
         """A forward-only worker ``method`` over the rows of ``batch``, results in row order (one per DP rank
         unless ``concat``). With context parallelism every row is its own sample for megatron's packed path
-        (the row length is already a multiple of 2 x CP)."""
-        per_dp = [
-            single_sample_rows(shard["input_ids"]) if self.dims.cp > 1 else _micro_batches(shard, micro_batch_size)
-            for shard in split_rows({"input_ids": batch["input_ids"]}, self.dims.dp)
-        ]
-        results = self.worker_group.run_each(method, [(per_dp[info["dp_rank"]], *args) for info in self.worker_info])
-        ordered = [results[self._dp_reporters[dp]] for dp in range(self.dims.dp)]
+        (the row length is already a multiple of 2 x CP). With token-budget batching the rows fill
+        micro-batches of ``logprob_mb_tokens`` (by ``input_lengths``) and ``micro_batch_size`` does not apply;
+        the results come back in row order at the batch's length (zero past each micro-batch's own length,
+        where only padding lies)."""
+        if self.cfg.dynamic_batching.enabled:
+            fields = {"input_ids": batch["input_ids"], "input_lengths": batch["input_lengths"]}
+            budget = self.cfg.dynamic_batching.logprob_mb_tokens
+            splits = [self._budget_split(shard, budget) for shard in split_rows(fields, self.dims.dp)]
+            results = self._run_forward(method, [split.micro_batches for split in splits], args)
+            ordered: list[Any] = [split.restore(out) for split, out in zip(splits, results, strict=True)]
+        else:
+            per_dp = [
+                single_sample_rows(shard["input_ids"]) if self.dims.cp > 1 else _micro_batches(shard, micro_batch_size)
+                for shard in split_rows({"input_ids": batch["input_ids"]}, self.dims.dp)
+            ]
+            ordered = self._run_forward(method, per_dp, args)
         return torch.cat(ordered) if concat else ordered
+
+    def _run_forward(self, method: str, per_dp: list[list[Batch]], args: tuple) -> list[Any]:
+        """``method`` on every worker with its DP rank's micro-batches; one result per DP rank, in rank order."""
+        results = self.worker_group.run_each(method, self._per_worker(per_dp, *args))
+        return [results[self._dp_reporters[dp]] for dp in range(self.dims.dp)]
 
     def get_scores(self, batch: Batch, micro_batch_size: int) -> torch.Tensor:
         """A reward model's score of every row ([B]): the head's output at the row's last token (``input_lengths``)."""

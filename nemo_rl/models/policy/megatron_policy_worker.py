@@ -51,6 +51,7 @@ from nemo_rl.models.megatron.parallel_weights import (
 from nemo_rl.models.policy.interfaces import LossFunction, MegatronWorkerInterface, model_output_of
 from nemo_rl.models.policy.loss_metrics import micro_batch_totals
 from nemo_rl.models.policy.reference_weights import ReferenceWeights, scoring_weights
+from nemo_rl.models.policy.token_budget import pad_positions
 
 logger = logging.getLogger(__name__)
 
@@ -444,6 +445,8 @@ class MegatronPolicyWorker(RefitSender):
         Runs on every rank; the result exists on the last pipeline stage (None
         elsewhere), with each context-parallel rank's chunks put back in order.
         An ``output`` returning a tuple of ``[B, L, ...]`` tensors gives a tuple.
+        Micro-batches of different lengths (token-budget batching) come back
+        zero-padded to the longest.
         """
         from megatron.core import parallel_state
 
@@ -462,7 +465,8 @@ class MegatronPolicyWorker(RefitSender):
                 group = parallel_state.get_context_parallel_group()
                 local = tuple(gather_context_parallel(t, mb["cu_seqlens"], group) for t in local)
             pieces.append(tuple(t.cpu() for t in local))
-        merged = tuple(torch.cat(parts) for parts in zip(*pieces, strict=True))
+        width = max(t.shape[1] for piece in pieces for t in piece)
+        merged = tuple(torch.cat([pad_positions(t, width) for t in parts]) for parts in zip(*pieces, strict=True))
         return merged if is_tuple else merged[0]
 
     @torch.no_grad()
