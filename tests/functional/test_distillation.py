@@ -58,10 +58,21 @@ def assert_teacher_topk_matches_hf(run) -> None:
         assert (indices[row, 1:length, 0] == expected.indices[row, : length - 1, 0]).float().mean() > 0.99
 
 
-def test_distillation_kl_falls_and_teacher_topk_matches_hf(tmp_path):
+def train_checking_the_teacher(resolved: dict):
+    """A distillation run of the resolved config: the teacher's top-k checked against HF first, then trained."""
     from nemo_rl.algorithms.distillation import DistillationRun
-    from nemo_rl.config.loader import load_config, resolve_config
     from nemo_rl.config.schema import validate_distillation_config
+
+    run = DistillationRun(validate_distillation_config(resolved), resolved)
+    try:
+        assert_teacher_topk_matches_hf(run)
+        return run.train()
+    finally:
+        run.close()
+
+
+def test_distillation_kl_falls_and_teacher_topk_matches_hf(tmp_path):
+    from nemo_rl.config.loader import load_config, resolve_config
 
     resolved = resolve_config(
         load_config(
@@ -80,12 +91,7 @@ def test_distillation_kl_falls_and_teacher_topk_matches_hf(tmp_path):
         )
     )
     with local_ray(2, tmp_path / "mcore"):
-        run = DistillationRun(validate_distillation_config(resolved), resolved)
-        try:
-            assert_teacher_topk_matches_hf(run)
-            result = run.train()
-        finally:
-            run.close()
+        result = train_checking_the_teacher(resolved)
 
     assert result.final_step == 12
     train = read_metrics(tmp_path / "logs", "train")

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from nemo_rl.utils.logger import read_metrics
-from tests.functional.test_distillation import assert_teacher_topk_matches_hf
+from tests.functional.test_distillation import train_checking_the_teacher
 from tests.functional.test_grpo_math import _config
 from tests.helpers import local_ray
 
@@ -75,9 +75,7 @@ def test_grpo_cp2_packed_matches_vllm_every_step(tmp_path, ray_cluster):
 
 
 def test_distillation_cp2_packed_teacher_topk_and_kl(tmp_path, ray_cluster):
-    from nemo_rl.algorithms.distillation import DistillationRun
     from nemo_rl.config.loader import load_config, resolve_config
-    from nemo_rl.config.schema import validate_distillation_config
 
     overrides = [
         f"logger.log_dir={tmp_path / 'logs'}",
@@ -87,12 +85,7 @@ def test_distillation_cp2_packed_teacher_topk_and_kl(tmp_path, ray_cluster):
         "checkpointing.enabled=false",
     ]
     resolved = resolve_config(load_config(DISTILLATION_RECIPE, overrides))
-    run = DistillationRun(validate_distillation_config(resolved), resolved)
-    try:
-        assert_teacher_topk_matches_hf(run)
-        result = run.train()
-    finally:
-        run.close()
+    result = train_checking_the_teacher(resolved)
     assert result.final_step == 2
     train = read_metrics(tmp_path / "logs", "train")
     assert [m["step"] for m in train] == [1, 2]

@@ -22,6 +22,7 @@ import pytest
 
 from nemo_rl.utils.logger import read_metrics
 from tests.functional.test_grpo_math import DEFAULT, PARITY_BOUND, _grpo
+from tests.unit.test_mismatch_corrections import ALL_ON
 
 pytestmark = [pytest.mark.functional, pytest.mark.slow]
 
@@ -40,12 +41,7 @@ TOKEN_LEVEL = (
     "env.math.format_reward_weight=0",
 )
 SEQUENCE_LEVEL = (
-    "loss_fn.use_importance_sampling_correction=true",
-    "loss_fn.importance_sampling_level=sequence",
-    "loss_fn.truncated_importance_sampling_ratio=2.0",
-    "loss_fn.importance_sampling_mask=sequence",
-    "loss_fn.sequence_level_importance_ratios=true",
-    "loss_fn.token_level_loss=false",
+    *ALL_ON,  # sequence-level TIS and mask, GSPO with sequence averaging
     "grpo.reward_shaping.enabled=true",
     "grpo.reward_shaping.overlong_buffer_length=8",
 )
