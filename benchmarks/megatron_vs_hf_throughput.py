@@ -25,6 +25,8 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,17 +35,19 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_sft_config(seq_len: int, batch_size: int, micro_batch_size: int):
+def load_policy_config(
+    recipe: str, validate: Callable, seq_len: int, batch_size: int, micro_batch_size: int, overrides: Sequence[str] = ()
+):
+    """``examples/configs/<recipe>`` validated by ``validate``, at the benchmark's batch shape, on one worker."""
     from nemo_rl.config.loader import load_config, resolve_config
-    from nemo_rl.config.schema import validate_sft_config
 
-    overrides = [
+    shape = [
         f"policy.max_total_sequence_length={seq_len}",  # the YaRN factor follows (seq_len / 256)
         f"policy.train_global_batch_size={batch_size}",
         f"policy.train_micro_batch_size={micro_batch_size}",
         "cluster.gpus_per_node=1",
     ]
-    return validate_sft_config(resolve_config(load_config(ROOT / "examples/configs/sft.yaml", overrides)))
+    return validate(resolve_config(load_config(ROOT / "examples/configs" / recipe, [*shape, *overrides])))
 
 
 def make_batch(vocab_size: int, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
@@ -57,55 +61,73 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step, warmup: int, steps: int, device: torch.device) -> tuple[float, list[float]]:
-    """(seconds for the timed steps, loss of every step including warm-up).
+def time_steps(step, warmup: int, steps: int, device: torch.device) -> tuple[list[float], list[float]]:
+    """(seconds of each timed step, loss of every step including warm-up).
 
     Only the first loss is comparable across sides: later ones follow each side's LR schedule
     (Megatron warms up from ``lr_warmup_init``; the HF loop uses a constant LR).
     """
     losses = [step() for _ in range(warmup)]
     sync(device)
-    start = time.perf_counter()
-    losses += [step() for _ in range(steps)]
-    sync(device)
-    return time.perf_counter() - start, losses
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        losses.append(step())
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds, losses
 
 
-def run_megatron(cfg, model_path: Path, batch, micro_batch_size: int, args) -> tuple[float, list[float]]:
+@contextmanager
+def megatron_policy(cfg, model_path: Path, num_cpus: int, **policy_kwargs) -> Iterator:
+    """A one-worker ``Policy`` on a local Ray cluster of ``num_cpus`` CPUs; it, its cluster and Ray end on exit."""
     import ray
 
-    from nemo_rl.algorithms.loss_functions import NLLLoss
     from nemo_rl.distributed.ray_init import init_ray
     from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
     from nemo_rl.models.policy.lm_policy import Policy
 
-    init_ray(num_cpus=args.num_cpus)
+    init_ray(num_cpus=num_cpus)
     cluster = RayVirtualCluster(1)
-    policy = Policy(cluster, cfg.policy, model_path, seed=0)
-
-    def step() -> float:
-        metrics = policy.train(batch, NLLLoss(), micro_batch_size)["metrics"]
-        return metrics["nll_sum"] / metrics["num_tokens"]
-
-    try:  # train() returns Python floats, so the worker's device work is done when it returns
-        return time_steps(step, args.warmup, args.steps, torch.device("cpu"))
+    policy = Policy(cluster, cfg.policy, model_path, seed=0, **policy_kwargs)
+    try:
+        yield policy
     finally:
         policy.shutdown()
         cluster.shutdown()
         ray.shutdown()
 
 
-def run_hf(cfg, model_path: Path, batch, micro_batch_size: int, args, device) -> tuple[float, list[float]]:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def run_megatron(cfg, model_path: Path, batch, micro_batch_size: int, args) -> tuple[list[float], list[float]]:
+    from nemo_rl.algorithms.loss_functions import NLLLoss
+
+    with megatron_policy(cfg, model_path, args.num_cpus) as policy:
+
+        def step() -> float:
+            metrics = policy.train(batch, NLLLoss(), micro_batch_size)["metrics"]
+            return metrics["nll_sum"] / metrics["num_tokens"]
+
+        # train() returns Python floats, so the worker's device work is done when it returns
+        return time_steps(step, args.warmup, args.steps, torch.device("cpu"))
+
+
+def hf_config_with_overrides(pcfg, model_path: Path):
+    """The model's HF config with the run's ``hf_config_overrides`` (the YaRN block), as the workers load it."""
+    from transformers import AutoConfig
 
     from nemo_rl.rope.hf_config import apply_hf_config_overrides
 
-    pcfg = cfg.policy
-    config = apply_hf_config_overrides(
+    return apply_hf_config_overrides(
         AutoConfig.from_pretrained(model_path), pcfg.effective_hf_config_overrides, pcfg.max_total_sequence_length
     )
+
+
+def run_hf(cfg, model_path: Path, batch, micro_batch_size: int, args, device) -> tuple[list[float], list[float]]:
+    from transformers import AutoModelForCausalLM
+
+    pcfg = cfg.policy
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, config=config, dtype=torch.float32, attn_implementation="sdpa"
+        model_path, config=hf_config_with_overrides(pcfg, model_path), dtype=torch.float32, attn_implementation="sdpa"
     ).to(device)
     model.train()
     ocfg = pcfg.megatron_cfg.optimizer
@@ -157,7 +179,9 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(args.num_cpus)
-    cfg = load_sft_config(args.seq_len, args.batch_size, micro_batch_size)
+    from nemo_rl.config.schema import validate_sft_config
+
+    cfg = load_policy_config("sft.yaml", validate_sft_config, args.seq_len, args.batch_size, micro_batch_size)
     model_path = resolve_model_path(cfg.policy.model_name)
     batch = make_batch(AutoConfig.from_pretrained(model_path).vocab_size, args.batch_size, args.seq_len)
 
@@ -170,8 +194,8 @@ def main() -> None:
     tokens = args.batch_size * args.seq_len
     rows = {
         name: {
-            "tokens_per_s": tokens * args.steps / seconds,
-            "s_per_step": seconds / args.steps,
+            "tokens_per_s": tokens * args.steps / sum(seconds),
+            "s_per_step": sum(seconds) / args.steps,
             "first_loss": losses[0],
         }
         for name, (seconds, losses) in results.items()

@@ -42,6 +42,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +56,9 @@ TIMINGS = ("timing/step_s", "timing/logprobs_s", "timing/training_s")
 LOGGED = (*TIMINGS, "dynamic_batching/micro_batches", "dynamic_batching/utilisation", "sequence_length_max")
 
 
-def run_layout(layout: str, steps: int, overrides: list[str], log_dir: Path) -> dict:
-    """One GRPO run of ``layout`` through the entry script: its arguments, wall time and per-step metrics."""
+def run_layout(layout: str, steps: int, overrides: list[str], log_dir: Path, logged: Sequence[str] = LOGGED) -> dict:
+    """One GRPO run of ``layout`` through the entry script: its arguments, wall time (and when it started) and
+    the ``logged`` metrics of every step."""
     import ray
 
     from examples.run_grpo_math import main as run_grpo_math
@@ -72,7 +74,7 @@ def run_layout(layout: str, steps: int, overrides: list[str], log_dir: Path) -> 
         *LAYOUTS[layout],
         *overrides,
     ]
-    load_before, start = os.getloadavg(), time.perf_counter()
+    load_before, started, start = os.getloadavg(), time.time(), time.perf_counter()
     try:
         if run_grpo_math(argv) != 0:
             raise RuntimeError(f"{layout} failed: examples/run_grpo_math.py {' '.join(argv)}")
@@ -81,10 +83,11 @@ def run_layout(layout: str, steps: int, overrides: list[str], log_dir: Path) -> 
     metrics = read_metrics(log_dir, "train")
     return {
         "argv": argv,
+        "started": started,
         "seconds": time.perf_counter() - start,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
-        "steps": [{"step": m["step"], **{k: m[k] for k in LOGGED if k in m}} for m in metrics],
+        "steps": [{"step": m["step"], **{k: m[k] for k in logged if k in m}} for m in metrics],
     }
 
 

@@ -24,6 +24,7 @@ import torch
 from nemo_rl.algorithms.advantages import group_advantages, token_weights
 from nemo_rl.algorithms.dynamic_sampling import DynamicSampling, ScoredBatch
 from nemo_rl.algorithms.importance_correction import importance_correction, sequence_ids
+from nemo_rl.algorithms.logprob_parity import ParityReport
 from nemo_rl.algorithms.loss_functions import ClippedPGLoss
 from nemo_rl.algorithms.reward_shaping import OverlongShaping, shaping_metrics
 from nemo_rl.algorithms.rollout_training import Batch, Responses, RolloutResult, RolloutRun, Timer, rollout_batch
@@ -84,9 +85,7 @@ class GRPORun(RolloutRun):
             self.tokenizer.pad_token_id,
             pcfg.make_sequence_length_divisible_by,
         )
-        batch["prev_logprobs"], parity = self.trainer_logprobs(batch, timer)
-        with timer("logprobs"):
-            batch["reference_logprobs"] = self.policy.get_logprobs(batch, self.logprob_batch(), reference=True)
+        batch["prev_logprobs"], batch["reference_logprobs"], parity = self.scored_with_reference(batch, timer)
         with timer("training"):
             train = self.optimize(batch)
         rewards = responses.rewards  # the environment's, of the first generation batch, as without dynamic sampling
@@ -105,6 +104,19 @@ class GRPORun(RolloutRun):
             "lr": train["lr"],
             **layout_metrics(train),  # packing_efficiency, or the token budgets' utilisation and micro-batches
         }
+
+    def scored_with_reference(self, batch: Batch, timer: Timer) -> tuple[torch.Tensor, torch.Tensor, ParityReport]:
+        """The live and the reference weights' log-probs of the sampled tokens from one policy call, and the
+        parity probe of the live ones (which stops a mismatched run on its first step, still before any update).
+
+        ``timing/logprobs_s`` is the call; ``timing/logprobs_policy_s`` and
+        ``timing/logprobs_reference_s`` its two passes on the workers.
+        """
+        with timer("logprobs"):
+            scored = self.policy.get_logprobs_with_reference(batch, self.logprob_batch())
+        for name, seconds in scored.seconds.items():
+            timer.add(f"logprobs_{name}", seconds)
+        return scored.policy, scored.reference, self.probe(batch, scored.policy)
 
     def oversampled(self, samples: list[PromptSample], seeds: list[int]) -> tuple[list[PromptSample], list[int]]:
         """The step's requests, and under dynamic sampling ``batch_multiplier - 1`` more loader batches' after them."""

@@ -82,9 +82,7 @@ class OfflineRun(RunLoop[OfflineResult]):
                 **self.policy_kwargs,
             )
         )
-        if self.policy.checkpoint_dir is not None:
-            cache_note = "converted now" if self.policy.converted_now else "reused from cache"
-            logger.info("Megatron checkpoint %s (%s)", self.policy.checkpoint_dir, cache_note)
+        self.log_checkpoint_source()
 
     # ------------------------------------------------------------ per algorithm
     def load_dataset(self, path: Path, split: str) -> Sequence:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,7 +28,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from nemo_rl.algorithms.logprob_parity import ParityReport, check_first_step, measure_parity
-from nemo_rl.algorithms.run_loop import RunLoop
+from nemo_rl.algorithms.run_loop import RunLoop, Timer
 from nemo_rl.algorithms.run_setup import resolve_policy_model
 from nemo_rl.data.builtin_datasets import resolve_dataset_paths
 from nemo_rl.data.dataloader import ResumableDataloader
@@ -94,24 +94,6 @@ def rollout_batch(
     if advantages is not None:
         batch["advantages"] = batch["loss_mask"] * advantages.float()[:, None]
     return batch
-
-
-class Timer:
-    """Wall time per phase of a step (a phase entered twice adds up), logged as ``timing/<phase>_s``."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
-
-    def metrics(self) -> dict[str, float]:
-        return {f"timing/{phase}_s": seconds for phase, seconds in self.seconds.items()}
 
 
 @dataclass
@@ -182,11 +164,27 @@ class RolloutRun(RunLoop[RolloutResult]):
         return ResumableDataloader(self.train_data, loop.num_prompts_per_step, cfg.data.shuffle, loop.seed)
 
     def start_workers(self) -> None:
+        """Ray, the clusters, then the models and the environment, each phase timed in ``self.startup``."""
         cfg = self.cfg
         gen = cfg.policy.generation
         policy_workers = cfg.cluster.gpus_per_node * cfg.cluster.num_nodes
-        if gen.colocated.enabled:
-            init_ray(workers=policy_workers)
+        res = gen.colocated.resources
+        engines = 0 if gen.colocated.enabled else res.gpus_per_node * res.num_nodes
+        with self.startup("ray_init"):
+            init_ray(workers=policy_workers + engines)
+        with self.startup("clusters"):
+            self.reserve_clusters(policy_workers, engines)
+        with self.startup("workers"):
+            if gen.colocated.enabled and self.cluster.use_gpus:
+                self.start_in_turn()
+            else:
+                self.start_at_once()
+        self.log_checkpoint_source()
+
+    def reserve_clusters(self, policy_workers: int, engines: int) -> None:
+        """The policy's bundles, and unless colocated (``engines == 0``) the engines' own."""
+        cfg = self.cfg
+        if not engines:
             self.cluster = self.started(
                 RayVirtualCluster(
                     cfg.cluster.gpus_per_node,
@@ -195,43 +193,68 @@ class RolloutRun(RunLoop[RolloutResult]):
                 )
             )
             self.generation_cluster = self.cluster
-        else:
-            res = gen.colocated.resources
-            engines = res.gpus_per_node * res.num_nodes
-            init_ray(workers=policy_workers + engines)
-            # The engines get nodes of their own after the policy's where the Ray cluster has them; otherwise
-            # the two clusters share the nodes (a CPU machine's cores split by their number of workers).
-            own_nodes = has_nodes(cfg.cluster.num_nodes + res.num_nodes)
-            share = 1.0 if own_nodes else policy_workers / (policy_workers + engines)
-            self.cluster = self.started(
-                RayVirtualCluster(
-                    cfg.cluster.gpus_per_node,
-                    cfg.cluster.num_nodes,
-                    max_colocated_worker_groups=self.trainer_groups,
-                    node_share=share,
-                )
+            return
+        gen = cfg.policy.generation
+        res = gen.colocated.resources
+        # The engines get nodes of their own after the policy's where the Ray cluster has them; otherwise
+        # the two clusters share the nodes (a CPU machine's cores split by their number of workers).
+        own_nodes = has_nodes(cfg.cluster.num_nodes + res.num_nodes)
+        share = 1.0 if own_nodes else policy_workers / (policy_workers + engines)
+        self.cluster = self.started(
+            RayVirtualCluster(
+                cfg.cluster.gpus_per_node,
+                cfg.cluster.num_nodes,
+                max_colocated_worker_groups=self.trainer_groups,
+                node_share=share,
             )
-            tp = engine_tensor_parallel_size(gen.vllm_kwargs)  # an engine's bundle holds its TP devices
-            self.generation_cluster = self.started(
-                RayVirtualCluster(
-                    res.gpus_per_node // tp,
-                    res.num_nodes,
-                    name="nemo_rl_generation",
-                    node_share=1.0 if own_nodes else 1 - share,
-                    devices_per_bundle=tp,
-                    first_node=cfg.cluster.num_nodes if own_nodes else 0,
-                )
+        )
+        tp = engine_tensor_parallel_size(gen.vllm_kwargs)  # an engine's bundle holds its TP devices
+        self.generation_cluster = self.started(
+            RayVirtualCluster(
+                res.gpus_per_node // tp,
+                res.num_nodes,
+                name="nemo_rl_generation",
+                node_share=1.0 if own_nodes else 1 - share,
+                devices_per_bundle=tp,
+                first_node=cfg.cluster.num_nodes if own_nodes else 0,
             )
-        start = time.perf_counter()
-        if gen.colocated.enabled and self.cluster.use_gpus:  # vLLM measures the GPU's free memory as it starts:
-            self.policy = self.start_policy()  # the policy must be loaded by then, not loading
-            self.generation = self.start_generation(cfg.policy)
-        else:  # the engines start while the policy workers do (on CPU: 67.7 s before, both in turn)
-            self.generation = self.start_generation(cfg.policy)
+        )
+
+    def start_in_turn(self) -> None:
+        """Colocated on GPUs: vLLM measures the GPU's free memory as it starts, so the policy must be loaded by
+        then, not loading."""
+        with self.startup("policy"):
             self.policy = self.start_policy()
-        self.generation.wait_until_started()
-        logger.info("policy and vLLM engines started in %.1f s", time.perf_counter() - start)
-        self.environment = self.start_environment()
+        with self.startup("vllm"):
+            self.generation = self.start_generation(self.cfg.policy)
+            self.generation.wait_until_started()
+        with self.startup("environment"):
+            self.environment = self.start_environment()
+
+    def start_at_once(self) -> None:
+        """The engines, the policy workers and the environment start together, each timed from its launch until
+        it is up (the phases overlap; ``workers`` is their wall time).
+
+        The engines' constructors run in their own processes once launched; the
+        policy workers are started and awaited in a thread of the driver while
+        its main thread starts the environment and then awaits the engines, so
+        neither wait holds up the other and each phase's time is its own. On
+        CPU the policy and the engines took 67.7 s one after the other, and the
+        environment, started after both, added 4 to 6 s more.
+        """
+        launched = time.perf_counter()
+        self.generation = self.start_generation(self.cfg.policy)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="start-policy") as pool:
+            policy = pool.submit(self.timed_start_policy)
+            with self.startup("environment"):
+                self.environment = self.start_environment()
+            self.generation.wait_until_started()
+            self.startup.add("vllm", time.perf_counter() - launched)
+            self.policy = policy.result()
+
+    def timed_start_policy(self) -> PolicyInterface:
+        with self.startup("policy"):
+            return self.start_policy()
 
     # ------------------------------------------------------------ per algorithm
     def make_loss(self) -> LossFunction:
@@ -283,18 +306,22 @@ class RolloutRun(RunLoop[RolloutResult]):
         return self.cfg.policy.logprob_batch_size or self.cfg.policy.train_micro_batch_size
 
     def trainer_logprobs(self, batch: Batch, timer: Timer) -> tuple[torch.Tensor, ParityReport]:
-        """The trainer's log-probs of the sampled tokens, and the parity probe against the generator's.
+        """The trainer's log-probs of the sampled tokens, and the parity probe against the generator's."""
+        with timer("logprobs"):
+            logprobs = self.policy.get_logprobs(batch, self.logprob_batch())
+        return logprobs, self.probe(batch, logprobs)
+
+    def probe(self, batch: Batch, logprobs: torch.Tensor) -> ParityReport:
+        """The parity probe of the trainer's ``logprobs`` against the generator's.
 
         On the process's first step the run stops here, before any update,
         when the two engines disagree.
         """
-        with timer("logprobs"):
-            logprobs = self.policy.get_logprobs(batch, self.logprob_batch())
         parity = measure_parity(batch["generation_logprobs"], logprobs, batch["loss_mask"], self.parity_window())
         if not self.parity_checked:
             self.check_parity(parity)
             self.parity_checked = True
-        return logprobs, parity
+        return parity
 
     def parity_window(self) -> int:
         """The window the probe's position buckets are multiples of: YaRN's original one, else the whole length."""

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -40,6 +41,30 @@ class Stoppable(Protocol):
 StoppableT = TypeVar("StoppableT", bound=Stoppable)
 
 
+class Timer:
+    """Wall time per phase (a phase entered twice adds up), logged as ``<prefix>/<phase>_s``: a step's phases
+    under ``timing/``, start-up's under ``startup/``."""
+
+    def __init__(self, prefix: str = "timing") -> None:
+        self.prefix = prefix
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(phase, time.perf_counter() - start)
+
+    def add(self, phase: str, seconds: float) -> None:
+        """``seconds`` more of ``phase``, timed elsewhere (a worker's, a phase that overlaps others)."""
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+    def metrics(self) -> dict[str, float]:
+        return {f"{self.prefix}/{phase}_s": seconds for phase, seconds in self.seconds.items()}
+
+
 class RunLoop(Generic[ResultT]):
     """One run of an algorithm, set up in the order that keeps failures cheap and closed however it ends.
 
@@ -60,9 +85,12 @@ class RunLoop(Generic[ResultT]):
         self.cfg = cfg
         self.loop = getattr(cfg, self.section)
         self._closers: list[Callable[[], None]] = []
+        self.startup = Timer("startup")  # the phases ``start_workers`` times, and the whole set-up (``total``)
+        started = time.perf_counter()
         try:
             self.checkpoints = claim_run_directories(cfg, resolved_config)  # refuses another config's run first
-            self.train_loader = self.prepare()
+            with self.startup("prepare"):
+                self.train_loader = self.prepare()
             self.log_dir = Path(cfg.logger.log_dir)
             self.metrics = open_run_log(cfg, resolved_config, list(self.engines))
             self._closers.append(self.metrics.close)
@@ -71,6 +99,8 @@ class RunLoop(Generic[ResultT]):
             with contextlib.suppress(Exception):  # a failure to stop is logged; the set-up error is the one to see
                 self.close()
             raise
+        self.startup.add("total", time.perf_counter() - started)
+        self._log_startup()
 
     # ------------------------------------------------------------ per algorithm
     def prepare(self) -> ResumableDataloader:
@@ -111,6 +141,18 @@ class RunLoop(Generic[ResultT]):
         self.policy.load_checkpoint(directory)
 
     # ------------------------------------------------------------------ shared
+    def _log_startup(self) -> None:
+        """Where this process's start-up went: one info line, and ``startup/<phase>_s`` at step 0 (split
+        ``startup``, one row per process start, so a resumed run adds its own)."""
+        logger.info("start-up: %s", ", ".join(f"{phase} {s:.1f} s" for phase, s in self.startup.seconds.items()))
+        self.metrics.log(self.startup.metrics(), 0, "startup")
+
+    def log_checkpoint_source(self) -> None:
+        """Which converted Megatron checkpoint the policy workers loaded, and whether this start converted it."""
+        if self.policy.checkpoint_dir is not None:
+            cache_note = "converted now" if self.policy.converted_now else "reused from cache"
+            logger.info("Megatron checkpoint %s (%s)", self.policy.checkpoint_dir, cache_note)
+
     def started(self, resource: StoppableT) -> StoppableT:
         """``resource``, to be shut down when the run closes (the newest first)."""
         self._closers.append(resource.shutdown)

@@ -1,11 +1,20 @@
-"""Joining a policy worker to the run's torch.distributed world (NCCL on GPUs, gloo on CPU)."""
+"""Joining a policy worker to the run's torch.distributed world (NCCL on GPUs, gloo on CPU).
+
+torch is imported by the function that needs it, not by the module: the
+worker group's rendezvous probe and the math environment's actors import this
+module (``free_port``) in Ray processes of their own, and a torch import there
+cost a run's start-up about 5 s on two busy cores, the probe's in series
+before the policy workers could even be launched.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def free_port() -> int:
@@ -22,6 +31,8 @@ def init_worker_process_group(rank: int, world_size: int, master_addr: str, mast
     (``OMP_NUM_THREADS``, set by the worker group), so workers sharing a machine
     do not oversubscribe it.
     """
+    import torch
+
     if torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     else:

@@ -1,7 +1,7 @@
 """Built-in model names, resolved to local HF directories created on first use.
 
 Runs never download anything: a config names either a local directory or a
-built-in model (``tiny-qwen2``, ``tiny-qwen2-teacher``, ``tiny-qwen2-base``,
+built-in model (``tiny-qwen2``, ``tiny-qwen2-teacher``, ``tiny-qwen2-20m``, ``tiny-qwen2-base``,
 ``tiny-qwen2-base-init``, and the real shapes ``qwen3-0.6b-shape``, ``qwen2.5-1.5b-shape``,
 ``llama-3.2-1b-shape``) that the project generates itself into the cache
 (:func:`nemo_rl.utils.cache_paths.nemo_rl_cache_dir`) through
@@ -21,13 +21,14 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from nemo_rl.models.real_shape_models import REAL_SHAPES, create_real_shape_model
 from nemo_rl.models.tiny_base_model import cache_name as base_cache_name
 from nemo_rl.models.tiny_base_model import copy_base_model, create_base_init
-from nemo_rl.models.tiny_model import create_tiny_model, create_tiny_teacher
+from nemo_rl.models.tiny_model import create_tiny_20m_model, create_tiny_model, create_tiny_teacher
 from nemo_rl.utils.atomic_dir import materialize
 from nemo_rl.utils.cache_paths import nemo_rl_cache_dir
 
 BUILTIN_MODELS: dict[str, Callable[[Path], object]] = {
     "tiny-qwen2": create_tiny_model,
     "tiny-qwen2-teacher": create_tiny_teacher,
+    "tiny-qwen2-20m": create_tiny_20m_model,  # the tiny model's family and tokenizer, ~20M parameters (speed)
     "tiny-qwen2-base": copy_base_model,  # pre-trained at a 128-token window, committed (tools/build_base_model.py)
     "tiny-qwen2-base-init": create_base_init,  # its shape and tokenizer, random weights: where pre-training starts
 }

@@ -13,6 +13,7 @@ exactly as it would be for a pretrained model.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -93,27 +94,44 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return train_tokenizer(tiny_chat_corpus(seed=0), TOKENIZER_VOCAB_SIZE)
 
 
+@dataclass(frozen=True)
+class QwenWidth:
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+
+
+TINY_WIDTH = QwenWidth(hidden_size=128, intermediate_size=384, num_attention_heads=2, num_key_value_heads=1)
+# ~20M parameters (18.4M, tied embeddings): the same family and tokenizer at a width where the matrix products,
+# not per-op overheads, dominate a step; speed comparisons (benchmarks/peer_trl.py) run on both.
+WIDTH_20M = QwenWidth(hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=2)
+LAYERS_20M = 6
+
+
 def tiny_qwen2_config(
     tokenizer: PreTrainedTokenizerFast,
     num_hidden_layers: int = 2,
     window: int = ORIGINAL_WINDOW,
     rope_theta: float = 10000.0,
+    width: QwenWidth | None = None,
 ) -> Qwen2Config:
     """Qwen2 shape kept as small as the runtimes allow (the pre-trained base only adds layers and its RoPE).
 
     head_dim = 128 / 2 = 64 because vLLM's CPU attention supports no smaller head;
     one KV head exercises the GQA paths; the vocabulary is padded to a multiple
-    of 64 as Megatron and vLLM expect.
+    of 64 as Megatron and vLLM expect. ``width`` widens it (``tiny-qwen2-20m``).
     """
+    width = width or TINY_WIDTH
     vocab_size = -(-len(tokenizer) // 64) * 64
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     return Qwen2Config(
         vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=384,
+        hidden_size=width.hidden_size,
+        intermediate_size=width.intermediate_size,
         num_hidden_layers=num_hidden_layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        num_attention_heads=width.num_attention_heads,
+        num_key_value_heads=width.num_key_value_heads,
         max_position_embeddings=window,
         rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta)},
         rms_norm_eps=1e-6,
@@ -136,6 +154,12 @@ def create_tiny_model(out_dir: Path, seed: int = 0, initializer_range: float | N
     if initializer_range is not None:
         config.initializer_range = initializer_range
     return save_initialized(config, tokenizer, out_dir, seed)
+
+
+def create_tiny_20m_model(out_dir: Path) -> Path:
+    """The built-in ``tiny-qwen2-20m``: the tiny model's tokenizer and window, 6 layers at width 512 (random)."""
+    tokenizer = build_tokenizer()
+    return save_initialized(tiny_qwen2_config(tokenizer, LAYERS_20M, width=WIDTH_20M), tokenizer, Path(out_dir), 0)
 
 
 def save_initialized(config: Qwen2Config, tokenizer: PreTrainedTokenizerFast, out_dir: Path, seed: int) -> Path:

@@ -68,6 +68,8 @@ def _run(workers: int, dtensor: bool, batch, checkpoint: Path | None = None) -> 
         streamed = streamed_hf_weights(policy)
         reference_logprobs = policy.get_logprobs(batch, micro_batch_size=2, reference=True)
         trained_logprobs = policy.get_logprobs(batch, micro_batch_size=2)
+        both = policy.get_logprobs_with_reference(batch, micro_batch_size=2)  # GRPO's one call: the same bits
+        assert torch.equal(both.policy, trained_logprobs) and torch.equal(both.reference, reference_logprobs)
         if checkpoint is not None:
             policy.save_checkpoint(checkpoint)
             policy.export_hf(checkpoint.parent / "live_export")

@@ -10,6 +10,7 @@ error (and with it every frame of the failed constructor).
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -43,15 +44,21 @@ def test_a_run_failing_after_its_workers_started_leaves_none_running(tmp_path):
         )
     )
     policy_workers, engines = [], []
+    policy_up = threading.Event()
 
     class EnginesFailToStart(GRPORun):
+        def start_policy(self):
+            policy = super().start_policy()  # in a thread of its own, while the engines are awaited
+            policy_workers.extend(policy.worker_group.workers)
+            policy_up.set()
+            return policy
+
         def start_generation(self, policy_cfg):
             generation = super().start_generation(policy_cfg)  # real engines, launched beside the policy
 
             def engines_fail_while_the_policy_runs() -> None:
                 engines.extend(generation.engines)
-                policy_workers.extend(self.policy.worker_group.workers)
-                ray.get([worker.__ray_ready__.remote() for worker in policy_workers])  # up and running
+                assert policy_up.wait(timeout=600)  # its workers up and running
                 raise RuntimeError("the vLLM engines failed to start")
 
             generation.wait_until_started = engines_fail_while_the_policy_runs

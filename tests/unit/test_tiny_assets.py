@@ -201,3 +201,18 @@ def test_a_dir_without_the_completion_marker_is_rebuilt(cache):
     train, _ = resolve_dataset_paths("tiny-chat", None, None)
     assert (half / COMPLETE_MARKER).is_file()
     assert len(train.read_text().splitlines()) == 400
+
+
+def test_tiny_20m_model_is_the_tiny_family_at_about_20m_parameters(tmp_path, model_dir):
+    from nemo_rl.models.tiny_model import create_tiny_20m_model
+
+    wide = AutoModelForCausalLM.from_pretrained(create_tiny_20m_model(tmp_path / "tiny-qwen2-20m"))
+    tiny = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert 15e6 < sum(p.numel() for p in wide.parameters()) < 25e6
+    assert wide.config.hidden_size // wide.config.num_attention_heads == 64  # as the tiny model (vLLM CPU minimum)
+    for key in ("model_type", "vocab_size", "max_position_embeddings", "tie_word_embeddings"):
+        assert getattr(wide.config, key) == getattr(tiny.config, key), key
+    assert (
+        AutoTokenizer.from_pretrained(tmp_path / "tiny-qwen2-20m").get_vocab()
+        == AutoTokenizer.from_pretrained(model_dir).get_vocab()
+    )

@@ -19,6 +19,7 @@ from nemo_rl.distributed.parallel_dims import ParallelDims
 from nemo_rl.models.megatron.attention import with_sdpa_attention
 from nemo_rl.models.megatron.hf_weights import AttentionShape, check_supported
 from nemo_rl.models.megatron.norms import SequenceParallelRMSNorm, with_rms_norm
+from nemo_rl.models.megatron.swiglu import with_swiglu
 from nemo_rl.rope.megatron_config import megatron_gpt_rope_kwargs, megatron_rope_fields
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,6 +46,7 @@ def transformer_config_from_hf(
         layernorm_epsilon=hf_config.rms_norm_eps,
         gated_linear_unit=True,
         activation_func=F.silu,
+        use_te_activation_func=True,  # megatron's MLP calls the spec's activation module: ``SwiGLU``
         add_bias_linear=False,
         add_qkv_bias=bool(getattr(hf_config, "attention_bias", False)) or hf_config.model_type == "qwen2",
         qk_layernorm=hf_config.model_type == "qwen3",
@@ -80,8 +82,10 @@ def transformer_config_from_hf(
 def build_gpt_model(
     hf_config, config: TransformerConfig, pre_process: bool = True, post_process: bool = True
 ) -> GPTModel:
-    layer = with_sdpa_attention(
-        with_rms_norm(get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm))
+    layer = with_swiglu(
+        with_sdpa_attention(
+            with_rms_norm(get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm))
+        )
     )
     block = TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=SequenceParallelRMSNorm

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 from collections import deque
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,10 @@ from nemo_rl.data.token_alignment import align_to_predictions
 from nemo_rl.distributed.worker_process_group import init_worker_process_group
 from nemo_rl.models.generation.weight_sync import BucketHeader, RefitSender
 from nemo_rl.models.megatron.hf_export import DTENSOR_CHECKPOINT, write_hf_files
-from nemo_rl.models.policy.interfaces import LossFunction
+from nemo_rl.models.policy.interfaces import LossFunction, WorkerLogprobsWithReference
 from nemo_rl.models.policy.loss_metrics import micro_batch_totals
 from nemo_rl.models.policy.megatron_policy_worker import logprobs_at_tokens
-from nemo_rl.models.policy.reference_weights import ReferenceWeights, scoring_weights
+from nemo_rl.models.policy.reference_weights import ReferenceWeights, logprobs_with_reference, scoring_weights
 from nemo_rl.rope.hf_config import apply_hf_config_overrides
 from nemo_rl.rope.rules import requests_yarn
 
@@ -165,6 +166,12 @@ class DTensorPolicyWorker(RefitSender):
         with scoring_weights(self.reference, reference):
             predicted = [self._token_logprobs(mb["input_ids"].to(self.device)).cpu() for mb in microbatches]
         return logprobs_at_tokens(torch.cat(predicted))
+
+    def get_logprobs_with_reference(
+        self, microbatches: list[dict[str, torch.Tensor]]
+    ) -> WorkerLogprobsWithReference | None:
+        """``get_logprobs`` of the live weights, then of the reference's, in one call (see the Megatron worker's)."""
+        return logprobs_with_reference(partial(self.get_logprobs, microbatches))
 
     @property
     def sends_refit(self) -> bool:

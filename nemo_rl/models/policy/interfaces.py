@@ -68,6 +68,20 @@ class LossFunction(Protocol):
     def __call__(self, model_output: torch.Tensor, batch: dict[str, torch.Tensor], /) -> LossResult: ...
 
 
+# A worker's (live, reference) log-probs of its rows and the seconds of each pass ("policy", "reference").
+WorkerLogprobsWithReference = tuple[tuple[torch.Tensor, torch.Tensor], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class LogprobsWithReference:
+    """The live and the reference weights' log-probs of the same rows (each as ``get_logprobs`` gives them) and
+    the seconds each pass took on the workers (``"policy"``, ``"reference"``: the slowest reporting worker's)."""
+
+    policy: torch.Tensor
+    reference: torch.Tensor
+    seconds: dict[str, float]
+
+
 def model_output_of(loss_fn: LossFunction) -> ModelOutput:
     """The loss's declared model output, refused by name when it is not one a worker can produce."""
     output = getattr(loss_fn, "model_output", None)
@@ -107,6 +121,8 @@ class PolicyInterface(WeightSource, Protocol):
 
     def get_logprobs(self, batch: Batch, micro_batch_size: int, reference: bool = False) -> torch.Tensor: ...
 
+    def get_logprobs_with_reference(self, batch: Batch, micro_batch_size: int) -> LogprobsWithReference: ...
+
     def get_topk_logprobs(self, batch: Batch, micro_batch_size: int, k: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def get_scores(self, batch: Batch, micro_batch_size: int) -> torch.Tensor: ...
@@ -137,6 +153,8 @@ class PolicyWorkerInterface(Protocol):
     def get_logits(self, input_ids: torch.Tensor) -> torch.Tensor | None: ...
 
     def get_logprobs(self, microbatches: list[Batch], reference: bool = False) -> torch.Tensor | None: ...
+
+    def get_logprobs_with_reference(self, microbatches: list[Batch]) -> WorkerLogprobsWithReference | None: ...
 
     def hf_weight_buckets(self, bucket_bytes: int) -> Iterator[BucketHeader | bytes]: ...
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,12 @@ from nemo_rl.models.generation.weight_sync import WeightBucket, receive
 from nemo_rl.models.generation.weight_transports import OBJECT_STORE, Rendezvous
 from nemo_rl.models.megatron.context_parallel import single_sample_rows
 from nemo_rl.models.policy.dtensor_policy_worker import DTensorPolicyWorker
-from nemo_rl.models.policy.interfaces import LossFunction, PolicyInterface, PolicyWorkerInterface
+from nemo_rl.models.policy.interfaces import (
+    LogprobsWithReference,
+    LossFunction,
+    PolicyInterface,
+    PolicyWorkerInterface,
+)
 from nemo_rl.models.policy.loss_metrics import add_totals
 from nemo_rl.models.policy.megatron_policy_worker import MegatronPolicyWorker
 from nemo_rl.models.policy.token_budget import (
@@ -54,6 +59,11 @@ def split_rows(batch: Batch, parts: int) -> list[Batch]:
         raise ValueError(f"batch of {rows} rows does not split into {parts} equal parts")
     size = rows // parts
     return [{k: v[i * size : (i + 1) * size] for k, v in batch.items()} for i in range(parts)]
+
+
+def _in_row_order(output: Any) -> Any:
+    """A result of fixed micro-batches: already in the shard's row order."""
+    return output
 
 
 def _micro_batches(shard: Batch, micro_batch_size: int) -> list[Batch]:
@@ -175,6 +185,16 @@ class Policy:
         """
         return self._forward_rows("get_logprobs", batch, micro_batch_size, reference)
 
+    def get_logprobs_with_reference(self, batch: Batch, micro_batch_size: int) -> LogprobsWithReference:
+        """``get_logprobs(batch, ...)`` and ``get_logprobs(batch, ..., reference=True)``, bit for bit, from one call
+        of each worker: the batch is split and sent once and each worker scores it twice in a row (live weights
+        first). ``seconds`` holds each pass's time on the slowest reporting worker."""
+        shards = self._forward_shards("get_logprobs_with_reference", batch, micro_batch_size, ())
+        pairs = [restore(scored) for restore, (scored, _) in shards]
+        policy, reference = (torch.cat(part) for part in zip(*pairs, strict=True))
+        timings = [seconds for _, (_, seconds) in shards]
+        return LogprobsWithReference(policy, reference, {name: max(t[name] for t in timings) for name in timings[0]})
+
     def get_topk_logprobs(self, batch: Batch, micro_batch_size: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` most likely tokens at every position, (log-probs, vocab ids) ``[B, L, k]`` indexed like
         ``get_logprobs`` (row t: the distribution token t was drawn from); a teacher's summary for distillation."""
@@ -183,8 +203,16 @@ class Policy:
 
     def _forward_rows(self, method: str, batch: Batch, micro_batch_size: int, *args, concat: bool = True):
         """A forward-only worker ``method`` over the rows of ``batch``, results in row order (one per DP rank
-        unless ``concat``). With context parallelism every row is its own sample for megatron's packed path
-        (the row length is already a multiple of 2 x CP). With token-budget batching the rows fill
+        unless ``concat``)."""
+        ordered = [restore(out) for restore, out in self._forward_shards(method, batch, micro_batch_size, args)]
+        return torch.cat(ordered) if concat else ordered
+
+    def _forward_shards(
+        self, method: str, batch: Batch, micro_batch_size: int, args: tuple
+    ) -> list[tuple[Callable[[Any], Any], Any]]:
+        """``method`` over the rows of ``batch``: per DP rank, its worker's result and what puts the result's
+        rows back in the shard's order. With context parallelism every row is its own sample for megatron's
+        packed path (the row length is already a multiple of 2 x CP). With token-budget batching the rows fill
         micro-batches of ``logprob_mb_tokens`` (by ``input_lengths``) and ``micro_batch_size`` does not apply;
         the results come back in row order at the batch's length (zero past each micro-batch's own length,
         where only padding lies)."""
@@ -193,14 +221,12 @@ class Policy:
             budget = self.cfg.dynamic_batching.logprob_mb_tokens
             splits = [self._budget_split(shard, budget) for shard in split_rows(fields, self.dims.dp)]
             results = self._run_forward(method, [split.micro_batches for split in splits], args)
-            ordered: list[Any] = [split.restore(out) for split, out in zip(splits, results, strict=True)]
-        else:
-            per_dp = [
-                single_sample_rows(shard["input_ids"]) if self.dims.cp > 1 else _micro_batches(shard, micro_batch_size)
-                for shard in split_rows({"input_ids": batch["input_ids"]}, self.dims.dp)
-            ]
-            ordered = self._run_forward(method, per_dp, args)
-        return torch.cat(ordered) if concat else ordered
+            return [(split.restore, out) for split, out in zip(splits, results, strict=True)]
+        per_dp = [
+            single_sample_rows(shard["input_ids"]) if self.dims.cp > 1 else _micro_batches(shard, micro_batch_size)
+            for shard in split_rows({"input_ids": batch["input_ids"]}, self.dims.dp)
+        ]
+        return [(_in_row_order, out) for out in self._run_forward(method, per_dp, args)]
 
     def _run_forward(self, method: str, per_dp: list[list[Batch]], args: tuple) -> list[Any]:
         """``method`` on every worker with its DP rank's micro-batches; one result per DP rank, in rank order."""

@@ -48,9 +48,14 @@ from nemo_rl.models.megatron.parallel_weights import (
     stage_tensors,
     tp_partition_dim,
 )
-from nemo_rl.models.policy.interfaces import LossFunction, MegatronWorkerInterface, model_output_of
+from nemo_rl.models.policy.interfaces import (
+    LossFunction,
+    MegatronWorkerInterface,
+    WorkerLogprobsWithReference,
+    model_output_of,
+)
 from nemo_rl.models.policy.loss_metrics import micro_batch_totals
-from nemo_rl.models.policy.reference_weights import ReferenceWeights, scoring_weights
+from nemo_rl.models.policy.reference_weights import ReferenceWeights, logprobs_with_reference, scoring_weights
 from nemo_rl.models.policy.token_budget import pad_positions
 
 logger = logging.getLogger(__name__)
@@ -493,6 +498,13 @@ class MegatronPolicyWorker(RefitSender):
         with scoring_weights(self.reference, reference):
             predicted = self._collect(microbatches, token_logprobs_from_megatron_loss, with_labels=True)
         return None if predicted is None else logprobs_at_tokens(predicted)
+
+    def get_logprobs_with_reference(
+        self, microbatches: list[dict[str, torch.Tensor]]
+    ) -> WorkerLogprobsWithReference | None:
+        """``get_logprobs`` of the live weights, then of the reference's, in one call: one Ray round trip and
+        the micro-batches sent once for both, each pass timed (last pipeline stage, else None)."""
+        return logprobs_with_reference(partial(self.get_logprobs, microbatches))
 
     @torch.no_grad()
     def get_topk_logprobs(

@@ -1,0 +1,563 @@
+"""This framework against TRL on the same work: SFT tokens/s, DPO pairs/s, GRPO seconds per step.
+
+    uv run benchmarks/peer_trl.py [--out results/bench_peer_trl] [--workloads sft dpo grpo]
+        [--models tiny-qwen2 tiny-qwen2-20m] [--steps 4] [--warmup 1] [--num-cpus N]
+
+Why: TRL is what most people would reach for instead; this measures, on one
+machine in one run, what the same update costs through each. The model, data,
+batch, sequence length, optimizer (AdamW: the recipe's lr, betas, eps, weight
+decay; gradient clipping at the recipe's norm), learning rate (constant, no
+warm-up, on both sides), float32 and the CPU threads (``--num-cpus``: the Ray
+worker's bundle, ``torch.set_num_threads`` in this process for TRL) are the
+same on both sides; so is the RoPE: TRL loads the model from a copy of its
+directory whose config.json carries the recipe's ``hf_config_overrides`` (the
+YaRN block at seq-len / 256), so that the reference models TRL builds itself
+from the model's path (DPO, GRPO) get it too.
+
+- SFT: ``Policy.train(batch, NLLLoss(), micro_batch_size)`` on the Megatron
+  worker (as ``benchmarks/megatron_vs_hf_throughput.py``: random tokens, loss
+  on every token) against ``SFTTrainer`` on the same rows pre-tokenized (no
+  packing, no padding-free, no completion/assistant masks: its loss is then
+  the mean NLL over every token of the global batch, as ``NLLLoss``).
+- DPO: the framework's DPO step (``nemo_rl.algorithms.dpo``: the reference
+  model's log-probs of the interleaved chosen/rejected rows, then
+  ``DPOLoss`` on a ``Policy(init_reference_model=True)``) against
+  ``DPOTrainer`` (sigmoid loss, same beta), which also scores the reference
+  model on every step (``precompute_ref_log_probs=False``): one reference
+  forward pass over every row per step on both sides. Pairs of random tokens,
+  a shared prompt of 3/4 of the sequence and two different responses.
+- GRPO: ``examples/run_grpo_math.py`` on ``examples/configs/grpo_math.yaml``
+  (vLLM rollouts; per-step ``timing/step_s`` from the run's metrics) against
+  ``GRPOTrainer`` with transformers ``generate`` (``use_vllm=False``: TRL's
+  vLLM modes need CUDA) on the same built-in ``tiny-math`` prompts in the
+  same order, the same group size, ``max_new_tokens``, temperature, clip,
+  KL penalty (k3, without TRL's importance-weighted KL correction), token-level
+  loss, one optimizer step per GRPO step, and the same reward (the project's
+  ``MathEnvironment`` scoring, called in-process).
+
+Each side runs ``--warmup`` untimed steps, then ``--steps`` timed ones; a
+side's time per step is the median of its timed steps (the machine may be
+shared). TRL's steps are timed from ``on_step_begin`` to ``on_step_end``
+(a ``TrainerCallback``), so its start-up, data loading and logging are left
+out; the framework's SFT and DPO steps are timed from the driver (Ray's call
+and transfer overhead included, as in training), GRPO steps by the run itself.
+The first-step losses of SFT and DPO are printed and recorded as proof that
+both sides do the same work (same weights, same data, same first batch); the
+second step's show that the update is the same too.
+
+Writes ``results.json`` (every step's time and loss, the ratios, the set-up)
+and ``throughput.png`` (bars per workload) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; nothing may be downloaded
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: benchmarks/ and examples/ are not packages
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+from trl import DPOTrainer, GRPOTrainer  # noqa: E402
+
+from benchmarks.megatron_vs_hf_throughput import (  # noqa: E402
+    hf_config_with_overrides,
+    load_policy_config,
+    make_batch,
+    megatron_policy,
+    run_megatron,
+    time_steps,
+)
+from benchmarks.token_budget_batching import run_layout  # noqa: E402
+
+WORKLOADS = ("sft", "dpo", "grpo")
+MODELS = ("tiny-qwen2", "tiny-qwen2-20m")
+UNITS = {"sft": "tokens/s", "dpo": "pairs/s", "grpo": "s/step"}
+GRPO_RECIPE = ROOT / "examples" / "configs" / "grpo_math.yaml"
+# SFT and DPO recipes warm up and decay; both sides run at the recipe's peak lr instead, so every step's loss compares.
+CONSTANT_LR = [
+    "policy.megatron_cfg.scheduler.lr_warmup_iters=0",
+    "policy.megatron_cfg.scheduler.lr_warmup_init=${policy.megatron_cfg.optimizer.lr}",
+    "policy.megatron_cfg.scheduler.lr_decay_style=constant",
+]
+# What differs between the sides' work, printed under the table and kept in results.json.
+NOTES = {
+    "sft": "the same loss (mean NLL over every token of the global batch); TRL computes it through its fused LM head "
+    "(log-probs in tiles, never the full logits) and adds entropy and token-accuracy metrics every step",
+    "dpo": "one reference forward pass over every row per step on both sides (this framework: "
+    "get_logprobs(reference=True) before the update; TRL: its reference model inside each micro-batch's loss, "
+    "precompute_ref_log_probs=False); the first-step loss is ln 2 on both by construction (policy = reference), "
+    "the second step's shows the same update",
+    "grpo": "TRL generates with transformers generate (use_vllm=False: TRL's vLLM modes need CUDA), the group "
+    "left-padded to its longest prompt; this framework with its colocated vLLM engine, plus the weight refit each "
+    "step and a trainer forward pass TRL does not do (the sampled tokens' log-probs, PPO's old policy and the "
+    "generator/trainer parity probe; TRL, on-policy, takes them from the training forward pass). Each side samples "
+    "its own completions, so lengths (recorded) and rewards differ",
+}
+GRPO_PHASES = ("step", "generation", "refit", "reward", "logprobs", "training")
+GRPO_LOGGED = (*(f"timing/{phase}_s" for phase in GRPO_PHASES), "generation_length_mean", "reward_mean")
+
+
+@dataclass
+class Side:
+    """One side's measurement: the seconds of each timed step and the loss (or reward) of every step."""
+
+    step_seconds: list[float]
+    losses: list[float] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.step_seconds)
+
+
+@dataclass
+class Comparison:
+    workload: str
+    model: str
+    work_per_step: float  # tokens (SFT) or pairs (DPO) per step; 1 for GRPO, reported in s/step
+    framework: Side
+    trl: Side
+    wall_s: float = 0.0  # both sides, start-up included
+
+    @property
+    def unit(self) -> str:
+        return UNITS[self.workload]
+
+    def value(self, side: Side) -> float:
+        """What the table shows: throughput, or seconds per step for GRPO."""
+        return side.median_s if self.unit == "s/step" else self.work_per_step / side.median_s
+
+    @property
+    def ratio(self) -> float:
+        """This framework's throughput over TRL's (> 1: this framework is faster)."""
+        return self.trl.median_s / self.framework.median_s
+
+    def as_dict(self) -> dict:
+        return {
+            "workload": self.workload,
+            "model": self.model,
+            "unit": self.unit,
+            "framework": self.value(self.framework),
+            "trl": self.value(self.trl),
+            "ratio": self.ratio,
+            "work_per_step": self.work_per_step,
+            "wall_s": self.wall_s,
+            "framework_side": asdict(self.framework) | {"median_s": self.framework.median_s},
+            "trl_side": asdict(self.trl) | {"median_s": self.trl.median_s},
+        }
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def trl_training_args(pcfg, micro_batch_size: int, global_batch_size: int, max_steps: int, out_dir: Path) -> dict:
+    """TRL config fields for the framework's policy config: its AdamW, clipping, batch layout, float32, one process.
+
+    TRL's own defaults differ where it matters here: gradient checkpointing on
+    (a second forward pass), bf16 on, a linear decay, tqdm and reporting.
+    """
+    ocfg = pcfg.megatron_cfg.optimizer
+    return {
+        "output_dir": str(out_dir),
+        "max_steps": max_steps,
+        "per_device_train_batch_size": micro_batch_size,
+        "gradient_accumulation_steps": global_batch_size // micro_batch_size,
+        "learning_rate": ocfg.lr,
+        "adam_beta1": ocfg.adam_beta1,
+        "adam_beta2": ocfg.adam_beta2,
+        "adam_epsilon": ocfg.adam_eps,
+        "weight_decay": ocfg.weight_decay,
+        "optim": "adamw_torch",
+        "max_grad_norm": pcfg.max_grad_norm,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "bf16": False,
+        "gradient_checkpointing": False,
+        "use_cpu": True,
+        "model_init_kwargs": {"dtype": "float32", "attn_implementation": "sdpa"},
+        "train_sampling_strategy": "sequential",  # the rows in the framework's order (GRPO has its own sampler)
+        "dataloader_num_workers": 0,
+        "report_to": [],
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+
+
+def model_dir_with_overrides(pcfg, model_path: Path, out_dir: Path) -> Path:
+    """A copy of the model directory whose config.json carries the run's ``hf_config_overrides``.
+
+    TRL loads the reference models of DPO and GRPO itself, from the policy's
+    path and without its config: given the original directory they would
+    run without YaRN (logits 2e-2 off at 1024 tokens on the tiny model).
+    """
+    shutil.copytree(model_path, out_dir)
+    hf_config_with_overrides(pcfg, model_path).save_pretrained(out_dir)
+    return out_dir
+
+
+def preference_rows(vocab_size: int, num_pairs: int, seq_len: int, response_len: int) -> list[dict[str, list[int]]]:
+    """TRL's pre-tokenized pairs of random tokens: a shared prompt, two different responses of ``response_len``."""
+    generator = torch.Generator().manual_seed(1)
+    lengths = {"prompt_ids": seq_len - response_len, "chosen_ids": response_len, "rejected_ids": response_len}
+    return [
+        {key: torch.randint(3, vocab_size, (n,), generator=generator).tolist() for key, n in lengths.items()}
+        for _ in range(num_pairs)
+    ]
+
+
+def preference_pairs(rows: Sequence[dict[str, list[int]]]) -> list:
+    """The same pairs as the framework's ``PreferencePair``: each side the whole sequence, the loss on its response."""
+    from nemo_rl.data.preference_dataset import PreferencePair
+    from nemo_rl.data.sft_dataset import SFTSample
+
+    def side(prompt: list[int], response: list[int]) -> SFTSample:
+        return SFTSample(prompt + response, [0] * len(prompt) + [1] * len(response))
+
+    return [
+        PreferencePair(side(r["prompt_ids"], r["chosen_ids"]), side(r["prompt_ids"], r["rejected_ids"])) for r in rows
+    ]
+
+
+def prompts_in_step_order(rows: Sequence[dict], prompts_per_step: int, shuffle: bool, seed: int, steps: int) -> list:
+    """The prompt rows the framework's loader hands out over ``steps`` steps, in that order (for a sequential TRL)."""
+    from nemo_rl.data.dataloader import ResumableDataloader
+
+    loader = ResumableDataloader(rows, prompts_per_step, shuffle, seed)
+    return [row for _ in range(steps) for row in loader.next_batch()]
+
+
+class StepTimer(TrainerCallback):
+    """Every optimizer step's wall time, ``on_step_begin`` to ``on_step_end``, and the threads it ran with."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.seconds: list[float] = []
+        self.threads = torch.get_num_threads()
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.threads = torch.get_num_threads()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+class TimedGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` that also records the seconds of each generation (its ``_generate``: tokenize, generate,
+    decode), to set beside the framework's ``timing/generation_s``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.generation_seconds: list[float] = []
+        super().__init__(*args, **kwargs)
+
+    def _generate(self, prompts):
+        start = time.perf_counter()
+        try:
+            return super()._generate(prompts)
+        finally:
+            self.generation_seconds.append(time.perf_counter() - start)
+
+
+class PretokenizedDPOTrainer(DPOTrainer):
+    """``DPOTrainer`` on rows already as its dataset preparation leaves them (``prompt_ids``, ``chosen_ids``,
+    ``rejected_ids``): TRL 1.16 always tokenizes from text, and random tokens do not survive a round trip through it."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset
+
+
+def trl_side(trainer, timer: StepTimer) -> Side:
+    """A TRL run's timed steps (after the warm-up) and every step's logged loss."""
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return Side(timer.seconds[timer.warmup :], losses, {"all_step_seconds": timer.seconds, "threads": timer.threads})
+
+
+# ----------------------------------------------------------------------------------------------- SFT
+def sft(model: str, args, work: Path) -> Comparison:
+    from datasets import Dataset
+    from transformers import AutoConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from nemo_rl.config.schema import validate_sft_config
+    from nemo_rl.models.builtin_models import resolve_model_path
+
+    cfg = load_policy_config(
+        "sft.yaml",
+        validate_sft_config,
+        args.seq_len,
+        args.batch_size,
+        args.micro_batch_size,
+        [f"policy.model_name={model}", *CONSTANT_LR],
+    )
+    model_path = resolve_model_path(model)
+    batch = make_batch(AutoConfig.from_pretrained(model_path).vocab_size, args.batch_size, args.seq_len)
+    framework = Side(*run_megatron(cfg, model_path, batch, args.micro_batch_size, args))
+
+    timer = StepTimer(args.warmup)
+    trainer = SFTTrainer(
+        model=str(model_dir_with_overrides(cfg.policy, model_path, work / f"sft-{model}")),
+        args=SFTConfig(
+            **trl_training_args(
+                cfg.policy, args.micro_batch_size, args.batch_size, args.warmup + args.steps, work / "trl"
+            ),
+            max_length=args.seq_len,
+            packing=False,
+            padding_free=False,
+            completion_only_loss=False,
+            assistant_only_loss=False,
+        ),
+        train_dataset=Dataset.from_list([{"input_ids": row.tolist()} for row in batch["input_ids"]]),
+        callbacks=[timer],
+    )
+    trainer.train()
+    return Comparison("sft", model, args.batch_size * args.seq_len, framework, trl_side(trainer, timer))
+
+
+# ----------------------------------------------------------------------------------------------- DPO
+def dpo(model: str, args, work: Path) -> Comparison:
+    from datasets import Dataset
+    from transformers import AutoConfig, AutoTokenizer
+    from trl import DPOConfig
+
+    from nemo_rl.algorithms.loss_functions import DPOLoss
+    from nemo_rl.config.schema import validate_dpo_config
+    from nemo_rl.data.preference_dataset import collate_pairs
+    from nemo_rl.models.builtin_models import resolve_model_path
+
+    micro = args.micro_batch_size  # pairs per micro-batch: twice as many rows
+    cfg = load_policy_config(
+        "dpo.yaml", validate_dpo_config, args.seq_len, args.pairs, micro, [f"policy.model_name={model}", *CONSTANT_LR]
+    )
+    model_path = resolve_model_path(model)
+    vocab_size = AutoConfig.from_pretrained(model_path).vocab_size
+    rows = preference_rows(vocab_size, args.pairs, args.seq_len, args.seq_len // 4)
+    pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id
+    batch = collate_pairs(preference_pairs(rows), pad_id, cfg.policy.make_sequence_length_divisible_by)
+    loss_fn = DPOLoss(
+        cfg.dpo.reference_policy_kl_penalty, cfg.dpo.sft_loss_weight, cfg.dpo.preference_average_log_probs
+    )
+
+    policy_kwargs = {"init_reference_model": True, "rows_per_sample": cfg.rows_per_sample}
+    with megatron_policy(cfg, model_path, args.num_cpus, **policy_kwargs) as policy:
+
+        def step() -> float:  # as DPORun.update: the reference's log-probs of the step's rows, then the update
+            scored = batch | {"reference_logprobs": policy.get_logprobs(batch, 2 * micro, reference=True)}
+            metrics = policy.train(scored, loss_fn, 2 * micro)["metrics"]
+            return metrics["loss_sum"] / metrics["num_pairs"]
+
+        framework = Side(*time_steps(step, args.warmup, args.steps, torch.device("cpu")))
+
+    timer = StepTimer(args.warmup)
+    trainer = PretokenizedDPOTrainer(
+        model=str(model_dir_with_overrides(cfg.policy, model_path, work / f"dpo-{model}")),
+        args=DPOConfig(
+            **trl_training_args(cfg.policy, micro, args.pairs, args.warmup + args.steps, work / "trl"),
+            beta=cfg.dpo.reference_policy_kl_penalty,
+            loss_type=["sigmoid"],
+            max_length=args.seq_len,
+            precompute_ref_log_probs=False,
+            padding_free=False,
+        ),
+        train_dataset=Dataset.from_list(rows),
+        callbacks=[timer],
+    )
+    trainer.train()
+    return Comparison("dpo", model, args.pairs, framework, trl_side(trainer, timer))
+
+
+# ----------------------------------------------------------------------------------------------- GRPO
+def grpo(model: str, args, work: Path) -> Comparison:
+    overrides = [f"policy.model_name={model}"]
+    framework = grpo_framework(overrides, args, work / f"grpo-{model}" / "logs")
+    trl = grpo_trl(model, overrides, args, work)
+    return Comparison("grpo", model, 1, framework, trl)
+
+
+def grpo_framework(overrides: list[str], args, log_dir: Path) -> Side:
+    """The recipe through its entry script, on a Ray cluster of ``--num-cpus`` CPUs started here (the script
+    joins it), timed per step by the run itself."""
+    from nemo_rl.distributed.ray_init import init_ray
+    from nemo_rl.utils.logger import read_metrics
+
+    init_ray(num_cpus=args.num_cpus)  # run_layout shuts it down
+    run = run_layout("fixed", args.warmup + args.steps, overrides, log_dir)
+    steps = [{key: m[key] for key in ("step", *GRPO_LOGGED) if key in m} for m in read_metrics(log_dir, "train")]
+    timed = [s["timing/step_s"] for s in steps if s["step"] > args.warmup]
+    return Side(timed, [s["reward_mean"] for s in steps], {"steps": steps, "run_seconds": run["seconds"]})
+
+
+def grpo_trl(model: str, overrides: list[str], args, work: Path) -> Side:
+    """``GRPOTrainer`` on the recipe's prompts, group size, sampling, loss and reward."""
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from nemo_rl.config.loader import load_config, resolve_config
+    from nemo_rl.config.schema import validate_grpo_config
+    from nemo_rl.environments.math_environment import MathEnvironment
+    from nemo_rl.models.builtin_models import resolve_model_path
+
+    cfg = validate_grpo_config(resolve_config(load_config(GRPO_RECIPE, overrides)))
+    gcfg, pcfg, lcfg, ecfg = cfg.grpo, cfg.policy, cfg.loss_fn, cfg.env.math
+    rollout = gcfg.num_prompts_per_step * gcfg.num_generations_per_prompt
+    if rollout != pcfg.train_global_batch_size:
+        raise ValueError(f"one optimizer step per GRPO step needs train_global_batch_size = {rollout} (the rollout)")
+    steps = args.warmup + args.steps
+    prompts = prompts_in_step_order(
+        grpo_prompt_rows(cfg), gcfg.num_prompts_per_step, cfg.data.shuffle, gcfg.seed, steps
+    )
+    environment = MathEnvironment(ecfg.verify_timeout_s, ecfg.format_reward_weight)
+
+    def math_environment(completions, answer, **_) -> list[float]:
+        return environment.score([c[0]["content"] for c in completions], answer)
+
+    timer = StepTimer(args.warmup)
+    trainer = TimedGRPOTrainer(
+        model=str(model_dir_with_overrides(pcfg, resolve_model_path(pcfg.model_name), work / f"grpo-{model}-trl")),
+        reward_funcs=math_environment,
+        args=GRPOConfig(
+            **trl_training_args(pcfg, pcfg.train_micro_batch_size, rollout, steps, work / "trl"),
+            num_generations=gcfg.num_generations_per_prompt,
+            max_completion_length=pcfg.generation.max_new_tokens,
+            temperature=pcfg.generation.temperature,
+            top_p=pcfg.generation.top_p,
+            use_vllm=False,
+            shuffle_dataset=False,
+            beta=lcfg.reference_policy_kl_penalty,
+            epsilon=lcfg.ratio_clip_min,
+            epsilon_high=lcfg.ratio_clip_max,
+            loss_type="dapo" if lcfg.token_level_loss else "grpo",
+            scale_rewards="group" if gcfg.normalize_rewards else "none",
+            use_bias_correction_kl=False,
+        ),
+        train_dataset=Dataset.from_list([{"prompt": row["messages"], "answer": row["answer"]} for row in prompts]),
+        callbacks=[timer],
+    )
+    try:
+        trainer.train()
+    finally:
+        environment.close()
+    side = trl_side(trainer, timer)
+    history = [entry for entry in trainer.state.log_history if "reward" in entry]
+    side.losses = [entry["reward"] for entry in history]
+    side.extra |= {
+        "generation_seconds": trainer.generation_seconds,
+        "generation_length_mean": [entry["completions/mean_length"] for entry in history],
+    }
+    return side
+
+
+def grpo_prompt_rows(cfg) -> list[dict]:
+    """The recipe's training rows (``{"messages", "answer"}``), exactly those its prompt dataset keeps."""
+    from transformers import AutoTokenizer
+
+    from nemo_rl.data.builtin_datasets import resolve_dataset_paths
+    from nemo_rl.data.prompt_dataset import load_prompt_dataset
+    from nemo_rl.models.builtin_models import resolve_model_path
+
+    path, _ = resolve_dataset_paths(cfg.data.dataset_name, cfg.data.train_data_path, cfg.data.val_data_path)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.policy.tokenizer.name))
+    kept = load_prompt_dataset(path, tokenizer, cfg.policy.max_total_sequence_length - 1)
+    if kept.num_dropped:
+        raise ValueError(f"{kept.num_dropped} prompts of {path} are too long for the run: the orders would differ")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------- report
+def print_table(comparisons: Sequence[Comparison]) -> None:
+    header = f"{'workload':8} {'model':15} {'this framework':>14} {'TRL':>10} {'unit':9} {'ratio':>6}"
+    print(header)
+    print("-" * len(header))
+    for c in comparisons:
+        print(
+            f"{c.workload:8} {c.model:15} {c.value(c.framework):14.2f} {c.value(c.trl):10.2f} {c.unit:9} {c.ratio:6.2f}"
+        )
+    print("ratio: this framework's throughput / TRL's (GRPO: TRL's s/step / this framework's); > 1: framework faster")
+    for workload in dict.fromkeys(c.workload for c in comparisons):
+        print(f"{workload}: {NOTES[workload]}")
+    for c in comparisons:
+        if c.workload in ("sft", "dpo"):
+            (f1, f2), (t1, t2) = c.framework.losses[:2], c.trl.losses[:2]
+            print(
+                f"{c.workload} {c.model}: first-step loss {f1:.6f} vs TRL {t1:.6f} (diff {abs(f1 - t1):.1e}), "
+                f"second {f2:.6f} vs {t2:.6f} (diff {abs(f2 - t2):.1e})"
+            )
+
+
+def plot(comparisons: Sequence[Comparison], path: Path) -> None:
+    workloads = [w for w in WORKLOADS if any(c.workload == w for c in comparisons)]
+    fig, axes = plt.subplots(1, len(workloads), figsize=(4.5 * len(workloads), 4), squeeze=False)
+    for ax, workload in zip(axes[0], workloads, strict=True):
+        rows = [c for c in comparisons if c.workload == workload]
+        x = range(len(rows))
+        ax.bar([i - 0.2 for i in x], [c.value(c.framework) for c in rows], 0.4, label="this framework")
+        ax.bar([i + 0.2 for i in x], [c.value(c.trl) for c in rows], 0.4, label="TRL")
+        for i, c in enumerate(rows):
+            top = max(c.value(c.framework), c.value(c.trl))
+            ax.annotate(f"{c.ratio:.2f}x", (i, top), ha="center", va="bottom")
+        ax.set_xticks(list(x), [c.model for c in rows])
+        lower = " (lower is better)" if UNITS[workload] == "s/step" else ""
+        ax.set_title(f"{workload.upper()}: {UNITS[workload]}{lower}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> list[Comparison]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_peer_trl")
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per side")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first steps per side")
+    parser.add_argument("--seq-len", type=int, default=1024, help="SFT and DPO rows (GRPO: the recipe's)")
+    parser.add_argument("--batch-size", type=int, default=4, help="SFT rows per step")
+    parser.add_argument("--pairs", type=int, default=4, help="DPO pairs per step")
+    parser.add_argument("--micro-batch-size", type=int, default=2, help="SFT rows / DPO pairs per micro-batch")
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="Ray CPUs = torch threads for TRL")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.num_cpus)
+    runners = {"sft": sft, "dpo": dpo, "grpo": grpo}
+
+    comparisons, started = [], time.perf_counter()
+    with tempfile.TemporaryDirectory() as work:
+        os.environ["NRL_MEGATRON_CHECKPOINT_DIR"] = str(Path(work) / "megatron")  # conversions, shared by the runs
+        for workload in args.workloads:
+            for model in args.models:
+                start = time.perf_counter()
+                comparisons.append(runners[workload](model, args, Path(work)))
+                comparisons[-1].wall_s = time.perf_counter() - start
+    print(f"\n{args.num_cpus} CPU threads per side, {args.warmup} warm-up + {args.steps} timed steps (medians)")
+    print_table(comparisons)
+    plot(comparisons, args.out / "throughput.png")
+    setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    report = {
+        "setup": setup | {"cpus": os.cpu_count(), "seconds": time.perf_counter() - started},
+        "results": [c.as_dict() for c in comparisons],
+        "notes": {workload: NOTES[workload] for workload in args.workloads},
+    }
+    (args.out / "results.json").write_text(json.dumps(report, indent=2))
+    print(f"results: {args.out / 'results.json'}, {args.out / 'throughput.png'}")
+    return comparisons
+
+
+if __name__ == "__main__":
+    main()
