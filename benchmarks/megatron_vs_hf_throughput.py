@@ -6,7 +6,7 @@ Why: the Megatron path (Ray actor, megatron-core DDP, optimizer and
 forward/backward schedule) is what every run trains through; this measures what
 that machinery costs, or saves, against the simplest thing that computes the
 same update: ``AutoModelForCausalLM`` + ``torch.optim.AdamW`` on the same tiny
-model (``tiny-qwen2`` with the YaRN block of ``examples/configs/sft.yaml``,
+model (``--model``, default ``tiny-qwen2``, with the YaRN block of ``examples/configs/sft.yaml``,
 factor = seq-len / 256), batch, sequence length, micro-batching and loss (mean
 next-token NLL over the loss-masked tokens of the batch), in the same process
 and on the same device (CUDA when available, else CPU with ``--num-cpus``
@@ -162,6 +162,7 @@ def run_hf(cfg, model_path: Path, batch, micro_batch_size: int, args, device) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny-qwen2", help="built-in name or HF directory (e.g. tiny-qwen2-20m)")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--micro-batch-size", type=int, default=None, help="default: the batch size")
@@ -181,7 +182,14 @@ def main() -> None:
         torch.set_num_threads(args.num_cpus)
     from nemo_rl.config.schema import validate_sft_config
 
-    cfg = load_policy_config("sft.yaml", validate_sft_config, args.seq_len, args.batch_size, micro_batch_size)
+    cfg = load_policy_config(
+        "sft.yaml",
+        validate_sft_config,
+        args.seq_len,
+        args.batch_size,
+        micro_batch_size,
+        [f"policy.model_name={args.model}"],
+    )
     model_path = resolve_model_path(cfg.policy.model_name)
     batch = make_batch(AutoConfig.from_pretrained(model_path).vocab_size, args.batch_size, args.seq_len)
 
@@ -203,7 +211,7 @@ def main() -> None:
     ratio = rows["megatron"]["tokens_per_s"] / rows["hf"]["tokens_per_s"]
 
     print(
-        f"\ndevice {device}, tiny-qwen2, batch {args.batch_size} x {args.seq_len} tokens "
+        f"\ndevice {device}, {args.model}, batch {args.batch_size} x {args.seq_len} tokens "
         f"(micro-batch {micro_batch_size}), {args.warmup} warm-up + {args.steps} timed steps"
     )
     header = f"{'backend':>8} | {'tokens/s':>10} | {'s/step':>8} | {'first loss':>10}"

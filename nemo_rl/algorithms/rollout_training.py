@@ -30,6 +30,7 @@ from transformers import AutoConfig, AutoTokenizer
 from nemo_rl.algorithms.logprob_parity import ParityReport, check_first_step, measure_parity
 from nemo_rl.algorithms.run_loop import RunLoop, Timer
 from nemo_rl.algorithms.run_setup import resolve_policy_model
+from nemo_rl.config.schema import GenerationResourcesConfig
 from nemo_rl.data.builtin_datasets import resolve_dataset_paths
 from nemo_rl.data.dataloader import ResumableDataloader
 from nemo_rl.data.prompt_dataset import PromptSample, load_prompt_dataset
@@ -173,7 +174,7 @@ class RolloutRun(RunLoop[RolloutResult]):
         with self.startup("ray_init"):
             init_ray(workers=policy_workers + engines)
         with self.startup("clusters"):
-            self.reserve_clusters(policy_workers, engines)
+            self.reserve_clusters(policy_workers, engines, res)
         with self.startup("workers"):
             if gen.colocated.enabled and self.cluster.use_gpus:
                 self.start_in_turn()
@@ -181,8 +182,8 @@ class RolloutRun(RunLoop[RolloutResult]):
                 self.start_at_once()
         self.log_checkpoint_source()
 
-    def reserve_clusters(self, policy_workers: int, engines: int) -> None:
-        """The policy's bundles, and unless colocated (``engines == 0``) the engines' own."""
+    def reserve_clusters(self, policy_workers: int, engines: int, res: GenerationResourcesConfig) -> None:
+        """The policy's bundles, and unless colocated (``engines == 0``) the engines' own (``res``)."""
         cfg = self.cfg
         if not engines:
             self.cluster = self.started(
@@ -194,8 +195,6 @@ class RolloutRun(RunLoop[RolloutResult]):
             )
             self.generation_cluster = self.cluster
             return
-        gen = cfg.policy.generation
-        res = gen.colocated.resources
         # The engines get nodes of their own after the policy's where the Ray cluster has them; otherwise
         # the two clusters share the nodes (a CPU machine's cores split by their number of workers).
         own_nodes = has_nodes(cfg.cluster.num_nodes + res.num_nodes)
@@ -208,7 +207,7 @@ class RolloutRun(RunLoop[RolloutResult]):
                 node_share=share,
             )
         )
-        tp = engine_tensor_parallel_size(gen.vllm_kwargs)  # an engine's bundle holds its TP devices
+        tp = engine_tensor_parallel_size(cfg.policy.generation.vllm_kwargs)  # an engine's bundle holds its TP devices
         self.generation_cluster = self.started(
             RayVirtualCluster(
                 res.gpus_per_node // tp,
