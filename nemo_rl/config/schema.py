@@ -102,7 +102,7 @@ class SequencePackingConfig(_Section):
 class DynamicBatchingConfig(_Section):
     """Token-budget micro-batches (NeMo RL's names): each DP shard's rows sorted by length and grouped while
     rows x the group's longest row (rounded up to ``sequence_length_round``) stays within a budget of tokens,
-    in place of ``train_micro_batch_size`` and ``logprob_batch_size`` (``nemo_rl.models.policy.token_budget``)."""
+    in place of ``train_micro_batch_size`` and ``logprob_batch_size`` (``nemo_rl.models.policy.micro_batches``)."""
 
     enabled: bool
     train_mb_tokens: PositiveInt  # budget of the loss passes (training and validation)
@@ -145,6 +145,12 @@ class MegatronConfig(_Section):
 class GenerationResourcesConfig(_Section):
     gpus_per_node: PositiveInt | None
     num_nodes: PositiveInt | None
+
+    def shape(self) -> tuple[int, int]:
+        """(gpus_per_node, num_nodes) of engines on bundles of their own, where validation has required both."""
+        if self.gpus_per_node is None or self.num_nodes is None:
+            raise ValueError("policy.generation.colocated.resources: gpus_per_node and num_nodes must both be set")
+        return self.gpus_per_node, self.num_nodes
 
 
 class ColocatedConfig(_Section):

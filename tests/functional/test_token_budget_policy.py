@@ -16,7 +16,7 @@ import torch
 
 from nemo_rl.algorithms.advantages import token_weights
 from nemo_rl.algorithms.loss_functions import ClippedPGLoss, NLLLoss
-from nemo_rl.models.policy.token_budget import MICRO_BATCHES, UTILISATION
+from nemo_rl.models.policy.micro_batches import MICRO_BATCHES, UTILISATION
 from tests.helpers import local_ray, running_policy, sft_config
 
 pytestmark = [pytest.mark.functional, pytest.mark.slow]

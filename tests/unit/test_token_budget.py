@@ -1,11 +1,11 @@
-"""Token-budget micro-batches (``nemo_rl.models.policy.token_budget``): groupings checked by hand."""
+"""Micro-batches (``nemo_rl.models.policy.micro_batches``), fixed-size and token-budget: groupings checked by hand."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from nemo_rl.models.policy.token_budget import (
+from nemo_rl.models.policy.micro_batches import (
     MICRO_BATCHES,
     UTILISATION,
     budget_groups,
@@ -13,7 +13,38 @@ from nemo_rl.models.policy.token_budget import (
     pad_positions,
     padded_length,
     split_by_budget,
+    split_fixed,
 )
+
+
+def _lengths_batch(lengths: list[int], width: int) -> dict[str, torch.Tensor]:
+    real = torch.arange(width) < torch.tensor(lengths)[:, None]
+    ids = torch.where(real, torch.arange(1, width + 1).expand(len(lengths), -1), 0)
+    return {"input_ids": ids, "loss_mask": real.long(), "input_lengths": torch.tensor(lengths), "row": torch.arange(4)}
+
+
+def test_fixed_micro_batches_keep_row_order_and_are_trimmed_to_their_longest_row():
+    batch = _lengths_batch([5, 30, 9, 12], 32)
+    split = split_fixed(batch, 2, 8)
+    # rows 0-1 reach 30 (rounded to 32); rows 2-3 reach 12 (rounded to 16)
+    assert [tuple(mb["input_ids"].shape) for mb in split.micro_batches] == [(2, 32), (2, 16)]
+    assert [mb["row"].tolist() for mb in split.micro_batches] == [[0, 1], [2, 3]]
+    assert torch.equal(split.micro_batches[1]["loss_mask"], batch["loss_mask"][2:, :16])
+    assert split.real_tokens == [35, 21]
+    # outputs of the trimmed micro-batches come back at the batch's width, in row order
+    outputs = torch.cat([pad_positions(mb["input_ids"].float(), 32) for mb in split.micro_batches])
+    assert torch.equal(split.restore(outputs), batch["input_ids"].float() * batch["loss_mask"])
+
+
+def test_fixed_micro_batches_untrimmed_without_lengths_or_a_multiple():
+    batch = _lengths_batch([5, 30, 9, 12], 32)
+    assert {tuple(mb["input_ids"].shape) for mb in split_fixed(batch, 2, None).micro_batches} == {(2, 32)}
+    no_lengths = {k: v for k, v in batch.items() if k != "input_lengths"}
+    assert {tuple(mb["input_ids"].shape) for mb in split_fixed(no_lengths, 2, 8).micro_batches} == {(2, 32)}
+    assert [mb["input_ids"].shape[0] for mb in split_fixed(batch, 8, 8).micro_batches] == [4]  # fewer rows: one
+    seven_rows = {k: torch.cat([v, v[:3]]) for k, v in batch.items()}
+    with pytest.raises(ValueError, match="7 rows does not split into 3 equal parts"):
+        split_fixed(seven_rows, 2, 8)
 
 
 def test_padded_length_rounds_up_but_never_past_the_batch():

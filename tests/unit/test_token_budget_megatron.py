@@ -21,8 +21,7 @@ import torch
 from nemo_rl.algorithms.advantages import token_weights
 from nemo_rl.algorithms.loss_functions import ClippedPGLoss, DPOLoss, NLLLoss
 from nemo_rl.models.policy.interfaces import LossFunction
-from nemo_rl.models.policy.lm_policy import _micro_batches
-from nemo_rl.models.policy.token_budget import split_by_budget
+from nemo_rl.models.policy.micro_batches import split_by_budget, split_fixed
 from tests.helpers import sft_config
 
 LENGTHS = (256, 40, 120, 64, 200, 16, 90, 150)
@@ -69,7 +68,7 @@ def start(worker, tmp_path_factory) -> Path:
 
 
 def _fixed(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    return _micro_batches(batch, 2)
+    return split_fixed(batch, 2, None).micro_batches
 
 
 def test_the_budget_split_is_three_micro_batches_of_different_shapes():
@@ -87,6 +86,24 @@ def test_logprobs_equal_the_fixed_micro_batches_in_row_order(worker):
     assert budget.shape == fixed.shape
     assert (budget[real] - fixed[real]).abs().max() <= 1e-6
     assert (budget[~real] == 0).sum() > 0  # past a micro-batch's own length only zeros come back
+
+
+def test_trimmed_fixed_micro_batches_give_the_untrimmed_logprobs_and_step(worker, start):
+    """What ``Policy`` sends with fixed micro-batches: each trimmed to its own longest row (pairs of rows 256 and
+    40, 120 and 64, 200 and 16, 90 and 150, rounded up to 8)."""
+    rows = _rows()
+    fields = {"input_ids": rows["input_ids"], "input_lengths": rows["input_lengths"]}
+    fixed = worker.get_logprobs(_fixed({"input_ids": rows["input_ids"]}))
+    split = split_fixed(fields, 2, ROUND)
+    assert [mb["input_ids"].shape[1] for mb in split.micro_batches] == [256, 120, 200, 152]
+    trimmed = split.restore(worker.get_logprobs(split.micro_batches))
+    real = torch.arange(rows["input_ids"].shape[1]) < rows["input_lengths"][:, None]
+    assert (trimmed[real] - fixed[real]).abs().max() <= 1e-6
+    full, full_grads = _step(worker, start, _fixed(rows), NLLLoss())
+    cut, cut_grads = _step(worker, start, split_fixed(rows, 2, ROUND).micro_batches, NLLLoss())
+    assert cut["metrics"]["nll_sum"] == pytest.approx(full["metrics"]["nll_sum"], rel=1e-6)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(cut_grads[name], grad, rtol=1e-5, atol=GRAD_ATOL, msg=name)
 
 
 def test_topk_logprobs_equal_the_fixed_micro_batches_in_row_order(worker):

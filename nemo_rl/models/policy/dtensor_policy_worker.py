@@ -30,6 +30,7 @@ from nemo_rl.models.megatron.hf_export import DTENSOR_CHECKPOINT, write_hf_files
 from nemo_rl.models.policy.interfaces import LossFunction, WorkerLogprobsWithReference
 from nemo_rl.models.policy.loss_metrics import micro_batch_totals
 from nemo_rl.models.policy.megatron_policy_worker import logprobs_at_tokens
+from nemo_rl.models.policy.micro_batches import concat_rows
 from nemo_rl.models.policy.reference_weights import ReferenceWeights, logprobs_with_reference, scoring_weights
 from nemo_rl.rope.hf_config import apply_hf_config_overrides
 from nemo_rl.rope.rules import requests_yarn
@@ -165,7 +166,7 @@ class DTensorPolicyWorker(RefitSender):
         self.model.eval()
         with scoring_weights(self.reference, reference):
             predicted = [self._token_logprobs(mb["input_ids"].to(self.device)).cpu() for mb in microbatches]
-        return logprobs_at_tokens(torch.cat(predicted))
+        return logprobs_at_tokens(concat_rows(predicted))  # micro-batches trimmed to their own rows' length
 
     def get_logprobs_with_reference(
         self, microbatches: list[dict[str, torch.Tensor]]

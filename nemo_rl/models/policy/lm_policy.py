@@ -32,12 +32,13 @@ from nemo_rl.models.policy.interfaces import (
 )
 from nemo_rl.models.policy.loss_metrics import add_totals
 from nemo_rl.models.policy.megatron_policy_worker import MegatronPolicyWorker
-from nemo_rl.models.policy.token_budget import (
+from nemo_rl.models.policy.micro_batches import (
     MICRO_BATCHES,
     UTILISATION,
-    TokenBudgetSplit,
+    MicroBatchSplit,
     budget_metrics,
     split_by_budget,
+    split_fixed,
 )
 
 logger = logging.getLogger(__name__)
@@ -62,13 +63,8 @@ def split_rows(batch: Batch, parts: int) -> list[Batch]:
 
 
 def _in_row_order(output: Any) -> Any:
-    """A result of fixed micro-batches: already in the shard's row order."""
+    """A result of one-sample rows (context parallelism): already in the shard's row order."""
     return output
-
-
-def _micro_batches(shard: Batch, micro_batch_size: int) -> list[Batch]:
-    rows = next(iter(shard.values())).shape[0]
-    return split_rows(shard, max(rows // micro_batch_size, 1))
 
 
 class Policy:
@@ -144,7 +140,7 @@ class Policy:
                 real, allocated = real + stats.real_tokens, allocated + stats.allocated_tokens
                 per_dp.append(rows)
             else:
-                per_dp.append(_micro_batches(shard, micro_batch_size))
+                per_dp.append(self._fixed_split(shard, micro_batch_size).micro_batches)
         metrics = {"packing_efficiency": real / allocated} if allocated else {}
         return self._per_worker(per_dp, loss_fn), metrics
 
@@ -152,7 +148,14 @@ class Policy:
         """Each worker's call arguments: its DP rank's share, then ``args``."""
         return [(per_dp[info["dp_rank"]], *args) for info in self.worker_info]
 
-    def _budget_split(self, shard: Batch, budget: int) -> TokenBudgetSplit:
+    def _fixed_split(self, shard: Batch, micro_batch_size: int) -> MicroBatchSplit:
+        """``shard`` in micro-batches of ``micro_batch_size`` rows, each trimmed to its longest row (``input_lengths``)
+        at a length the layout takes, except under pipeline parallelism, whose stages exchange activations of one
+        shape per schedule."""
+        multiple = math.lcm(self.cfg.make_sequence_length_divisible_by, self.dims.sequence_multiple)
+        return split_fixed(shard, micro_batch_size, multiple if self.dims.pp == 1 else None)
+
+    def _budget_split(self, shard: Batch, budget: int) -> MicroBatchSplit:
         """``shard`` in micro-batches of at most ``budget`` tokens, lengths a multiple of both the configured
         round and what the layout needs (sequence parallelism splits the sequence over the TP ranks)."""
         multiple = math.lcm(self.cfg.dynamic_batching.sequence_length_round, self.dims.sequence_multiple)
@@ -212,21 +215,23 @@ class Policy:
     ) -> list[tuple[Callable[[Any], Any], Any]]:
         """``method`` over the rows of ``batch``: per DP rank, its worker's result and what puts the result's
         rows back in the shard's order. With context parallelism every row is its own sample for megatron's
-        packed path (the row length is already a multiple of 2 x CP). With token-budget batching the rows fill
-        micro-batches of ``logprob_mb_tokens`` (by ``input_lengths``) and ``micro_batch_size`` does not apply;
-        the results come back in row order at the batch's length (zero past each micro-batch's own length,
-        where only padding lies)."""
-        if self.cfg.dynamic_batching.enabled:
-            fields = {"input_ids": batch["input_ids"], "input_lengths": batch["input_lengths"]}
-            budget = self.cfg.dynamic_batching.logprob_mb_tokens
-            splits = [self._budget_split(shard, budget) for shard in split_rows(fields, self.dims.dp)]
-            results = self._run_forward(method, [split.micro_batches for split in splits], args)
-            return [(split.restore, out) for split, out in zip(splits, results, strict=True)]
-        per_dp = [
-            single_sample_rows(shard["input_ids"]) if self.dims.cp > 1 else _micro_batches(shard, micro_batch_size)
-            for shard in split_rows({"input_ids": batch["input_ids"]}, self.dims.dp)
+        packed path (the row length is already a multiple of 2 x CP). Otherwise the rows go in micro-batches
+        of ``micro_batch_size`` rows, or with token-budget batching of ``logprob_mb_tokens`` tokens, each trimmed
+        to its longest row (``input_lengths``); the results come back in row order at the batch's length (zero
+        past each micro-batch's own length, where only padding lies)."""
+        if self.dims.cp > 1 and not self.cfg.dynamic_batching.enabled:
+            shards = split_rows({"input_ids": batch["input_ids"]}, self.dims.dp)
+            per_dp = [single_sample_rows(shard["input_ids"]) for shard in shards]
+            return [(_in_row_order, out) for out in self._run_forward(method, per_dp, args)]
+        fields = {key: batch[key] for key in ("input_ids", "input_lengths") if key in batch}
+        splits = [
+            self._budget_split(shard, self.cfg.dynamic_batching.logprob_mb_tokens)
+            if self.cfg.dynamic_batching.enabled
+            else self._fixed_split(shard, micro_batch_size)
+            for shard in split_rows(fields, self.dims.dp)
         ]
-        return [(_in_row_order, out) for out in self._run_forward(method, per_dp, args)]
+        results = self._run_forward(method, [split.micro_batches for split in splits], args)
+        return [(split.restore, out) for split, out in zip(splits, results, strict=True)]
 
     def _run_forward(self, method: str, per_dp: list[list[Batch]], args: tuple) -> list[Any]:
         """``method`` on every worker with its DP rank's micro-batches; one result per DP rank, in rank order."""

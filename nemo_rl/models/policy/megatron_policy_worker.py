@@ -55,8 +55,8 @@ from nemo_rl.models.policy.interfaces import (
     model_output_of,
 )
 from nemo_rl.models.policy.loss_metrics import micro_batch_totals
+from nemo_rl.models.policy.micro_batches import concat_rows
 from nemo_rl.models.policy.reference_weights import ReferenceWeights, logprobs_with_reference, scoring_weights
-from nemo_rl.models.policy.token_budget import pad_positions
 
 logger = logging.getLogger(__name__)
 
@@ -470,8 +470,7 @@ class MegatronPolicyWorker(RefitSender):
                 group = parallel_state.get_context_parallel_group()
                 local = tuple(gather_context_parallel(t, mb["cu_seqlens"], group) for t in local)
             pieces.append(tuple(t.cpu() for t in local))
-        width = max(t.shape[1] for piece in pieces for t in piece)
-        merged = tuple(torch.cat([pad_positions(t, width) for t in parts]) for parts in zip(*pieces, strict=True))
+        merged = tuple(concat_rows(parts) for parts in zip(*pieces, strict=True))
         return merged if is_tuple else merged[0]
 
     @torch.no_grad()

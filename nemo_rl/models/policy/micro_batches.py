@@ -1,6 +1,9 @@
-"""Token-budget micro-batches (NeMo RL's ``dynamic_batching``): as many rows as fit a budget of tokens.
+"""A data-parallel shard's micro-batches, each trimmed to its own longest row: fixed-size, or as many rows as fit
+a budget of tokens (NeMo RL's ``dynamic_batching``).
 
-A fixed micro-batch size has to be small enough for the longest rows a run
+A batch is padded to its longest row, so a fixed micro-batch of shorter rows
+spends compute on padding unless it is trimmed (``split_fixed``). Beyond that,
+a fixed micro-batch size has to be small enough for the longest rows a run
 can see, so micro-batches of short rows use a fraction of the memory, and every
 row is padded to the batch's longest, so most of their compute goes to
 padding. Here each data-parallel shard's rows are sorted longest first and cut
@@ -12,7 +15,7 @@ The step does not change: a loss returns sums and a count (the per-token
 convention of ``nemo_rl.algorithms.loss_functions``) and megatron divides the
 numerators summed over every micro-batch by the summed counts, so any grouping
 of the rows gives the same gradients. Forward outputs are put back in the
-shard's row order at its padded length (``TokenBudgetSplit.restore``), zero
+shard's row order at its padded length (``MicroBatchSplit.restore``), zero
 beyond a micro-batch's width, where only padding lies.
 
 Rows that must stay together (a preference pair, chosen then rejected, which a
@@ -84,8 +87,9 @@ def budget_groups(
 
 
 @dataclass(frozen=True)
-class TokenBudgetSplit:
-    """One shard's token-budget micro-batches, and how to put their outputs back in the shard's row order."""
+class MicroBatchSplit:
+    """One shard's micro-batches (token-budget or fixed-size), and how to put their outputs back in the shard's
+    row order."""
 
     micro_batches: list[Batch]
     rows: torch.Tensor  # the shard's index of each row the micro-batches hold, in their order
@@ -116,7 +120,13 @@ def pad_positions(output: torch.Tensor, width: int) -> torch.Tensor:
     return padded
 
 
-def split_by_budget(shard: Batch, budget: int, multiple: int, rows_per_unit: int = 1) -> TokenBudgetSplit:
+def concat_rows(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Micro-batches' ``[B_i, L_i, ...]`` outputs as one ``[sum B_i, max L_i, ...]``, each zero-padded to the widest."""
+    width = max(output.shape[1] for output in outputs)
+    return torch.cat([pad_positions(output, width) for output in outputs])
+
+
+def split_by_budget(shard: Batch, budget: int, multiple: int, rows_per_unit: int = 1) -> MicroBatchSplit:
     """``shard`` (``input_ids``, ``input_lengths`` and any per-row or per-token fields) in token-budget
     micro-batches (``budget_groups``), each trimmed to its padded length."""
     width = shard["input_ids"].shape[1]
@@ -126,11 +136,39 @@ def split_by_budget(shard: Batch, budget: int, multiple: int, rows_per_unit: int
         _rows_trimmed(shard, rows, padded_length(max(lengths[row] for row in rows), multiple, width)) for rows in groups
     ]
     real = [sum(lengths[row] for row in rows) for rows in groups]
-    return TokenBudgetSplit(micro_batches, torch.tensor([row for rows in groups for row in rows]), width, real)
+    return MicroBatchSplit(micro_batches, torch.tensor([row for rows in groups for row in rows]), width, real)
+
+
+def split_fixed(shard: Batch, micro_batch_size: int, multiple: int | None) -> MicroBatchSplit:
+    """``shard`` in consecutive micro-batches of ``micro_batch_size`` rows (one if it holds fewer), each trimmed
+    to its own longest row (``input_lengths``) rounded up to ``multiple``; ``multiple=None`` keeps the shard's
+    width (pipeline stages exchange activations of one shape per schedule).
+
+    The shard is padded to its longest row, so a micro-batch of shorter rows would otherwise spend its compute
+    on padding: a GRPO step's micro-batches hold one prompt's group each, and the prompts' lengths differ.
+    """
+    rows = shard["input_ids"].shape[0]
+    parts = max(rows // micro_batch_size, 1)
+    if rows % parts:
+        raise ValueError(f"batch of {rows} rows does not split into {parts} equal parts")
+    size = rows // parts
+    groups = [list(range(start, start + size)) for start in range(0, rows, size)]
+    width = shard["input_ids"].shape[1]
+    lengths = shard["input_lengths"].tolist() if "input_lengths" in shard else [width] * rows
+    micro_batches = [
+        _rows_trimmed(
+            shard, group, width if multiple is None else padded_length(max(lengths[r] for r in group), multiple, width)
+        )
+        for group in groups
+    ]
+    real = [sum(lengths[row] for row in group) for group in groups]
+    return MicroBatchSplit(micro_batches, torch.arange(rows), width, real)
 
 
 def _rows_trimmed(shard: Batch, rows: list[int], length: int) -> Batch:
     """The ``rows`` of ``shard``, per-token fields (``[B, L, ...]`` like ``input_ids``) cut to ``length``."""
+    if length == shard["input_ids"].shape[1] and rows == list(range(rows[0], rows[-1] + 1)):
+        return {key: value[rows[0] : rows[-1] + 1] for key, value in shard.items()}  # views: nothing to copy
     index = torch.tensor(rows)
     per_token = shard["input_ids"].shape
     return {
@@ -139,7 +177,7 @@ def _rows_trimmed(shard: Batch, rows: list[int], length: int) -> Batch:
     }
 
 
-def budget_metrics(splits: Sequence[TokenBudgetSplit], budget: int) -> dict[str, float]:
+def budget_metrics(splits: Sequence[MicroBatchSplit], budget: int) -> dict[str, float]:
     """How full the step's micro-batches were (real tokens / budget, their mean) and how many there were."""
     real = [tokens for split in splits for tokens in split.real_tokens]
     return {UTILISATION: sum(real) / (len(real) * budget), MICRO_BATCHES: float(len(real))}
