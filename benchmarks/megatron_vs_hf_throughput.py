@@ -1,21 +1,24 @@
 """Training throughput of the project's Megatron policy worker versus a plain transformers loop.
 
-    uv run benchmarks/megatron_vs_hf_throughput.py [--seq-len 1024] [--batch-size 4] [--steps 5] [--out r.json]
+    uv run benchmarks/megatron_vs_hf_throughput.py [--models tiny-qwen2 tiny-qwen2-20m] [--seq-len 1024]
+        [--batch-size 4] [--steps 5] [--out results/bench_megatron_vs_hf]
 
 Why: the Megatron path (Ray actor, megatron-core DDP, optimizer and
 forward/backward schedule) is what every run trains through; this measures what
 that machinery costs, or saves, against the simplest thing that computes the
-same update: ``AutoModelForCausalLM`` + ``torch.optim.AdamW`` on the same tiny
-model (``--model``, default ``tiny-qwen2``, with the YaRN block of ``examples/configs/sft.yaml``,
-factor = seq-len / 256), batch, sequence length, micro-batching and loss (mean
-next-token NLL over the loss-masked tokens of the batch), in the same process
-and on the same device (CUDA when available, else CPU with ``--num-cpus``
-threads on both sides). The Megatron side is timed from the driver, so Ray's
-call and transfer overhead is part of its number, as it is in training.
+same update: ``AutoModelForCausalLM`` + ``torch.optim.AdamW`` on the same model
+(``--models``: by default the tiny Qwen2 and its 18 M-parameter sibling, each
+with the YaRN block of ``examples/configs/sft.yaml``, factor = seq-len / 256),
+batch, sequence length, micro-batching and loss (mean next-token NLL over the
+loss-masked tokens of the batch), in the same process and on the same device
+(CUDA when available, else CPU with ``--num-cpus`` threads on both sides). The
+Megatron side is timed from the driver, so Ray's call and transfer overhead is
+part of its number, as it is in training.
 
 Each side runs ``--warmup`` untimed steps, then ``--steps`` timed ones. The
 first-step losses of both are printed as a sanity check: same weights, same
-data, so they must agree to float32 rounding.
+data, so they must agree to float32 rounding. Prints a table and writes
+``results.json`` and ``throughput.png`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -160,73 +163,96 @@ def run_hf(cfg, model_path: Path, batch, micro_batch_size: int, args, device) ->
     return time_steps(step, args.warmup, args.steps, device)
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny-qwen2", help="built-in name or HF directory (e.g. tiny-qwen2-20m)")
+    parser.add_argument(
+        "--models", nargs="+", default=["tiny-qwen2", "tiny-qwen2-20m"], help="built-in names or HF directories"
+    )
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--micro-batch-size", type=int, default=None, help="default: the batch size")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="Ray CPUs = torch threads on CPU")
-    parser.add_argument("--out", type=Path, default=None, help="optional JSON file for the results")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_megatron_vs_hf")
+    args = parser.parse_args(argv)
     micro_batch_size = args.micro_batch_size or args.batch_size
-
-    from transformers import AutoConfig
-
-    from nemo_rl.models.builtin_models import resolve_model_path
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(args.num_cpus)
+    rows = {model: compare(model, micro_batch_size, args, device) for model in args.models}
+
+    print(
+        f"\ndevice {device}, batch {args.batch_size} x {args.seq_len} tokens (micro-batch {micro_batch_size}), "
+        f"{args.warmup} warm-up + {args.steps} timed steps per side"
+    )
+    header = f"{'model':16} | {'backend':>8} | {'tokens/s':>10} | {'s/step':>8} | {'first loss':>10} | ratio"
+    print(header)
+    print("-" * len(header))
+    for model, row in rows.items():
+        for name in ("megatron", "hf"):
+            side = row[name]
+            ratio = f"{row['ratio']:.2f}x" if name == "megatron" else ""
+            print(
+                f"{model:16} | {name:>8} | {side['tokens_per_s']:10.0f} | {side['s_per_step']:8.3f} | "
+                f"{side['first_loss']:10.5f} | {ratio}"
+            )
+    print("ratio: Megatron tokens/s / HF tokens/s (>= 1: the Megatron path is at least as fast)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = {"setup": vars(args) | {"device": str(device), "micro_batch_size": micro_batch_size}, "models": rows}
+    (args.out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+    plot(rows, args.out / "throughput.png")
+    print(f"results: {args.out / 'results.json'}, {args.out / 'throughput.png'}")
+    return summary
+
+
+def compare(model: str, micro_batch_size: int, args, device: torch.device) -> dict:
+    """Both sides on ``model``: tokens/s, s/step, first loss each, and the ratio."""
+    from transformers import AutoConfig
+
     from nemo_rl.config.schema import validate_sft_config
+    from nemo_rl.models.builtin_models import resolve_model_path
 
     cfg = load_policy_config(
-        "sft.yaml",
-        validate_sft_config,
-        args.seq_len,
-        args.batch_size,
-        micro_batch_size,
-        [f"policy.model_name={args.model}"],
+        "sft.yaml", validate_sft_config, args.seq_len, args.batch_size, micro_batch_size, [f"policy.model_name={model}"]
     )
     model_path = resolve_model_path(cfg.policy.model_name)
     batch = make_batch(AutoConfig.from_pretrained(model_path).vocab_size, args.batch_size, args.seq_len)
-
     results = {}
     with tempfile.TemporaryDirectory() as checkpoints:
         os.environ["NRL_MEGATRON_CHECKPOINT_DIR"] = checkpoints  # the HF->Megatron conversion goes here
         results["megatron"] = run_megatron(cfg, model_path, batch, micro_batch_size, args)
     results["hf"] = run_hf(cfg, model_path, batch, micro_batch_size, args, device)
-
     tokens = args.batch_size * args.seq_len
-    rows = {
+    row: dict = {
         name: {
-            "tokens_per_s": tokens * args.steps / sum(seconds),
-            "s_per_step": sum(seconds) / args.steps,
+            "tokens_per_s": tokens * len(seconds) / sum(seconds),
+            "s_per_step": sum(seconds) / len(seconds),
+            "step_seconds": seconds,
             "first_loss": losses[0],
         }
         for name, (seconds, losses) in results.items()
     }
-    ratio = rows["megatron"]["tokens_per_s"] / rows["hf"]["tokens_per_s"]
+    row["ratio"] = row["megatron"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
+    row["first_loss_difference"] = abs(row["megatron"]["first_loss"] - row["hf"]["first_loss"])
+    return row
 
-    print(
-        f"\ndevice {device}, {args.model}, batch {args.batch_size} x {args.seq_len} tokens "
-        f"(micro-batch {micro_batch_size}), {args.warmup} warm-up + {args.steps} timed steps"
-    )
-    header = f"{'backend':>8} | {'tokens/s':>10} | {'s/step':>8} | {'first loss':>10}"
-    print(header)
-    print("-" * len(header))
-    for name, row in rows.items():
-        print(f"{name:>8} | {row['tokens_per_s']:10.0f} | {row['s_per_step']:8.3f} | {row['first_loss']:10.5f}")
-    print(f"megatron / hf throughput: {ratio:.2f}x")
-    print(f"first-step loss difference: {abs(rows['megatron']['first_loss'] - rows['hf']['first_loss']):.2e}")
 
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        summary = {"device": str(device), "micro_batch_size": micro_batch_size, "ratio": ratio, "results": rows}
-        args.out.write_text(json.dumps(vars(args) | summary, indent=2, default=str))
-        print(f"results: {args.out}")
+def plot(rows: dict, path: Path) -> None:
+    """Tokens/s of both sides per model (one panel each: their scales differ)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.4), squeeze=False)
+    for ax, (model, row) in zip(axes[0], rows.items(), strict=True):
+        ax.bar(["Megatron\nworker", "plain HF\nloop"], [row["megatron"]["tokens_per_s"], row["hf"]["tokens_per_s"]])
+        ax.set_title(f"{model}\nratio {row['ratio']:.2f}", fontsize=9)
+        ax.set_ylabel("tokens/s, higher is better", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ positions. Their tokenizers must agree, which is checked before Ray starts.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from transformers import AutoConfig
@@ -67,10 +68,18 @@ class DistillationRun(RolloutRun):
         return DistillationLoss(kl_type=self.cfg.loss_fn.kl_type, mixed_kl_weight=self.cfg.loss_fn.mixed_kl_weight)
 
     def start_policy(self) -> PolicyInterface:
-        """The student, and next to it the teacher: the same policy config with the teacher's weights."""
-        student = self.started(Policy(self.cluster, self.cfg.policy, self.model_path, seed=self.loop.seed))
+        """The student, and next to it the teacher (the same policy config with the teacher's weights), started
+        together: each waits mostly on its own processes' imports and loading, so one after the other would add
+        the two. A model that fails to start is named; the other is still shut down with the run."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="start-teacher") as pool:
+            teacher = pool.submit(self.start_teacher)
+            student = self.started(Policy(self.cluster, self.cfg.policy, self.model_path, seed=self.loop.seed))
+            self.teacher = teacher.result()
+        return student
+
+    def start_teacher(self) -> PolicyInterface:
         teacher_cfg = self.cfg.policy.model_copy(update={"model_name": self.cfg.teacher.model_name})
-        self.teacher = self.started(
+        return self.started(
             Policy(
                 self.cluster,
                 teacher_cfg,
@@ -80,7 +89,6 @@ class DistillationRun(RolloutRun):
                 role="teacher worker",
             )
         )
-        return student
 
     def graded_rollout(
         self, samples: Sequence[PromptSample], seeds: list[int], greedy: bool, timer: Timer
