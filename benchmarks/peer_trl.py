@@ -47,49 +47,55 @@ second step's show that the update is the same too.
 
 Writes ``results.json`` (every step's time and loss, the ratios, the set-up)
 and ``throughput.png`` (bars per workload and model) under ``--out``. The
-default run takes 9.6 minutes on two otherwise idle cores; ``--models
-tiny-qwen2 --steps 2`` 3 minutes.
+default run takes 5.2 minutes on two otherwise idle cores.
 
 Measured on two otherwise idle CPU cores (TRL 1.16.0, transformers 5.19,
 default run: medians of 4 steps after 1 warm-up, 2 threads per side):
 
     workload model           this framework        TRL unit       ratio
-    sft      tiny-qwen2            10693.64   15429.19 tokens/s    0.69
-    sft      tiny-qwen2-20m          980.84    1098.53 tokens/s    0.89
-    dpo      tiny-qwen2                6.84       6.72 pairs/s     1.02
-    dpo      tiny-qwen2-20m            0.37       0.37 pairs/s     1.00
-    grpo     tiny-qwen2                1.13       0.91 s/step      0.80
-    grpo     tiny-qwen2-20m           18.92      16.58 s/step      0.88
+    sft      tiny-qwen2            22397.31   23305.91 tokens/s    0.96
+    sft      tiny-qwen2-20m         1523.59    1664.80 tokens/s    0.92
+    dpo      tiny-qwen2                8.63       9.44 pairs/s     0.91
+    dpo      tiny-qwen2-20m            0.56       0.59 pairs/s     0.94
+    grpo     tiny-qwen2                0.57       0.66 s/step      1.16
+    grpo     tiny-qwen2-20m            6.80      10.98 s/step      1.61
 
 The ratio is this framework's throughput over TRL's (GRPO: TRL's seconds per
 step over this framework's); above 1, this framework is faster.
 
-- SFT: 0.38 s a step against TRL's 0.27 (tiny-qwen2), 4.18 s against 3.73
-  (20M). A plain transformers loop of the same step takes 0.23 s and 3.9 to
-  4.1 s, so TRL costs what the model does, plus 0.04 s on the tiny model (its
-  tiled LM head: 40 % of that step's CPU time, projection included), and this
-  framework about 0.15 s a step more: what it adds around the model's math
-  (the Ray call and the batch's transfer, megatron-core's schedule and
-  distributed optimizer; not split further here), which a 0.47M-parameter
-  model cannot hide and an 18M one still shows.
-- DPO: at par. A step is twice the rows plus a reference pass, so this
-  framework's fixed costs weigh less (not measured further).
-- GRPO: step 2 of the 20M run, for instance: vLLM generates in 1.3 s what
-  transformers ``generate`` does in 4.8 s, but this framework also refits the
-  engine (0.3 s) and spends 8.6 s in log-prob passes, about half of it the
-  trainer's pass over the sampled tokens that TRL skips, and 15.5 s training,
-  against TRL's 17.3 s for all of its step outside generation (its reference
-  pass included). On tiny-qwen2 transformers generates as fast as vLLM (0.06
-  to 0.3 s a step), so the extra pass and the Ray round trips decide.
+- SFT: 0.183 s a step against TRL's 0.176 (tiny-qwen2), 2.69 s against 2.46
+  (20M). A plain transformers loop of the same step takes 0.130 s and 2.36 s
+  (``benchmarks/megatron_vs_hf_throughput.py``, same machine, same hour), so
+  TRL adds 0.05 s and 0.1 s to the model's own cost (its tiled LM head and
+  per-step entropy and accuracy metrics) and this framework 0.05 s and 0.3 s:
+  the Megatron worker through Ray, whose costs that benchmark's docstring
+  takes apart (megatron's SwiGLU over the fused fc1 output, page-faulted
+  afresh every step; the Ray cluster's own processes on two cores).
+- DPO: 0.46 s against 0.42 (tiny-qwen2), 7.1 s against 6.7 (20M): the same
+  worker costs, over twice the rows and a reference pass.
+- GRPO: the same prompts in the same order, each side sampling its own
+  completions (15 to 16 tokens on average on both); a step's cost follows
+  its prompts' lengths, so compare step by step. 20M, timed steps 2 to 5:
+  this framework 13.0, 2.3, 6.8, 6.8 s, TRL 14.2, 2.4, 8.2, 13.7 s. vLLM
+  generates in 0.3 to 0.9 s what transformers ``generate`` does in 0.6 to
+  3.4 s; this framework then refits the engine (0.2 to 0.4 s) and spends 0.7
+  to 4.9 s in its log-prob passes (the live weights' pass over the sampled
+  tokens, which TRL skips, and the reference pass, which TRL makes inside its
+  training step) and 0.9 to 7.0 s training. On tiny-qwen2 (0.93, 0.28, 0.56,
+  0.58 s against TRL's 0.91, 0.20, 0.49, 0.82) generation is 0.05 to 0.2 s on
+  both sides, so the extra pass and the Ray round trips decide: this
+  framework is slower on three of the four steps and faster on one, 2.35 s
+  against 2.42 s in all; its ratio there is within a step's noise of 1.
 
 First-step losses agree to float32 rounding: SFT 6.387530 on both sides (diff
-1.6e-7) and 6.469652 (3.1e-7); DPO ln 2 on both (the policy is its
+1.6e-7) and 6.469652 (1.7e-7); DPO ln 2 on both (the policy is its
 reference). The second steps', which show the same update, agree as closely
-(SFT 1.1e-7 and 1.5e-7, DPO 4e-9 on tiny-qwen2) except DPO on the 20M model:
-0.816152 against 0.816163. Its first-step gradient norms already differ by
-7e-6 relative (59.8307 against 59.8312): a pair's two rows share 3/4 of their
-tokens and enter the loss with opposite signs, so their gradients cancel there
-and what remains carries the rounding of far larger sums.
+(SFT 1.1e-7 and 9.2e-8, DPO 2.3e-9 on tiny-qwen2) except DPO on the 20M model:
+0.816178 against 0.816181. The first-step gradient norms already differed
+by 7e-6 relative in an earlier run (59.8307 against 59.8312): a pair's two
+rows share 3/4 of their tokens and enter the loss with opposite signs, so
+their gradients cancel there and what remains carries the rounding of far
+larger sums.
 
 On a machine shared with other jobs (1-minute load 5 to 11) the 2-thread
 numbers swung by up to 10x between runs (an OpenMP team waits for its
