@@ -49,7 +49,8 @@ writing SwiGLU's gradients into the fc1 output's own memory (its 31 ms
 strided write went, and the page faults moved to the next op); saving
 ``silu(gate)`` for the backward instead of recomputing it; glibc
 ``mallopt`` keeping large blocks on the heap (50 MB allocations 10.7 -> 3.0 ms
-alone; steps -70 and +60 ms in two A/B pairs); contiguous q/k/v for SDPA
+alone; in-process steps -70, +60, -85, -96 and -5 ms in five A/B pairs, and
+through Ray 2.53 and 2.75 s against 2.72 and 2.69 s); contiguous q/k/v for SDPA
 (3 ms a layer alone). Not prestarting Ray's idle workers cut the cluster's
 idle CPU to 3.8 % but cost a GRPO run 1 s of start-up.
 """
