@@ -150,3 +150,22 @@ def test_resuming_with_another_optimizer_layout_names_the_setting_to_use():
         check_optimizer_layout(path, None, distributed=True, data_parallel_size=2)
     with pytest.raises(ValueError, match=r"use_distributed_optimizer=true state is sharded over 2 .* this run has 4"):
         check_optimizer_layout(path, optimizer_layout(True, 2), distributed=True, data_parallel_size=4)
+
+
+def test_buffer_collectives_over_one_rank_are_skipped_only_in_place(megatron_single_process):
+    from megatron.core.distributed import param_and_grad_buffer as buffers
+
+    from nemo_rl.models.megatron.cpu_compat import _identity_on_one_rank
+
+    # enable_cpu_compat (the fixture) put the skip in front of both of megatron's buffer collectives
+    assert hasattr(buffers.dist_reduce_scatter_func, "__wrapped__")
+    assert hasattr(buffers.dist_all_gather_func, "__wrapped__")
+    calls = []
+    skip = _identity_on_one_rank(lambda output, input, **kwargs: calls.append(kwargs))
+    group = torch.distributed.group.WORLD
+    buffer = torch.arange(6.0)
+    assert skip(buffer, buffer, group=group, async_op=False) is None  # one rank, in place: the buffer is the result
+    assert calls == [] and torch.equal(buffer, torch.arange(6.0))
+    skip(torch.empty(6), buffer, group=group, async_op=False)  # another output: the collective runs
+    skip(buffer[:3], buffer, group=group, async_op=False)  # same start, not the whole buffer: it runs
+    assert len(calls) == 2
