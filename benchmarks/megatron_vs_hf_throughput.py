@@ -1,7 +1,7 @@
 """Training throughput of the project's Megatron policy worker versus a plain transformers loop.
 
     uv run benchmarks/megatron_vs_hf_throughput.py [--models tiny-qwen2 tiny-qwen2-20m] [--seq-len 1024]
-        [--batch-size 4] [--steps 5] [--out results/bench_megatron_vs_hf]
+        [--batch-size 4] [--rounds 3] [--steps 4] [--warmup 2] [--out results/bench_megatron_vs_hf]
 
 Why: the Megatron path (Ray actor, megatron-core DDP, optimizer and
 forward/backward schedule) is what every run trains through; this measures what
@@ -15,44 +15,68 @@ loss-masked tokens of the batch), in the same process and on the same device
 Megatron side is timed from the driver, so Ray's call and transfer overhead is
 part of its number, as it is in training.
 
-Each side runs ``--warmup`` untimed steps, then ``--steps`` timed ones. The
-first-step losses of both are printed as a sanity check: same weights, same
-data, so they must agree to float32 rounding. Prints a table and writes
+Each side runs in ``--rounds`` alternating rounds, started afresh each time
+(a new Ray cluster and worker, a new transformers model, the first side
+alternating): ``--warmup`` untimed steps, then ``--steps`` timed ones. A side's
+s/step is the median of its timed steps over all rounds. On a shared machine
+the speed drifts by tens of percent within minutes (the same loop step took
+0.21 to 0.27 s within one run here), so a single A-then-B pass measures the
+drift as much as the sides; rounds spread it over both. The first-step losses
+of every round are recorded as a sanity check: same weights, same data, so
+they must agree to float32 rounding. Prints a table and writes
 ``results.json`` and ``throughput.png`` under ``--out``. The default run takes
-about a minute.
+about 5 minutes.
 
-Measured on two otherwise idle CPU cores (default run; first losses equal to
-3e-7):
+The Megatron worker keeps the host memory it frees for its next step
+(``nemo_rl.utils.host_allocator``, set by every CPU training worker); the
+loop runs with glibc's defaults, which cost it nothing here: its largest
+blocks are 25 MB, reused from the heap (0 to 2 page faults a step).
+
+Measured on two shared CPU cores (AMD EPYC, default run; first losses equal
+to 4e-7 in every round):
 
     model            Megatron s/step   HF loop s/step   ratio
-    tiny-qwen2             0.163            0.130        0.80
-    tiny-qwen2-20m         2.628            2.364        0.90
+    tiny-qwen2             0.290            0.232        0.80
+    tiny-qwen2-20m         4.808            4.499        0.94
 
-Where the 20M model's 0.26 s goes, measured apart: the same worker in this
-process (``MegatronPolicyWorker.in_process``, no Ray) took 2.44 to 2.60 s a
-step over several runs, the loop 2.33 to 2.41 s (tiny-qwen2: 0.150 against
-0.133). Profiled over two steps, its ops took 5.02 s of CPU time against the
-loop's 4.78 s: matmuls 2.80 s against 2.85 s, but SwiGLU over the fused fc1
-output 0.95 s against the loop's activation and product, 0.46 s (each layer's
-50 MB fc1 output and gradient are fresh allocations above glibc's mmap
-threshold, page-faulted on every step; the loop's gate and up halves are
-25 MB heap blocks), and attention over ``[s, b, h, d]`` views 1.16 s against
-1.09 s. The rest is Ray's: its idle local cluster (raylet, GCS, agents,
-prestarted workers; 4 to 5 % of the two cores) slowed the plain loop by 0.1 s
-a step when it ran beside it, and the worker's step via Ray was 0.1 to 0.2 s
-slower than in-process. The call itself is cheap: on tiny-qwen2 an empty
-actor call took 1 ms and ``Policy.train`` 0.159 s against 0.156 s for
-``train_step`` timed inside the worker.
+(A run just before: 0.67 and 0.95. Before the heap setting, one-shot runs on
+an idle host of another kind gave 0.80 and 0.90.) Where the gap goes,
+measured apart:
 
-Tried and not kept, each within the machine's step-to-step noise (3 %):
-writing SwiGLU's gradients into the fc1 output's own memory (its 31 ms
-strided write went, and the page faults moved to the next op); saving
-``silu(gate)`` for the backward instead of recomputing it; glibc
-``mallopt`` keeping large blocks on the heap (50 MB allocations 10.7 -> 3.0 ms
-alone; in-process steps -70, +60, -85, -96 and -5 ms in five A/B pairs, and
-through Ray 2.53 and 2.75 s against 2.72 and 2.69 s); contiguous q/k/v for SDPA
-(3 ms a layer alone). Not prestarting Ray's idle workers cut the cluster's
-idle CPU to 3.8 % but cost a GRPO run 1 s of start-up.
+- In-process (``MegatronPolicyWorker.in_process``, no Ray; both sides in one
+  process, alternating steps), tiny-qwen2-20m: medians 4.16 against 4.20 s
+  and 4.51 against 4.31 s in two runs. Profiled over one step: matmuls 3.07 s
+  against the loop's 3.31 s (fused QKV and fc1: fewer, larger GEMMs),
+  attention 0.95 against 1.03 s; the elementwise ops over megatron's fused
+  fc1 output cost more (SwiGLU 0.78 against 0.61 s before the heap setting:
+  strided halves, and each layer's 50 MB output and gradient page-faulted
+  afresh, 37 to 129 thousand faults and 0.2 to 1.1 s of system time a step;
+  with the setting, mostly none), and so do megatron's RoPE (a copy per q
+  and k for the empty pass-through part) and its separate QKV bias add.
+- Fixed costs per step, seen at 4 x 64 tokens (tiny-qwen2, in-process):
+  24.4 ms against 18.1 ms. megatron's schedule, DDP hooks and distributed
+  optimizer, and the CPU compatibility layer's ``TorchFunctionMode``, which
+  sees each of the step's ~1000 torch calls made from Python: run under it,
+  the plain loop took 3.4 ms a step more at that size.
+- Ray: its local cluster's own processes (raylet, GCS, agents, log monitor,
+  two idle workers) took 6 % of one core while idle and 2.5 % during
+  training steps, which on two cores stalls the worker's OpenMP team; the
+  call itself is cheap (``Policy.train`` within 3 ms of ``train_step``
+  timed inside the worker).
+
+Tried and not kept: SwiGLU over cache-sized blocks of rows (20 -> 16 ms a
+layer alone at the 20M shape, 6.5 -> 5.7 ms at tiny: under 1 % of a step);
+glibc's transparent huge pages for malloc (``glibc.malloc.hugetlb=1``:
+1.8 thousand faults a step, no faster); one malloc arena (no fewer faults);
+Ray's metrics collection off (idle CPU 6.9 -> 5.7 % of a core); earlier,
+writing SwiGLU's gradients into the fc1 output's own memory, saving
+``silu(gate)`` instead of recomputing it, contiguous q/k/v for SDPA (3 ms a
+layer), and not prestarting Ray's idle workers (idle CPU 4.9 -> 3.8 %, but a
+GRPO run's start-up 1 s longer). In wall time the heap setting's A/Bs were
+within this host's noise (20M ratio in one-shot runs: 0.94, 1.05, 0.93 and
+0.87 with it; 0.93, 0.97, 0.79, 1.04 and 0.83 without; in-process on another
+host, steps -70, +60, -85, -96 and -5 ms); it is kept for the kernel work it
+removes, which is not noise.
 """
 
 from __future__ import annotations
@@ -60,6 +84,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -205,8 +230,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--micro-batch-size", type=int, default=None, help="default: the batch size")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per side")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of both sides")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per side and round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side and round")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="Ray CPUs = torch threads on CPU")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_megatron_vs_hf")
     args = parser.parse_args(argv)
@@ -218,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     print(
         f"\ndevice {device}, batch {args.batch_size} x {args.seq_len} tokens (micro-batch {micro_batch_size}), "
-        f"{args.warmup} warm-up + {args.steps} timed steps per side"
+        f"{args.rounds} rounds of {args.warmup} warm-up + {args.steps} timed steps per side (s/step: median)"
     )
     header = f"{'model':16} | {'backend':>8} | {'tokens/s':>10} | {'s/step':>8} | {'first loss':>10} | ratio"
     print(header)
@@ -241,7 +267,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 def compare(model: str, micro_batch_size: int, args, device: torch.device) -> dict:
-    """Both sides on ``model``: tokens/s, s/step, first loss each, and the ratio."""
+    """Both sides on ``model`` in ``--rounds`` alternating rounds: tokens/s, s/step, first loss each, the ratio.
+
+    Each round starts both sides afresh from the model's weights (a new Ray cluster and worker, a new
+    transformers model), the side that goes first alternating; a side's s/step is the median of its timed
+    steps over all rounds, so a slow spell of a shared machine falls on both sides alike.
+    """
     from transformers import AutoConfig
 
     from nemo_rl.config.schema import validate_sft_config
@@ -252,23 +283,35 @@ def compare(model: str, micro_batch_size: int, args, device: torch.device) -> di
     )
     model_path = resolve_model_path(cfg.policy.model_name)
     batch = make_batch(AutoConfig.from_pretrained(model_path).vocab_size, args.batch_size, args.seq_len)
-    results = {}
+    sides = {
+        "megatron": lambda: run_megatron(cfg, model_path, batch, micro_batch_size, args),
+        "hf": lambda: run_hf(cfg, model_path, batch, micro_batch_size, args, device),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in sides}
+    first_losses: dict[str, list[float]] = {name: [] for name in sides}
     with tempfile.TemporaryDirectory() as checkpoints:
-        os.environ["NRL_MEGATRON_CHECKPOINT_DIR"] = checkpoints  # the HF->Megatron conversion goes here
-        results["megatron"] = run_megatron(cfg, model_path, batch, micro_batch_size, args)
-    results["hf"] = run_hf(cfg, model_path, batch, micro_batch_size, args, device)
+        os.environ["NRL_MEGATRON_CHECKPOINT_DIR"] = checkpoints  # the HF->Megatron conversion goes here, once
+        for round_index in range(args.rounds):
+            order = list(sides) if round_index % 2 == 0 else list(reversed(sides))
+            for name in order:
+                round_seconds, losses = sides[name]()
+                seconds[name] += round_seconds
+                first_losses[name].append(losses[0])
     tokens = args.batch_size * args.seq_len
     row: dict = {
         name: {
-            "tokens_per_s": tokens * len(seconds) / sum(seconds),
-            "s_per_step": sum(seconds) / len(seconds),
-            "step_seconds": seconds,
-            "first_loss": losses[0],
+            "tokens_per_s": tokens / statistics.median(seconds[name]),
+            "s_per_step": statistics.median(seconds[name]),
+            "step_seconds": seconds[name],
+            "first_loss": first_losses[name][0],
+            "first_loss_each_round": first_losses[name],
         }
-        for name, (seconds, losses) in results.items()
+        for name in sides
     }
     row["ratio"] = row["megatron"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
-    row["first_loss_difference"] = abs(row["megatron"]["first_loss"] - row["hf"]["first_loss"])
+    row["first_loss_difference"] = max(
+        abs(a - b) for a, b in zip(first_losses["megatron"], first_losses["hf"], strict=True)
+    )
     return row
 
 

@@ -50,7 +50,8 @@ and ``throughput.png`` (bars per workload and model) under ``--out``. The
 default run takes 5.2 minutes on two otherwise idle cores.
 
 Measured on two otherwise idle CPU cores (TRL 1.16.0, transformers 5.19,
-default run: medians of 4 steps after 1 warm-up, 2 threads per side):
+default run: medians of 4 steps after 1 warm-up, 2 threads per side; before
+the CPU workers kept their freed host memory, ``nemo_rl.utils.host_allocator``):
 
     workload model           this framework        TRL unit       ratio
     sft      tiny-qwen2            22397.31   23305.91 tokens/s    0.96
@@ -61,7 +62,12 @@ default run: medians of 4 steps after 1 warm-up, 2 threads per side):
     grpo     tiny-qwen2-20m            6.80      10.98 s/step      1.61
 
 The ratio is this framework's throughput over TRL's (GRPO: TRL's seconds per
-step over this framework's); above 1, this framework is faster.
+step over this framework's); above 1, this framework is faster. With that
+setting, on two shared cores of another host (AMD EPYC, whose speed drifted
+by tens of percent within minutes; 9.4 minutes), the default run gave SFT
+0.75 and 1.08, DPO 0.95 and 0.94, GRPO 1.50 and 1.64 (tiny-qwen2, then
+tiny-qwen2-20m), with first-step losses again equal (SFT within 3.1e-7, DPO
+ln 2 on both).
 
 - SFT: 0.183 s a step against TRL's 0.176 (tiny-qwen2), 2.69 s against 2.46
   (20M). A plain transformers loop of the same step takes 0.130 s and 2.36 s
@@ -69,8 +75,9 @@ step over this framework's); above 1, this framework is faster.
   TRL adds 0.05 s and 0.1 s to the model's own cost (its tiled LM head and
   per-step entropy and accuracy metrics) and this framework 0.05 s and 0.3 s:
   the Megatron worker through Ray, whose costs that benchmark's docstring
-  takes apart (megatron's SwiGLU over the fused fc1 output, page-faulted
-  afresh every step; the Ray cluster's own processes on two cores).
+  takes apart (megatron's SwiGLU over the fused fc1 output, then page-faulted
+  afresh every step; its fixed per-step costs; the Ray cluster's own
+  processes on two cores).
 - DPO: 0.46 s against 0.42 (tiny-qwen2), 7.1 s against 6.7 (20M): the same
   worker costs, over twice the rows and a reference pass.
 - GRPO: the same prompts in the same order, each side sampling its own

@@ -29,15 +29,19 @@ def init_worker_process_group(rank: int, world_size: int, master_addr: str, mast
 
     On CPU the worker uses the threads its Ray bundle was given
     (``OMP_NUM_THREADS``, set by the worker group), so workers sharing a machine
-    do not oversubscribe it.
+    do not oversubscribe it, and keeps the memory it frees for its next step
+    (``host_allocator``), as torch's caching allocator does on a GPU.
     """
     import torch
+
+    from nemo_rl.utils.host_allocator import keep_freed_host_memory
 
     if torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count() or 1)
+        keep_freed_host_memory()
     torch.distributed.init_process_group(
         backend="nccl" if device.type == "cuda" else "gloo",
         init_method=f"tcp://{master_addr}:{master_port}",
