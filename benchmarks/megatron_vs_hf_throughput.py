@@ -10,7 +10,7 @@ same update: ``AutoModelForCausalLM`` + ``torch.optim.AdamW`` on the same model
 (``--models``: by default the tiny Qwen2 and its 18 M-parameter sibling, each
 with the YaRN block of ``examples/configs/sft.yaml``, factor = seq-len / 256),
 batch, sequence length, micro-batching and loss (mean next-token NLL over the
-loss-masked tokens of the batch), in the same process and on the same device
+loss-masked tokens of the batch), in the same run and on the same device
 (CUDA when available, else CPU with ``--num-cpus`` threads on both sides). The
 Megatron side is timed from the driver, so Ray's call and transfer overhead is
 part of its number, as it is in training.
@@ -298,10 +298,11 @@ def compare(model: str, micro_batch_size: int, args, device: torch.device) -> di
                 seconds[name] += round_seconds
                 first_losses[name].append(losses[0])
     tokens = args.batch_size * args.seq_len
+    median = {name: statistics.median(seconds[name]) for name in sides}
     row: dict = {
         name: {
-            "tokens_per_s": tokens / statistics.median(seconds[name]),
-            "s_per_step": statistics.median(seconds[name]),
+            "tokens_per_s": tokens / median[name],
+            "s_per_step": median[name],
             "step_seconds": seconds[name],
             "first_loss": first_losses[name][0],
             "first_loss_each_round": first_losses[name],

@@ -13,6 +13,8 @@ import os
 import socket
 from typing import TYPE_CHECKING
 
+from nemo_rl.utils.host_allocator import keep_freed_host_memory
+
 if TYPE_CHECKING:
     import torch
 
@@ -33,8 +35,6 @@ def init_worker_process_group(rank: int, world_size: int, master_addr: str, mast
     (``host_allocator``), as torch's caching allocator does on a GPU.
     """
     import torch
-
-    from nemo_rl.utils.host_allocator import keep_freed_host_memory
 
     if torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
