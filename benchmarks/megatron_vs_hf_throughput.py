@@ -1,7 +1,8 @@
 """Training throughput of the project's Megatron policy worker versus a plain transformers loop.
 
     uv run benchmarks/megatron_vs_hf_throughput.py [--models tiny-qwen2 tiny-qwen2-20m] [--seq-len 1024]
-        [--batch-size 4] [--rounds 3] [--steps 4] [--warmup 2] [--out results/bench_megatron_vs_hf]
+        [--batch-size 4] [--rounds 3] [--steps 4] [--warmup 2] [--phase-steps 4]
+        [--out results/bench_megatron_vs_hf]
 
 Why: the Megatron path (Ray actor, megatron-core DDP, optimizer and
 forward/backward schedule) is what every run trains through; this measures what
@@ -23,9 +24,16 @@ the speed drifts by tens of percent within minutes (the same loop step took
 0.21 to 0.27 s within one run here), so a single A-then-B pass measures the
 drift as much as the sides; rounds spread it over both. The first-step losses
 of every round are recorded as a sanity check: same weights, same data, so
-they must agree to float32 rounding. Prints a table and writes
-``results.json`` and ``throughput.png`` under ``--out``. The default run takes
-about 5 minutes.
+they must agree to float32 rounding.
+
+Then, where the time goes (``--phase-steps``, 0 to skip): both sides again in
+this process (the Megatron worker in-process, without Ray), in alternating
+steps, each step timed phase by phase: the forward pass with the loss, the
+backward, megatron's gradient finalisation, the optimizer with gradient
+clipping, and the rest of the step (megatron's schedule and buffer zeroing;
+the loop's ``zero_grad``). Prints both tables and writes ``results.json``,
+``throughput.png`` and ``phases.png`` (stacked bars) under ``--out``. The
+default run takes about 6.5 minutes.
 
 The Megatron worker keeps the host memory it frees for its next step
 (``nemo_rl.utils.host_allocator``, set by every CPU training worker); the
@@ -36,35 +44,59 @@ Measured on two shared CPU cores (AMD EPYC, default run; first losses equal
 to 4e-7 in every round):
 
     model            Megatron s/step   HF loop s/step   ratio
-    tiny-qwen2             0.290            0.232        0.80
-    tiny-qwen2-20m         4.808            4.499        0.94
+    tiny-qwen2             0.211            0.180        0.85
+    tiny-qwen2-20m         3.877            3.695        0.95
 
-(A run just before: 0.67 and 0.95. Before the heap setting, one-shot runs on
-an idle host of another kind gave 0.80 and 0.90.) Where the gap goes,
-measured apart:
+    phase (ms, in-process)   tiny: Megatron  HF loop    20M: Megatron  HF loop
+    forward and loss                   64.1     56.2           1180.7   1128.3
+    backward                          136.5    128.5           2491.7   2427.2
+    gradient finalisation               0.8        -              3.3        -
+    optimizer                           4.6      3.1             32.6     31.5
+    rest of the step                    2.0      1.9              4.7      0.8
+    step                              207.9    189.7           3713.1   3587.8
 
-- In-process (``MegatronPolicyWorker.in_process``, no Ray; both sides in one
-  process, alternating steps), tiny-qwen2-20m: medians 4.16 against 4.20 s
-  and 4.51 against 4.31 s in two runs. Profiled over one step: matmuls 3.07 s
-  against the loop's 3.31 s (fused QKV and fc1: fewer, larger GEMMs),
-  attention 0.95 against 1.03 s; the elementwise ops over megatron's fused
-  fc1 output cost more (SwiGLU 0.78 against 0.61 s before the heap setting:
-  strided halves, and each layer's 50 MB output and gradient page-faulted
-  afresh, 37 to 129 thousand faults and 0.2 to 1.1 s of system time a step;
-  with the setting, mostly none), and so do megatron's RoPE (a copy per q
-  and k for the empty pass-through part) and its separate QKV bias add.
-- Fixed costs per step, seen at 4 x 64 tokens (tiny-qwen2, in-process):
-  24.4 ms against 18.1 ms. megatron's schedule, DDP hooks and distributed
-  optimizer, and the CPU compatibility layer's ``TorchFunctionMode``, which
-  sees each of the step's ~1000 torch calls made from Python: run under it,
-  the plain loop took 3.4 ms a step more at that size.
+(A run just before, without the phases: 0.91 and 0.96.) The gap is in the
+model's own forward and backward; megatron's machinery around them (schedule,
+gradient finalisation, optimizer) adds 2.4 ms a step (tiny) and 8 ms (20M),
+and Ray (the rounds' median against the in-process one) 1.5 % and 4.4 %.
+Inside the forward and backward, measured apart:
+
+- SwiGLU over megatron's fused ``linear_fc1`` output
+  (``nemo_rl.models.megatron.swiglu``): gate and up are strided halves of
+  one ``[s, b, 2 * ffn]`` tensor, and torch's CPU elementwise kernels run
+  slower over them (``silu`` 0.54 against 0.33 ms at the tiny shape). Its
+  forward and backward took 4.9 ms a layer against 2.8 ms for the loop's
+  contiguous gate and up (tiny), 18 to 22 ms against 11 to 13.5 ms (20M):
+  about 4 of the tiny model's 16 ms and 40 to 50 of the 20M's 117 ms. A
+  column-major fc1 output would make the halves dense, but only pays when
+  the gradient arriving from fc2 is column-major too (mixed layouts: 10 ms
+  against 4.7 ms a layer, tiny); that means owning fc1's and fc2's GEMMs,
+  which megatron's ``ColumnParallelLinear`` does for every TP/SP layout.
+- megatron's RoPE (``apply_rotary_pos_emb``) computes ``cos``/``sin`` per
+  layer and copies q and k once more to join the empty pass-through part;
+  its QKV bias is a separate pass, not the GEMM's.
+- Matmuls and attention are not behind: over one profiled step at the 20M
+  shape, matmuls 3.07 s against the loop's 3.31 s (fused QKV and fc1: fewer,
+  larger GEMMs), attention 0.95 against 1.03 s.
+- Fixed costs per step, seen at 4 x 64 tokens (tiny, in-process): 16.9 ms
+  against 12.1 ms: forward 5.5 against 4.2, backward 6.5 (+ 0.5 gradient
+  finalisation) against 5.7, optimizer 3.3 against 2.1 (megatron's
+  distributed optimizer copies gradients and parameters between its shards
+  and the model, and computes the norm itself). The CPU compatibility layer's
+  ``TorchFunctionMode``, which sees every torch call made from Python, is
+  paused for the model's forward and loss (``without_device_redirect``):
+  23.3 -> 21.9 ms a step at that size, within noise at 4 x 1024.
 - Ray: its local cluster's own processes (raylet, GCS, agents, log monitor,
   two idle workers) took 6 % of one core while idle and 2.5 % during
   training steps, which on two cores stalls the worker's OpenMP team; the
   call itself is cheap (``Policy.train`` within 3 ms of ``train_step``
   timed inside the worker).
 
-Tried and not kept: SwiGLU over cache-sized blocks of rows (20 -> 16 ms a
+Tried and not kept: torch's fused CPU AdamW in megatron's optimizer (16.9 ms
+a step at 4 x 64 tokens against 17.9; no difference at 4 x 1024 or at 20M,
+where the optimizer is 1 % of a step); pausing the device redirect for
+megatron's ``backward_step`` too (no difference); SwiGLU over a flattened
+2-D view (no difference) and over cache-sized blocks of rows (20 -> 16 ms a
 layer alone at the 20M shape, 6.5 -> 5.7 ms at tiny: under 1 % of a step);
 glibc's transparent huge pages for malloc (``glibc.malloc.hugetlb=1``:
 1.8 thousand faults a step, no faster); one malloc arena (no fewer faults);
@@ -82,6 +114,7 @@ removes, which is not noise.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -184,7 +217,42 @@ def hf_config_with_overrides(pcfg, model_path: Path):
     )
 
 
-def run_hf(cfg, model_path: Path, batch, micro_batch_size: int, args, device) -> tuple[list[float], list[float]]:
+class PhaseClock:
+    """Seconds per named phase of one step; ``clock("forward")`` times a block, ``clock.wrap`` a callable.
+
+    A clock that is not ``enabled`` times nothing, so that the throughput rounds' steps carry no device
+    synchronisation between their phases.
+    """
+
+    def __init__(self, device: torch.device, enabled: bool = True) -> None:
+        self.device = device
+        self.enabled = enabled
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        sync(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync(self.device)
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def wrap(self, phase: str, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            with self(phase):
+                return fn(*args, **kwargs)
+
+        return timed
+
+
+def hf_training_step(cfg, model_path: Path, batch, micro_batch_size: int, device) -> Callable[[PhaseClock], float]:
+    """The plain loop's step on a fresh transformers model: ``step(clock)`` trains once and returns the mean NLL."""
     from transformers import AutoModelForCausalLM
 
     pcfg = cfg.policy
@@ -204,22 +272,84 @@ def run_hf(cfg, model_path: Path, batch, micro_batch_size: int, args, device) ->
     targets, mask = input_ids[:, 1:], loss_mask[:, 1:].float()  # position t predicts token t+1
     num_tokens = mask.sum()
 
-    def step() -> float:
+    def step(clock: PhaseClock) -> float:
         optimizer.zero_grad(set_to_none=True)
         nll_sum = torch.zeros((), device=device)
         for start in range(0, len(input_ids), micro_batch_size):
             rows = slice(start, start + micro_batch_size)
-            logits = model(input_ids=input_ids[rows]).logits[:, :-1]
-            nll = F.cross_entropy(logits.flatten(0, 1).float(), targets[rows].flatten(), reduction="none")
-            micro_sum = (nll * mask[rows].flatten()).sum()
-            (micro_sum / num_tokens).backward()  # mean over the whole batch's tokens, as NLLLoss
+            with clock("forward and loss"):
+                logits = model(input_ids=input_ids[rows]).logits[:, :-1]
+                nll = F.cross_entropy(logits.flatten(0, 1).float(), targets[rows].flatten(), reduction="none")
+                micro_sum = (nll * mask[rows].flatten()).sum()
+            with clock("backward"):
+                (micro_sum / num_tokens).backward()  # mean over the whole batch's tokens, as NLLLoss
             nll_sum += micro_sum.detach()
-        if pcfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), pcfg.max_grad_norm)
-        optimizer.step()
+        with clock("optimizer"):
+            if pcfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), pcfg.max_grad_norm)
+            optimizer.step()
         return (nll_sum / num_tokens).item()
 
-    return time_steps(step, args.warmup, args.steps, device)
+    return step
+
+
+def run_hf(cfg, model_path: Path, batch, micro_batch_size: int, args, device) -> tuple[list[float], list[float]]:
+    step, clock = hf_training_step(cfg, model_path, batch, micro_batch_size, device), PhaseClock(device, False)
+    return time_steps(lambda: step(clock), args.warmup, args.steps, device)
+
+
+def phase_breakdown(cfg, model_path: Path, batch, micro_batch_size: int, args, device) -> dict:
+    """Median seconds per phase of both sides' steps, in this process and in alternating steps.
+
+    The Megatron worker runs in-process (no Ray: this is the model and megatron's machinery alone); its
+    phases are timed by wrapping the worker's model forward (with the loss), megatron's ``backward_step``,
+    its gradient finalisation (DP all-reduce and scaling by the token count) and its optimizer step
+    (gradient clipping included, as the loop's "optimizer"). "rest of the step" is what the phases leave:
+    megatron's forward/backward schedule, zeroing the gradient buffers and the LR scheduler's step; the
+    loop's ``zero_grad`` and loss sum.
+    The loop's steps run with the Megatron CPU layer's device redirect paused, as the worker's model does.
+    """
+    from megatron.core.pipeline_parallel import schedules
+
+    from nemo_rl.algorithms.loss_functions import NLLLoss
+    from nemo_rl.models.megatron.cpu_compat import without_device_redirect
+    from nemo_rl.models.policy.megatron_policy_worker import MegatronPolicyWorker
+
+    worker = MegatronPolicyWorker.in_process(cfg.policy, model_path, seed=0)
+    hf_step = without_device_redirect(hf_training_step(cfg, model_path, batch, micro_batch_size, device))
+    microbatches = [
+        {k: v[start : start + micro_batch_size] for k, v in batch.items()}
+        for start in range(0, len(batch["input_ids"]), micro_batch_size)
+    ]
+    megatron_backward = schedules.backward_step
+    clock = PhaseClock(device)
+    worker._forward = clock.wrap("forward and loss", worker._forward)
+    worker.optimizer.step = clock.wrap("optimizer", worker.optimizer.step)
+    config = worker.model.config
+    config.finalize_model_grads_func = clock.wrap("gradient finalisation", config.finalize_model_grads_func)
+    schedules.backward_step = clock.wrap("backward", megatron_backward)
+    sides = {
+        "megatron": lambda: worker.train_step(microbatches, NLLLoss()),
+        "hf": lambda: hf_step(clock),
+    }
+    steps: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
+    try:
+        for index in range(args.warmup + args.phase_steps):
+            for name, step in sides.items():
+                clock.seconds = {}
+                with clock("step"):
+                    step()
+                if index >= args.warmup:
+                    steps[name].append(clock.seconds)
+    finally:
+        schedules.backward_step = megatron_backward
+        worker.shutdown()
+    phases = {}
+    for name, measured in steps.items():
+        medians = {phase: statistics.median(s[phase] for s in measured) for phase in measured[0]}
+        step = medians.pop("step")
+        phases[name] = medians | {"rest of the step": step - sum(medians.values()), "step": step}
+    return phases
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -233,6 +363,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of both sides")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per side and round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side and round")
+    parser.add_argument(
+        "--phase-steps", type=int, default=4, help="in-process steps per side timed phase by phase (0: none)"
+    )
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="Ray CPUs = torch threads on CPU")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_megatron_vs_hf")
     args = parser.parse_args(argv)
@@ -240,7 +373,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(args.num_cpus)
-    rows = {model: compare(model, micro_batch_size, args, device) for model in args.models}
+    with tempfile.TemporaryDirectory() as checkpoints:
+        os.environ["NRL_MEGATRON_CHECKPOINT_DIR"] = checkpoints  # each model's HF->Megatron conversion, once
+        rows = {model: compare(model, micro_batch_size, args, device) for model in args.models}
+        # In-process after every throughput round: the worker's CPU layer stays on in this process once started.
+        for model in args.models if args.phase_steps else ():
+            cfg, model_path, batch = workload(model, micro_batch_size, args)
+            rows[model]["phases"] = phase_breakdown(cfg, model_path, batch, micro_batch_size, args, device)
 
     print(
         f"\ndevice {device}, batch {args.batch_size} x {args.seq_len} tokens (micro-batch {micro_batch_size}), "
@@ -258,21 +397,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 f"{side['first_loss']:10.5f} | {ratio}"
             )
     print("ratio: Megatron tokens/s / HF tokens/s (>= 1: the Megatron path is at least as fast)")
+    if args.phase_steps:
+        print_phases(rows, args)
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {"setup": vars(args) | {"device": str(device), "micro_batch_size": micro_batch_size}, "models": rows}
     (args.out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     plot(rows, args.out / "throughput.png")
-    print(f"results: {args.out / 'results.json'}, {args.out / 'throughput.png'}")
+    if args.phase_steps:
+        plot_phases(rows, args.out / "phases.png")
+    print(f"results: {args.out / 'results.json'}, PNGs beside it")
     return summary
 
 
-def compare(model: str, micro_batch_size: int, args, device: torch.device) -> dict:
-    """Both sides on ``model`` in ``--rounds`` alternating rounds: tokens/s, s/step, first loss each, the ratio.
-
-    Each round starts both sides afresh from the model's weights (a new Ray cluster and worker, a new
-    transformers model), the side that goes first alternating; a side's s/step is the median of its timed
-    steps over all rounds, so a slow spell of a shared machine falls on both sides alike.
-    """
+def workload(model: str, micro_batch_size: int, args):
+    """The SFT recipe's policy config at the benchmark's shape on ``model``, its path and the random batch."""
     from transformers import AutoConfig
 
     from nemo_rl.config.schema import validate_sft_config
@@ -282,21 +420,29 @@ def compare(model: str, micro_batch_size: int, args, device: torch.device) -> di
         "sft.yaml", validate_sft_config, args.seq_len, args.batch_size, micro_batch_size, [f"policy.model_name={model}"]
     )
     model_path = resolve_model_path(cfg.policy.model_name)
-    batch = make_batch(AutoConfig.from_pretrained(model_path).vocab_size, args.batch_size, args.seq_len)
+    return cfg, model_path, make_batch(AutoConfig.from_pretrained(model_path).vocab_size, args.batch_size, args.seq_len)
+
+
+def compare(model: str, micro_batch_size: int, args, device: torch.device) -> dict:
+    """Both sides on ``model`` in ``--rounds`` alternating rounds: tokens/s, s/step, first loss each, the ratio.
+
+    Each round starts both sides afresh from the model's weights (a new Ray cluster and worker, a new
+    transformers model), the side that goes first alternating; a side's s/step is the median of its timed
+    steps over all rounds, so a slow spell of a shared machine falls on both sides alike.
+    """
+    cfg, model_path, batch = workload(model, micro_batch_size, args)
     sides = {
         "megatron": lambda: run_megatron(cfg, model_path, batch, micro_batch_size, args),
         "hf": lambda: run_hf(cfg, model_path, batch, micro_batch_size, args, device),
     }
     seconds: dict[str, list[float]] = {name: [] for name in sides}
     first_losses: dict[str, list[float]] = {name: [] for name in sides}
-    with tempfile.TemporaryDirectory() as checkpoints:
-        os.environ["NRL_MEGATRON_CHECKPOINT_DIR"] = checkpoints  # the HF->Megatron conversion goes here, once
-        for round_index in range(args.rounds):
-            order = list(sides) if round_index % 2 == 0 else list(reversed(sides))
-            for name in order:
-                round_seconds, losses = sides[name]()
-                seconds[name] += round_seconds
-                first_losses[name].append(losses[0])
+    for round_index in range(args.rounds):
+        order = list(sides) if round_index % 2 == 0 else list(reversed(sides))
+        for name in order:
+            round_seconds, losses = sides[name]()
+            seconds[name] += round_seconds
+            first_losses[name].append(losses[0])
     tokens = args.batch_size * args.seq_len
     median = {name: statistics.median(seconds[name]) for name in sides}
     row: dict = {
@@ -328,6 +474,46 @@ def plot(rows: dict, path: Path) -> None:
         ax.bar(["Megatron\nworker", "plain HF\nloop"], [row["megatron"]["tokens_per_s"], row["hf"]["tokens_per_s"]])
         ax.set_title(f"{model}\nratio {row['ratio']:.2f}", fontsize=9)
         ax.set_ylabel("tokens/s, higher is better", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_phases(rows: dict, args) -> None:
+    print(
+        f"\nwhere a step's time goes, in-process (no Ray), {args.phase_steps} alternating steps per side after "
+        f"{args.warmup} warm-up (ms: medians; 'step' is the whole step's median)"
+    )
+    for model, row in rows.items():
+        phases = row["phases"]
+        names = list(dict.fromkeys([*phases["megatron"], *phases["hf"]]))
+        print(f"{model:16} | {'phase':24} | {'Megatron':>9} | {'HF loop':>9} | difference")
+        for name in names:
+            megatron, hf = phases["megatron"].get(name), phases["hf"].get(name)
+            cells = [f"{v * 1e3:9.1f}" if v is not None else f"{'-':>9}" for v in (megatron, hf)]
+            diff = f"{((megatron or 0.0) - (hf or 0.0)) * 1e3:+9.1f}"
+            print(f"{'':16} | {name:24} | {cells[0]} | {cells[1]} | {diff}")
+
+
+def plot_phases(rows: dict, path: Path) -> None:
+    """Stacked bars of a step's phases, both sides per model (one panel each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.6 * len(rows), 3.8), squeeze=False)
+    for ax, (model, row) in zip(axes[0], rows.items(), strict=True):
+        sides = {"Megatron\nin-process": row["phases"]["megatron"], "plain HF\nloop": row["phases"]["hf"]}
+        names = list(dict.fromkeys(name for phases in sides.values() for name in phases if name != "step"))
+        bottom = [0.0] * len(sides)
+        for name in names:
+            heights = [phases.get(name, 0.0) * 1e3 for phases in sides.values()]
+            ax.bar(list(sides), heights, bottom=bottom, label=name)
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        ax.set_title(model, fontsize=9)
+        ax.set_ylabel("ms per step (medians)", fontsize=8)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,7 +1,7 @@
 """This framework against TRL on the same work: SFT tokens/s, DPO pairs/s, GRPO seconds per step.
 
     uv run benchmarks/peer_trl.py [--out results/bench_peer_trl] [--workloads sft dpo grpo]
-        [--models tiny-qwen2 tiny-qwen2-20m] [--steps 4] [--warmup 1] [--num-cpus N]
+        [--models tiny-qwen2 tiny-qwen2-20m] [--steps 4] [--warmup 1] [--rounds 2] [--num-cpus N]
 
 Why: TRL is what most people would reach for instead; this measures, on one
 machine in one run, what the same update costs through each. The model, data,
@@ -35,9 +35,13 @@ from the model's path (DPO, GRPO) get it too.
   loss, one optimizer step per GRPO step, and the same reward (the project's
   ``MathEnvironment`` scoring, called in-process).
 
-Each side runs ``--warmup`` untimed steps, then ``--steps`` timed ones; a
-side's time per step is the median of its timed steps (the machine may be
-shared). TRL's steps are timed from ``on_step_begin`` to ``on_step_end``
+Each side runs ``--warmup`` untimed steps, then ``--steps`` timed ones. SFT
+and DPO run in ``--rounds`` alternating rounds, each side started afresh every
+round (a new Ray cluster and worker, a new TRL trainer) and the side that
+goes first alternating; a side's time per step is the median of its timed
+steps over all rounds, so that a shared machine's drift (tens of percent
+within minutes) falls on both sides alike. GRPO runs once per side: its
+steps follow the lengths the sides sample more than the machine. TRL's steps are timed from ``on_step_begin`` to ``on_step_end``
 (a ``TrainerCallback``), so its start-up, data loading and logging are left
 out; the framework's SFT and DPO steps are timed from the driver (Ray's call
 and transfer overhead included, as in training), GRPO steps by the run itself.
@@ -45,13 +49,30 @@ The first-step losses of SFT and DPO are printed and recorded as proof that
 both sides do the same work (same weights, same data, same first batch); the
 second step's show that the update is the same too.
 
-Writes ``results.json`` (every step's time and loss, the ratios, the set-up)
-and ``throughput.png`` (bars per workload and model) under ``--out``. The
-default run takes 5.2 minutes on two otherwise idle cores.
+Writes ``results.json`` (every step's time and loss, every round's, the
+ratios, the set-up) and ``throughput.png`` (bars per workload and model)
+under ``--out``. The default run takes 12 minutes on two shared cores.
 
-Measured on two otherwise idle CPU cores (TRL 1.16.0, transformers 5.19,
-default run: medians of 4 steps after 1 warm-up, 2 threads per side; before
-the CPU workers kept their freed host memory, ``nemo_rl.utils.host_allocator``):
+Measured on two shared CPU cores (AMD EPYC; TRL 1.16.0, transformers 5.19;
+default run: 2 rounds of 1 warm-up and 4 timed steps per side for SFT and
+DPO, 2 threads per side; 12.0 minutes; first-step losses equal within 3.1e-7
+for SFT and ln 2 on both for DPO, second steps' within 1.5e-7 for SFT, 4e-9 and
+1.2e-5 for DPO, the 20M one's rounding explained below):
+
+    workload model           this framework        TRL unit       ratio
+    sft      tiny-qwen2            14970.94   14445.01 tokens/s    1.04
+    sft      tiny-qwen2-20m          854.02     996.14 tokens/s    0.86
+    dpo      tiny-qwen2                6.15       5.73 pairs/s     1.07
+    dpo      tiny-qwen2-20m            0.33       0.35 pairs/s     0.94
+    grpo     tiny-qwen2                0.94       1.02 s/step      1.08
+    grpo     tiny-qwen2-20m           10.46      18.43 s/step      1.76
+
+This host was slow and drifting during that run (the framework's tiny SFT
+steps took 0.24 to 0.34 s, against 0.20 s in a megatron_vs_hf run an hour
+earlier); the single-round run before it, on the same host, gave SFT 1.27
+and 0.91, DPO 1.04 and 1.04, GRPO 1.39 and 1.62. Earlier, on two otherwise
+idle cores of another host (one round; before the CPU workers kept their
+freed host memory, ``nemo_rl.utils.host_allocator``):
 
     workload model           this framework        TRL unit       ratio
     sft      tiny-qwen2            22397.31   23305.91 tokens/s    0.96
@@ -63,11 +84,9 @@ the CPU workers kept their freed host memory, ``nemo_rl.utils.host_allocator``):
 
 The ratio is this framework's throughput over TRL's (GRPO: TRL's seconds per
 step over this framework's); above 1, this framework is faster. With that
-setting, on two shared cores of another host (AMD EPYC, whose speed drifted
-by tens of percent within minutes; 9.4 minutes), the default run gave SFT
-0.75 and 1.08, DPO 0.95 and 0.94, GRPO 1.50 and 1.64 (tiny-qwen2, then
-tiny-qwen2-20m), with first-step losses again equal (SFT within 3.1e-7, DPO
-ln 2 on both).
+setting, on two shared cores (one round, 9.4 minutes), the default run gave
+SFT 0.75 and 1.08, DPO 0.95 and 0.94, GRPO 1.50 and 1.64 (tiny-qwen2, then
+tiny-qwen2-20m). In the idle-host run:
 
 - SFT: 0.183 s a step against TRL's 0.176 (tiny-qwen2), 2.69 s against 2.46
   (20M). A plain transformers loop of the same step takes 0.130 s and 2.36 s
@@ -120,7 +139,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -351,6 +370,28 @@ def trl_side(trainer, timer: StepTimer) -> Side:
     return Side(timer.seconds[timer.warmup :], losses, {"all_step_seconds": timer.seconds, "threads": timer.threads})
 
 
+def alternating_rounds(framework: Callable[[], Side], trl: Callable[[], Side], rounds: int) -> tuple[Side, Side]:
+    """Both sides ``rounds`` times, each time afresh and the first alternating: a side's timed steps over all
+    rounds, its losses those of the first round (every round starts from the same weights and data), and
+    every round's step seconds and first loss in ``extra["rounds"]``.
+
+    On a shared machine the speed drifts within minutes; one framework-then-TRL pass measures the drift
+    as much as the sides, rounds spread it over both.
+    """
+    sides = {"framework": framework, "trl": trl}
+    merged: dict[str, Side] = {}
+    for index in range(rounds):
+        for name in list(sides) if index % 2 == 0 else reversed(list(sides)):
+            side = sides[name]()
+            record = {"step_seconds": side.step_seconds, "first_loss": side.losses[0]}
+            if name not in merged:
+                merged[name] = Side(list(side.step_seconds), side.losses, side.extra | {"rounds": []})
+            else:
+                merged[name].step_seconds += side.step_seconds
+            merged[name].extra["rounds"].append(record)
+    return merged["framework"], merged["trl"]
+
+
 # ----------------------------------------------------------------------------------------------- SFT
 def sft(model: str, args, work: Path) -> Comparison:
     from datasets import Dataset
@@ -370,26 +411,32 @@ def sft(model: str, args, work: Path) -> Comparison:
     )
     model_path = resolve_model_path(model)
     batch = make_batch(AutoConfig.from_pretrained(model_path).vocab_size, args.batch_size, args.seq_len)
-    framework = Side(*run_megatron(cfg, model_path, batch, args.micro_batch_size, args))
+    trl_model = model_dir_with_overrides(cfg.policy, model_path, work / f"sft-{model}")
 
-    timer = StepTimer(args.warmup)
-    trainer = SFTTrainer(
-        model=str(model_dir_with_overrides(cfg.policy, model_path, work / f"sft-{model}")),
-        args=SFTConfig(
-            **trl_training_args(
-                cfg.policy, args.micro_batch_size, args.batch_size, args.warmup + args.steps, work / "trl"
+    def trl() -> Side:
+        timer = StepTimer(args.warmup)
+        trainer = SFTTrainer(
+            model=str(trl_model),
+            args=SFTConfig(
+                **trl_training_args(
+                    cfg.policy, args.micro_batch_size, args.batch_size, args.warmup + args.steps, work / "trl"
+                ),
+                max_length=args.seq_len,
+                packing=False,
+                padding_free=False,
+                completion_only_loss=False,
+                assistant_only_loss=False,
             ),
-            max_length=args.seq_len,
-            packing=False,
-            padding_free=False,
-            completion_only_loss=False,
-            assistant_only_loss=False,
-        ),
-        train_dataset=Dataset.from_list([{"input_ids": row.tolist()} for row in batch["input_ids"]]),
-        callbacks=[timer],
+            train_dataset=Dataset.from_list([{"input_ids": row.tolist()} for row in batch["input_ids"]]),
+            callbacks=[timer],
+        )
+        trainer.train()
+        return trl_side(trainer, timer)
+
+    framework, trl_measured = alternating_rounds(
+        lambda: Side(*run_megatron(cfg, model_path, batch, args.micro_batch_size, args)), trl, args.rounds
     )
-    trainer.train()
-    return Comparison("sft", model, args.batch_size * args.seq_len, framework, trl_side(trainer, timer))
+    return Comparison("sft", model, args.batch_size * args.seq_len, framework, trl_measured)
 
 
 # ----------------------------------------------------------------------------------------------- DPO
@@ -417,31 +464,38 @@ def dpo(model: str, args, work: Path) -> Comparison:
     )
 
     policy_kwargs = {"init_reference_model": True, "rows_per_sample": cfg.rows_per_sample}
-    with megatron_policy(cfg, model_path, args.num_cpus, **policy_kwargs) as policy:
 
-        def step() -> float:  # as DPORun.update: the reference's log-probs of the step's rows, then the update
-            scored = batch | {"reference_logprobs": policy.get_logprobs(batch, 2 * micro, reference=True)}
-            metrics = policy.train(scored, loss_fn, 2 * micro)["metrics"]
-            return metrics["loss_sum"] / metrics["num_pairs"]
+    def framework() -> Side:
+        with megatron_policy(cfg, model_path, args.num_cpus, **policy_kwargs) as policy:
 
-        framework = Side(*time_steps(step, args.warmup, args.steps, torch.device("cpu")))
+            def step() -> float:  # as DPORun.update: the reference's log-probs of the step's rows, then the update
+                scored = batch | {"reference_logprobs": policy.get_logprobs(batch, 2 * micro, reference=True)}
+                metrics = policy.train(scored, loss_fn, 2 * micro)["metrics"]
+                return metrics["loss_sum"] / metrics["num_pairs"]
 
-    timer = StepTimer(args.warmup)
-    trainer = PretokenizedDPOTrainer(
-        model=str(model_dir_with_overrides(cfg.policy, model_path, work / f"dpo-{model}")),
-        args=DPOConfig(
-            **trl_training_args(cfg.policy, micro, args.pairs, args.warmup + args.steps, work / "trl"),
-            beta=cfg.dpo.reference_policy_kl_penalty,
-            loss_type=["sigmoid"],
-            max_length=args.seq_len,
-            precompute_ref_log_probs=False,
-            padding_free=False,
-        ),
-        train_dataset=Dataset.from_list(rows),
-        callbacks=[timer],
-    )
-    trainer.train()
-    return Comparison("dpo", model, args.pairs, framework, trl_side(trainer, timer))
+            return Side(*time_steps(step, args.warmup, args.steps, torch.device("cpu")))
+
+    trl_model = model_dir_with_overrides(cfg.policy, model_path, work / f"dpo-{model}")
+
+    def trl() -> Side:
+        timer = StepTimer(args.warmup)
+        trainer = PretokenizedDPOTrainer(
+            model=str(trl_model),
+            args=DPOConfig(
+                **trl_training_args(cfg.policy, micro, args.pairs, args.warmup + args.steps, work / "trl"),
+                beta=cfg.dpo.reference_policy_kl_penalty,
+                loss_type=["sigmoid"],
+                max_length=args.seq_len,
+                precompute_ref_log_probs=False,
+                padding_free=False,
+            ),
+            train_dataset=Dataset.from_list(rows),
+            callbacks=[timer],
+        )
+        trainer.train()
+        return trl_side(trainer, timer)
+
+    return Comparison("dpo", model, args.pairs, *alternating_rounds(framework, trl, args.rounds))
 
 
 # ----------------------------------------------------------------------------------------------- GRPO
@@ -581,6 +635,7 @@ def main(argv: list[str] | None = None) -> list[Comparison]:
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--steps", type=int, default=4, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps per side")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of both sides (SFT, DPO)")
     parser.add_argument("--seq-len", type=int, default=1024, help="SFT and DPO rows (GRPO: the recipe's)")
     parser.add_argument("--batch-size", type=int, default=4, help="SFT rows per step")
     parser.add_argument("--pairs", type=int, default=4, help="DPO pairs per step")
@@ -599,7 +654,10 @@ def main(argv: list[str] | None = None) -> list[Comparison]:
                 start = time.perf_counter()
                 comparisons.append(runners[workload](model, args, Path(work)))
                 comparisons[-1].wall_s = time.perf_counter() - start
-    print(f"\n{args.num_cpus} CPU threads per side, {args.warmup} warm-up + {args.steps} timed steps (medians)")
+    print(
+        f"\n{args.num_cpus} CPU threads per side, {args.warmup} warm-up + {args.steps} timed steps "
+        f"(medians; SFT and DPO over {args.rounds} alternating rounds)"
+    )
     print_report(comparisons)
     plot(comparisons, args.out / "throughput.png")
     setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

@@ -169,3 +169,36 @@ def test_buffer_collectives_over_one_rank_are_skipped_only_in_place(megatron_sin
     skip(torch.empty(6), buffer, group=group, async_op=False)  # another output: the collective runs
     skip(buffer[:3], buffer, group=group, async_op=False)  # same start, not the whole buffer: it runs
     assert len(calls) == 2
+
+
+def test_device_redirect_is_paused_only_inside_the_wrapped_call(megatron_single_process):
+    """``without_device_redirect`` takes the layer's own mode off for the call and puts it back, also after an
+    error; under any other mode on top it pauses nothing."""
+    from nemo_rl.models.megatron.cpu_compat import _CudaToCpuMode, without_device_redirect
+
+    current = torch.overrides._get_current_function_mode
+    redirect = current()
+    assert isinstance(redirect, _CudaToCpuMode)
+    seen = []
+
+    def step(x):
+        seen.append(current())
+        return x + 1
+
+    assert without_device_redirect(step)(torch.ones(1)).item() == 2
+    assert seen[-1] is not redirect and current() is redirect
+
+    def fails():
+        torch.zeros(1, device="cuda")  # a literal "cuda" is not redirected in here
+
+    with pytest.raises((AssertionError, RuntimeError), match="CUDA"):
+        without_device_redirect(fails)()
+    assert current() is redirect and torch.zeros(1, device="cuda").device.type == "cpu"
+
+    class Passthrough(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough() as other:
+        without_device_redirect(step)(torch.ones(1))
+    assert seen[-1] is other

@@ -36,6 +36,7 @@ def test_in_process_worker_computes_hf_logits_trains_and_makes_room_for_the_next
 
     from nemo_rl.algorithms.loss_functions import NLLLoss
     from nemo_rl.models.builtin_models import resolve_model_path
+    from nemo_rl.models.megatron.cpu_compat import _CudaToCpuMode
     from nemo_rl.models.policy.loss_metrics import logged_metrics
     from nemo_rl.models.policy.megatron_policy_worker import MegatronPolicyWorker
 
@@ -52,7 +53,11 @@ def test_in_process_worker_computes_hf_logits_trains_and_makes_room_for_the_next
             expected = hf(ids).logits
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)  # float32, different op order
 
+        modes = []
+        worker.model.register_forward_hook(lambda *_: modes.append(torch.overrides._get_current_function_mode()))
         result = worker.train_step([{"input_ids": ids, "loss_mask": torch.ones_like(ids)}], NLLLoss())
+        # on CPU the model's forward runs with the compatibility layer's device redirect paused
+        assert modes and not any(isinstance(mode, _CudaToCpuMode) for mode in modes)
         loss = logged_metrics(result["metrics"], NLLLoss())["loss"]
         assert math.isfinite(loss) and math.isfinite(result["grad_norm"]) and result["update_successful"]
         trained = worker.get_logits(ids)

@@ -92,3 +92,21 @@ def test_grpo_rows_are_the_prompts_the_framework_trains_on_in_its_order(peer_trl
     # GRPOTrainer renders a conversational prompt with the same apply_chat_template call as tokenize_prompt
     assert [tokenize_prompt(row["messages"], tokenizer) for row in ordered] == [s.input_ids for s in expected]
     assert [row["answer"] for row in ordered] == [s.answer for s in expected]
+
+
+def test_rounds_alternate_which_side_goes_first_and_pool_the_timed_steps(peer_trl):
+    calls = []
+
+    def side(name: str, seconds: float):
+        def run():
+            calls.append(name)
+            return peer_trl.Side([seconds * len(calls)], [6.0 + len(calls)], {"threads": 2})
+
+        return run
+
+    framework, trl = peer_trl.alternating_rounds(side("framework", 1.0), side("trl", 0.5), rounds=3)
+    assert calls == ["framework", "trl", "trl", "framework", "framework", "trl"]
+    assert framework.step_seconds == [1.0, 4.0, 5.0] and trl.step_seconds == [1.0, 1.5, 3.0]
+    assert framework.losses == [7.0] and trl.losses == [8.0]  # the first round's: the same starting point
+    assert [r["first_loss"] for r in trl.extra["rounds"]] == [8.0, 9.0, 12.0]
+    assert framework.extra["threads"] == 2

@@ -32,7 +32,7 @@ from nemo_rl.models.megatron.context_parallel import (
     single_sample_rows,
     split_for_context_parallel,
 )
-from nemo_rl.models.megatron.cpu_compat import enable_cpu_compat
+from nemo_rl.models.megatron.cpu_compat import enable_cpu_compat, without_device_redirect
 from nemo_rl.models.megatron.optimizer_state import (
     check_optimizer_layout,
     load_optimizer_state,
@@ -386,9 +386,10 @@ class MegatronPolicyWorker(RefitSender):
         """
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        @without_device_redirect
         def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model):
             inputs, packed = self._prepare(next(data_iterator))
-            return self._forward(model, inputs, packed, with_labels), partial(consume, inputs)
+            return self._forward(model, inputs, packed, with_labels), without_device_redirect(partial(consume, inputs))
 
         # The length this rank's activations have (p2p shapes between pipeline stages).
         max_len = max(mb["input_ids"].shape[1] for mb in microbatches) // self.dims.cp
