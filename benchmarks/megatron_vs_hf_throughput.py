@@ -73,8 +73,10 @@ Inside the forward and backward, measured apart:
   against 4.7 ms a layer, tiny); that means owning fc1's and fc2's GEMMs,
   which megatron's ``ColumnParallelLinear`` does for every TP/SP layout.
 - megatron's RoPE (``apply_rotary_pos_emb``) computes ``cos``/``sin`` per
-  layer and copies q and k once more to join the empty pass-through part;
-  its QKV bias is a separate pass, not the GEMM's.
+  layer and copies q and k once more to join the empty pass-through part:
+  forward and backward of q and k took 2.9 ms a layer against 2.1 ms for
+  transformers' (tiny), 12 ms against 9 ms (20M), about 1.6 and 18 ms of a
+  step. Its QKV bias is a separate pass, not the GEMM's.
 - Matmuls and attention are not behind: over one profiled step at the 20M
   shape, matmuls 3.07 s against the loop's 3.31 s (fused QKV and fc1: fewer,
   larger GEMMs), attention 0.95 against 1.03 s.
