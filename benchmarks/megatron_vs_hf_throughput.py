@@ -125,11 +125,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 
 def load_policy_config(
@@ -316,13 +318,11 @@ def phase_breakdown(cfg, model_path: Path, batch, micro_batch_size: int, args, d
     from nemo_rl.algorithms.loss_functions import NLLLoss
     from nemo_rl.models.megatron.cpu_compat import without_device_redirect
     from nemo_rl.models.policy.megatron_policy_worker import MegatronPolicyWorker
+    from nemo_rl.models.policy.micro_batches import split_fixed
 
     worker = MegatronPolicyWorker.in_process(cfg.policy, model_path, seed=0)
     hf_step = without_device_redirect(hf_training_step(cfg, model_path, batch, micro_batch_size, device))
-    microbatches = [
-        {k: v[start : start + micro_batch_size] for k, v in batch.items()}
-        for start in range(0, len(batch["input_ids"]), micro_batch_size)
-    ]
+    microbatches = split_fixed(batch, micro_batch_size, None).micro_batches  # as Policy.train hands them over
     megatron_backward = schedules.backward_step
     clock = PhaseClock(device)
     worker._forward = clock.wrap("forward and loss", worker._forward)
@@ -425,6 +425,16 @@ def workload(model: str, micro_batch_size: int, args):
     return cfg, model_path, make_batch(AutoConfig.from_pretrained(model_path).vocab_size, args.batch_size, args.seq_len)
 
 
+def run_alternating(sides: dict[str, Callable[[], T]], rounds: int) -> dict[str, list[T]]:
+    """Each side's result of every round, in round order: every round runs each side once, the side that goes
+    first alternating, so that a slow spell of a shared machine falls on both sides alike."""
+    results: dict[str, list[T]] = {name: [] for name in sides}
+    for index in range(rounds):
+        for name in list(sides) if index % 2 == 0 else reversed(list(sides)):
+            results[name].append(sides[name]())
+    return results
+
+
 def compare(model: str, micro_batch_size: int, args, device: torch.device) -> dict:
     """Both sides on ``model`` in ``--rounds`` alternating rounds: tokens/s, s/step, first loss each, the ratio.
 
@@ -437,14 +447,9 @@ def compare(model: str, micro_batch_size: int, args, device: torch.device) -> di
         "megatron": lambda: run_megatron(cfg, model_path, batch, micro_batch_size, args),
         "hf": lambda: run_hf(cfg, model_path, batch, micro_batch_size, args, device),
     }
-    seconds: dict[str, list[float]] = {name: [] for name in sides}
-    first_losses: dict[str, list[float]] = {name: [] for name in sides}
-    for round_index in range(args.rounds):
-        order = list(sides) if round_index % 2 == 0 else list(reversed(sides))
-        for name in order:
-            round_seconds, losses = sides[name]()
-            seconds[name] += round_seconds
-            first_losses[name].append(losses[0])
+    rounds = run_alternating(sides, args.rounds)
+    seconds = {name: [s for round_seconds, _ in rounds[name] for s in round_seconds] for name in sides}
+    first_losses = {name: [losses[0] for _, losses in rounds[name]] for name in sides}
     tokens = args.batch_size * args.seq_len
     median = {name: statistics.median(seconds[name]) for name in sides}
     row: dict = {

@@ -161,6 +161,7 @@ from benchmarks.megatron_vs_hf_throughput import (  # noqa: E402
     load_policy_config,
     make_batch,
     megatron_policy,
+    run_alternating,
     run_megatron,
     time_steps,
 )
@@ -371,25 +372,18 @@ def trl_side(trainer, timer: StepTimer) -> Side:
 
 
 def alternating_rounds(framework: Callable[[], Side], trl: Callable[[], Side], rounds: int) -> tuple[Side, Side]:
-    """Both sides ``rounds`` times, each time afresh and the first alternating: a side's timed steps over all
-    rounds, its losses those of the first round (every round starts from the same weights and data), and
-    every round's step seconds and first loss in ``extra["rounds"]``.
+    """Both sides in ``rounds`` alternating rounds (``run_alternating``), each afresh: a side's timed steps over
+    all rounds, its losses those of the first round (every round starts from the same weights and data), and
+    every round's step seconds and first loss in ``extra["rounds"]``."""
+    runs = run_alternating({"framework": framework, "trl": trl}, rounds)
 
-    On a shared machine the speed drifts within minutes; one framework-then-TRL pass measures the drift
-    as much as the sides, rounds spread it over both.
-    """
-    sides = {"framework": framework, "trl": trl}
-    merged: dict[str, Side] = {}
-    for index in range(rounds):
-        for name in list(sides) if index % 2 == 0 else reversed(list(sides)):
-            side = sides[name]()
-            record = {"step_seconds": side.step_seconds, "first_loss": side.losses[0]}
-            if name not in merged:
-                merged[name] = Side(list(side.step_seconds), side.losses, side.extra | {"rounds": []})
-            else:
-                merged[name].step_seconds += side.step_seconds
-            merged[name].extra["rounds"].append(record)
-    return merged["framework"], merged["trl"]
+    def pooled(side_runs: list[Side]) -> Side:
+        first = side_runs[0]
+        record = [{"step_seconds": run.step_seconds, "first_loss": run.losses[0]} for run in side_runs]
+        steps = [seconds for run in side_runs for seconds in run.step_seconds]
+        return Side(steps, first.losses, first.extra | {"rounds": record})
+
+    return pooled(runs["framework"]), pooled(runs["trl"])
 
 
 # ----------------------------------------------------------------------------------------------- SFT
