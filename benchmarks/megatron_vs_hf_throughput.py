@@ -41,58 +41,67 @@ loop runs with glibc's defaults, which cost it nothing here: its largest
 blocks are 25 MB, reused from the heap (0 to 2 page faults a step).
 
 Measured on two shared CPU cores (AMD EPYC, default run; first losses equal
-to 4e-7 in every round):
+to 3.2e-7 (tiny) and 7.3e-8 (20M) in every round):
 
     model            Megatron s/step   HF loop s/step   ratio
-    tiny-qwen2             0.211            0.180        0.85
-    tiny-qwen2-20m         3.877            3.695        0.95
+    tiny-qwen2             0.255            0.230        0.90
+    tiny-qwen2-20m         3.937            3.710        0.94
 
     phase (ms, in-process)   tiny: Megatron  HF loop    20M: Megatron  HF loop
-    forward and loss                   64.1     56.2           1180.7   1128.3
-    backward                          136.5    128.5           2491.7   2427.2
-    gradient finalisation               0.8        -              3.3        -
-    optimizer                           4.6      3.1             32.6     31.5
-    rest of the step                    2.0      1.9              4.7      0.8
-    step                              207.9    189.7           3713.1   3587.8
+    forward and loss                   55.7     53.1           1146.4   1120.9
+    backward                          117.2    111.2           2421.2   2423.6
+    gradient finalisation               0.7        -              2.9        -
+    optimizer                           3.5      2.3             33.9     32.1
+    rest of the step                    1.4      0.3              4.1      3.7
+    step                              178.5    167.0           3608.4   3580.2
 
-(A run just before, without the phases: 0.91 and 0.96.) The gap is in the
-model's own forward and backward; megatron's machinery around them (schedule,
-gradient finalisation, optimizer) adds 2.4 ms a step (tiny) and 8 ms (20M),
-and Ray (the rounds' median against the in-process one) 1.5 % and 4.4 %.
-Inside the forward and backward, measured apart:
+A run just before gave 0.95 and 0.98 (the host's speed drifted within each
+run: the loop's tiny step took 0.18 to 0.30 s). In-process, the 20M step is
+within 1 % of the loop's and the tiny one within 7 %; Ray takes the rest.
+Where it went, measured apart (in-process, alternating steps):
 
-- SwiGLU over megatron's fused ``linear_fc1`` output
-  (``nemo_rl.models.megatron.swiglu``): gate and up are strided halves of
-  one ``[s, b, 2 * ffn]`` tensor, and torch's CPU elementwise kernels run
-  slower over them (``silu`` 0.54 against 0.33 ms at the tiny shape). Its
-  forward and backward took 4.9 ms a layer against 2.8 ms for the loop's
-  contiguous gate and up (tiny), 18 to 22 ms against 11 to 13.5 ms (20M):
-  about 4 of the tiny model's 16 ms and 40 to 50 of the 20M's 117 ms. A
-  column-major fc1 output would make the halves dense, but only pays when
-  the gradient arriving from fc2 is column-major too (mixed layouts: 10 ms
-  against 4.7 ms a layer, tiny); that means owning fc1's and fc2's GEMMs,
-  which megatron's ``ColumnParallelLinear`` does for every TP/SP layout.
+- The model's layers are at par. Timed per module (forward hooks, and
+  gradient hooks on each module's input and output for the backward), the
+  tiny model's two layers took 53.3 against 50.7 ms forward and 104.6
+  against 100.9 ms backward; the 20M model's six 1278 against 1302 ms and
+  2486 against 2494 ms. Getting there: megatron's fc1 wrote gate and up as
+  strided halves of one ``[s, b, 2 * ffn]`` output, over which torch's CPU
+  elementwise kernels run slower; fc1 and SwiGLU are now one node writing
+  two dense blocks (``nemo_rl.models.megatron.swiglu``): a tiny step 207.3
+  -> 203.4 ms, the 20M one within noise (4246 -> 4232 ms). (torch's
+  profiler is no guide at this grain: its per-op self times put the strided
+  activation at 17 ms of a tiny step against the loop's 5.5 ms, and the
+  dense one still at 11.6; the same node timed inside the step took what
+  it takes alone.)
+- The loss: without tensor parallelism the per-token cross-entropy is
+  torch's fused ``cross_entropy`` rather than megatron's vocab-parallel one
+  (separate max, shift, exp, sum, gather and divide passes over the logits):
+  4.3 against 2.5 ms forward and backward at 4 x 1024 tokens. With the fc1
+  node, a tiny step 195.7 -> 189.7 ms (the loop: 179.0 ms).
 - megatron's RoPE (``apply_rotary_pos_emb``) computes ``cos``/``sin`` per
   layer and copies q and k once more to join the empty pass-through part:
   forward and backward of q and k took 2.9 ms a layer against 2.1 ms for
   transformers' (tiny), 12 ms against 9 ms (20M), about 1.6 and 18 ms of a
-  step. Its QKV bias is a separate pass, not the GEMM's.
-- Matmuls and attention are not behind: over one profiled step at the 20M
-  shape, matmuls 3.07 s against the loop's 3.31 s (fused QKV and fc1: fewer,
-  larger GEMMs), attention 0.95 against 1.03 s.
+  step. Its QKV bias is a separate pass, not the GEMM's. Left as megatron's.
 - Fixed costs per step, seen at 4 x 64 tokens (tiny, in-process): 16.9 ms
   against 12.1 ms: forward 5.5 against 4.2, backward 6.5 (+ 0.5 gradient
   finalisation) against 5.7, optimizer 3.3 against 2.1 (megatron's
   distributed optimizer copies gradients and parameters between its shards
-  and the model, and computes the norm itself). The CPU compatibility layer's
-  ``TorchFunctionMode``, which sees every torch call made from Python, is
-  paused for the model's forward and loss (``without_device_redirect``):
-  23.3 -> 21.9 ms a step at that size, within noise at 4 x 1024.
-- Ray: its local cluster's own processes (raylet, GCS, agents, log monitor,
-  two idle workers) took 6 % of one core while idle and 2.5 % during
-  training steps, which on two cores stalls the worker's OpenMP team; the
-  call itself is cheap (``Policy.train`` within 3 ms of ``train_step``
-  timed inside the worker).
+  and the model, and computes the norm itself; its non-distributed
+  optimizer is no faster: a tiny 4 x 1024 step at 0.971 against 0.969 of
+  the loop's speed). The CPU compatibility layer's ``TorchFunctionMode``,
+  which sees every torch call made from Python, is paused for the model's
+  forward and loss (``without_device_redirect``): 23.3 -> 21.9 ms a step at
+  that size, within noise at 4 x 1024.
+- Ray: a tiny step through ``Policy.train`` against the same worker class
+  in-process, alternating: 209.6 against 204.2 ms (+2.7 %); at 4 x 64
+  tokens 32.1 against 27.3 ms. Of that, an empty actor call's round trip
+  is 1.2 ms, sending the micro-batches 1 ms more (pickling them as numpy
+  instead of torch tensors would save 0.2 ms), and ``train_step`` timed
+  inside the worker is 4 ms under ``Policy.train``. The rest is the local
+  cluster's own processes (raylet, GCS, agents, log monitor, two idle
+  workers): 3 % of the two cores during training steps, which on two cores
+  stalls the worker's OpenMP team.
 
 Tried and not kept: torch's fused CPU AdamW in megatron's optimizer (16.9 ms
 a step at 4 x 64 tokens against 17.9; no difference at 4 x 1024 or at 20M,

@@ -51,13 +51,27 @@ second step's show that the update is the same too.
 
 Writes ``results.json`` (every step's time and loss, every round's, the
 ratios, the set-up) and ``throughput.png`` (bars per workload and model)
-under ``--out``. The default run takes 12 minutes on two shared cores.
+under ``--out``. The default run takes 11 to 12 minutes on two shared cores.
 
 Measured on two shared CPU cores (AMD EPYC; TRL 1.16.0, transformers 5.19;
 default run: 2 rounds of 1 warm-up and 4 timed steps per side for SFT and
-DPO, 2 threads per side; 12.0 minutes; first-step losses equal within 3.1e-7
-for SFT and ln 2 on both for DPO, second steps' within 1.5e-7 for SFT, 4e-9 and
-1.2e-5 for DPO, the 20M one's rounding explained below):
+DPO, 2 threads per side; 10.9 minutes; first-step losses equal within
+6.4e-7 for SFT and ln 2 on both for DPO, second steps' within 5.7e-7 for
+SFT, 2.9e-9 and 5.9e-6 for DPO, the 20M one's rounding explained below):
+
+    workload model           this framework        TRL unit       ratio
+    sft      tiny-qwen2            19490.69   17754.23 tokens/s    1.10
+    sft      tiny-qwen2-20m         1061.80    1041.59 tokens/s    1.02
+    dpo      tiny-qwen2                6.02       5.95 pairs/s     1.01
+    dpo      tiny-qwen2-20m            0.39       0.36 pairs/s     1.07
+    grpo     tiny-qwen2                0.55       0.87 s/step      1.58
+    grpo     tiny-qwen2-20m            9.83      17.32 s/step      1.76
+
+That is with the Megatron worker's fc1 and SwiGLU as one node and torch's
+cross-entropy as its loss (``benchmarks/megatron_vs_hf_throughput.py``
+takes those apart); SFT and DPO margins of 1 to 10 % are within what this
+host's drift moves between runs. The run before those changes (12.0
+minutes):
 
     workload model           this framework        TRL unit       ratio
     sft      tiny-qwen2            14970.94   14445.01 tokens/s    1.04

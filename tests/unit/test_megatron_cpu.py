@@ -50,6 +50,26 @@ def test_activation_recomputation_gives_identical_gradients(megatron_single_proc
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
 
 
+def test_model_loss_is_megatrons_vocab_parallel_cross_entropy(megatron_single_process):
+    """The whole-vocabulary loss (torch's cross-entropy) against megatron's own, forward and gradient."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    model = build_gpt_model(HF, transformer_config_from_hf(HF, "float32", ParallelDims()))
+    generator = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(24, 3, HF.vocab_size, generator=generator)).requires_grad_()  # [s, b, V]
+    labels = torch.randint(0, HF.vocab_size, (3, 24), generator=generator)  # [b, s]
+    upstream = torch.randn(3, 24, generator=generator)
+
+    loss = model.compute_language_model_loss(labels, logits)
+    (grad,) = torch.autograd.grad(loss, logits, upstream)
+    expected = vocab_parallel_cross_entropy(logits, labels.t().contiguous()).t()
+    (expected_grad,) = torch.autograd.grad(expected, logits, upstream)
+
+    assert loss.shape == (3, 24)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-7)
+
+
 def _trained_with_megatron_optimizer(model, distributed: bool, clip_grad: float = 0.05):
     """``model`` in megatron DDP with its optimizer (Adam, lr 1e-2, clipping at ``clip_grad``)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
