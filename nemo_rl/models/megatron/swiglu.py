@@ -24,7 +24,8 @@ Tensor parallelism keeps megatron's scheme: each rank holds its rows of gate
 and of up; under sequence parallelism the input is all-gathered along the
 sequence for the forward and again for the weight gradient (megatron's own
 linear does the same, so the node holds only the local input), and the input
-gradient is reduce-scattered; without it, the input gradient is all-reduced.
+gradient is reduce-scattered (megatron's own gather and reduce-scatter along
+the first dimension); without it, the input gradient is all-reduced.
 
 The node is ``linear_fc1``'s ``_forward_impl`` (megatron's hook for the GEMM
 inside ``ColumnParallelLinear.forward``), so the module, its parameters and
@@ -41,17 +42,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
-from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron.core.tensor_parallel.mappings import (
+    _gather_along_first_dim,
+    _reduce_scatter_along_first_dim,
+    copy_to_tensor_model_parallel_region,
+)
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
-
-
-def _gather_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    out = x.new_empty((x.shape[0] * group.size(), *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-    return out
 
 
 class _SwiGLULinearFunction(torch.autograd.Function):
@@ -59,7 +58,7 @@ class _SwiGLULinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, sequence_group: dist.ProcessGroup | None):
-        total = _gather_sequence(x, sequence_group) if sequence_group is not None else x
+        total = _gather_along_first_dim(x, sequence_group) if sequence_group is not None else x
         ffn = weight.shape[0] // 2
         rows = total.reshape(-1, total.shape[-1])
         halves = rows.new_empty((2, rows.shape[0], ffn))
@@ -85,12 +84,10 @@ class _SwiGLULinearFunction(torch.autograd.Function):
             grad_rows = torch.mm(grad_halves[0], weight[:ffn]).addmm_(grad_halves[1], weight[ffn:])
             grad_x = grad_rows.view(*grad_outputs[0].shape[:-1], weight.shape[1])
             if group is not None:
-                local = grad_x.new_empty(x.shape)
-                dist.reduce_scatter_tensor(local, grad_x, group=group)
-                grad_x = local
+                grad_x = _reduce_scatter_along_first_dim(grad_x, group)
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            total = _gather_sequence(x, group) if group is not None else x
+            total = _gather_along_first_dim(x, group) if group is not None else x
             rows = total.reshape(-1, total.shape[-1])
             grad_weight = torch.empty_like(weight)
             torch.mm(grad_halves[0].t(), rows, out=grad_weight[:ffn])
@@ -108,7 +105,7 @@ class SwiGLULinearFC1(ColumnParallelLinear):
         if self.bias is not None or config.gradient_accumulation_fusion or self.gather_output:
             raise ValueError("the SwiGLU fc1 has no bias, no gradient-accumulation fusion and no gathered output")
 
-    def _forward_impl(  # type: ignore[override]  # megatron passes these positionally
+    def _forward_impl(  # type: ignore[override]  # names what the base takes as *args, **kwargs
         self,
         input: torch.Tensor,
         weight: torch.Tensor,
