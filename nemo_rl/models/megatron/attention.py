@@ -33,7 +33,9 @@ module fills the same slot in the layer spec with torch's
   unequal lengths has no CPU kernel), while CUDA kernels aligned it themselves.
 
 GQA: SDPA's ``enable_gqa`` on CPU, repeated key/value heads on CUDA; dropout
-(training only) draws from megatron's model-parallel RNG stream.
+(training only) draws from megatron's model-parallel RNG stream. Unmasked causal
+calls on CPU without dropout run torch's flash kernel with a backward that skips
+the blocks it wastes above the diagonal (``causal_attention_cpu``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from nemo_rl.models.megatron import causal_attention_cpu
 from nemo_rl.models.megatron.context_parallel import all_gather_with_grad, cp_token_indices
 
 
@@ -149,6 +152,8 @@ class SDPACoreAttention(MegatronModule):
             v = v.repeat_interleave(self.heads_per_group, dim=1)
         kwargs = dict(attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale, enable_gqa=grouped)
         if not (self.training and self.dropout):
+            if mask is None and causal_attention_cpu.applies(q):
+                return causal_attention_cpu.causal_attention(q, k, v, self.softmax_scale)
             return F.scaled_dot_product_attention(q, k, v, **kwargs)
         # TP ranks hold different heads, so they draw dropout from the model-parallel RNG stream.
         with get_cuda_rng_tracker().fork():

@@ -7,6 +7,15 @@ sequence, so the norm weight's gradient is partial and must be summed over the
 TP ranks. megatron's ``finalize_model_grads`` does that sum for every parameter
 marked ``sequence_parallel`` (what its fused norms do), so this norm is
 torch's RMSNorm plus that mark.
+
+On CPU its backward is one autograd node. torch's fused ``rms_norm`` forward
+has no CPU backward kernel, so autograd differentiates its decomposition (ten
+multiplies, a power, a divide, each a pass over the activations); this node
+makes six elementwise passes, a column sum and a matrix-vector product. At 4 x 1024 tokens
+of width 512 its backward took 3.5 ms against torch's 6.4 (0.7 against 1.1 ms
+at width 128; transformers' Qwen2 norm: 6.4 and 1.1), about 38 ms of a
+``tiny-qwen2-20m`` step's 13 norms. CUDA keeps torch's, whose backward is a
+fused kernel there.
 """
 
 from __future__ import annotations
@@ -25,6 +34,34 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
             raise ValueError(f"SequenceParallelRMSNorm is an RMSNorm, config asks for {config.normalization}")
         super().__init__(hidden_size, eps=eps)
         self.weight.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
+        return _RMSNormCPU.apply(x, self.weight, self.eps)
+
+
+class _RMSNormCPU(torch.autograd.Function):
+    """``x * rsqrt(mean(x^2) + eps) * weight`` over the last dimension: torch's fused forward, a short backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float | None) -> torch.Tensor:
+        y, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        compute = torch.promote_types(x.dtype, torch.float32)  # rstd is kept in at least float32
+        w = weight.to(compute)
+        normed = x.to(compute) * rstd
+        weighted = grad.to(compute) * normed  # each token's share of the weight's gradient
+        grad_weight = weighted.reshape(-1, x.shape[-1]).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        # d(loss)/dx = rstd * (g * w - normed * mean(g * w * normed)), and mean(g * w * normed) = weighted @ w / h
+        mean = (weighted @ w).unsqueeze(-1).div_(x.shape[-1])
+        grad_x = (grad.to(compute) * w).sub_(normed.mul_(mean)).mul_(rstd)
+        return grad_x.to(x.dtype), grad_weight, None
 
 
 def with_rms_norm(layer_spec: ModuleSpec) -> ModuleSpec:
