@@ -40,25 +40,42 @@ The Megatron worker keeps the host memory it frees for its next step
 loop runs with glibc's defaults, which cost it nothing here: its largest
 blocks are 25 MB, reused from the heap (0 to 2 page faults a step).
 
-Measured on two shared CPU cores (AMD EPYC, default run; first losses equal
-to 3.2e-7 (tiny) and 7.3e-8 (20M) in every round):
+Measured on two shared CPU cores (AMD EPYC, default run, after the blocked
+attention and RMSNorm backward passes below; first losses equal in every round):
 
     model            Megatron s/step   HF loop s/step   ratio
-    tiny-qwen2             0.255            0.230        0.90
-    tiny-qwen2-20m         3.937            3.710        0.94
+    tiny-qwen2             0.211            0.192        0.91
+    tiny-qwen2-20m         3.850            3.673        0.95
 
     phase (ms, in-process)   tiny: Megatron  HF loop    20M: Megatron  HF loop
-    forward and loss                   55.7     53.1           1146.4   1120.9
-    backward                          117.2    111.2           2421.2   2423.6
-    gradient finalisation               0.7        -              2.9        -
-    optimizer                           3.5      2.3             33.9     32.1
-    rest of the step                    1.4      0.3              4.1      3.7
-    step                              178.5    167.0           3608.4   3580.2
+    forward and loss                   61.0     58.9           1182.0   1170.3
+    backward                          117.6    117.1           2483.1   2513.5
+    gradient finalisation               1.4        -              2.7        -
+    optimizer                           3.9      2.3             33.9     30.6
+    rest of the step                    1.4      0.4             10.0      1.0
+    step                              185.4    178.7           3711.7   3715.4
 
-A run just before gave 0.95 and 0.98 (the host's speed drifted within each
-run: the loop's tiny step took 0.18 to 0.30 s). In-process, the 20M step is
-within 1 % of the loop's and the tiny one within 7 %; Ray takes the rest.
+In-process the backward is now at par (tiny) or ahead (20M, by 30 ms) and the
+20M step at par; the tiny step is 4 % behind, in the forward (megatron's RoPE
+and per-layer Python) and the optimizer. Through Ray the ratios stay below 1:
+the run before these two changes gave 0.90 and 0.94, and one before that 0.95
+and 0.98, so the Ray side's spread between runs is larger than the in-process
+gain. The same Ray worker's steps, timed back to back on this host, went from
+175 to 233 ms within ten seconds while Ray's own processes used 0 to 5 % of a
+core per step; the host, not a warm-up, sets that spread.
+
 Where it went, measured apart (in-process, alternating steps):
+
+- Causal attention's backward: torch's CPU flash kernel computes whole
+  512-key blocks at the diagonal (a causal 1024-token pass costs 0.82 of a
+  full one). Split into blocks by halving (``nemo_rl.models.megatron.
+  causal_attention_cpu``), one layer's backward took 25.6 against 30.3 ms
+  (tiny heads) and 112 against 115 ms (20M heads) alone.
+- RMSNorm's backward: torch's fused CPU forward has no backward kernel, so
+  autograd differentiated its decomposition; one node instead (``norms``):
+  3.5 against 6.4 ms at width 512, 0.7 against 1.1 ms at 128. With both, a
+  20M step took 3761 against 3815 ms (the loop: 3786) and a tiny one 181.2
+  against 183.4 ms (the loop: 175.1), 8 and 16 alternating steps.
 
 - The model's layers are at par. Timed per module (forward hooks, and
   gradient hooks on each module's input and output for the backward), the
