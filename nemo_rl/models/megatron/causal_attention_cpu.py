@@ -62,7 +62,8 @@ class _CausalAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, *grad_outputs: torch.Tensor):
+        (grad,) = grad_outputs
         q, k, v, out, logsumexp = ctx.saved_tensors
         scale = ctx.scale
         n = _windows(q.shape[2])

@@ -51,7 +51,8 @@ class _RMSNormCPU(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, *grad_outputs: torch.Tensor):
+        (grad,) = grad_outputs
         x, weight, rstd = ctx.saved_tensors
         compute = torch.promote_types(x.dtype, torch.float32)  # rstd is kept in at least float32
         w = weight.to(compute)
