@@ -60,9 +60,24 @@ In-process the backward is now at par (tiny) or ahead (20M, by 30 ms) and the
 and per-layer Python) and the optimizer. Through Ray the ratios stay below 1:
 the run before these two changes gave 0.90 and 0.94, and one before that 0.95
 and 0.98, so the Ray side's spread between runs is larger than the in-process
-gain. The same Ray worker's steps, timed back to back on this host, went from
-175 to 233 ms within ten seconds while Ray's own processes used 0 to 5 % of a
-core per step; the host, not a warm-up, sets that spread.
+gain. A second run, with ``--rounds 5``, gave 0.87 and 0.97, while its
+in-process steps had Megatron ahead (199.1 against 207.0 ms tiny, 4534
+against 4870 ms 20M, a slower spell of the host).
+
+What the Ray side carries beyond the call is the cluster's presence: the
+plain loop itself, alternating blocks of steps in one process with a local
+Ray cluster and an idle Megatron worker alive or shut down, took 196.3
+against 184.2 ms a tiny step (2 s after start-up; four cycles) and 225 to
+237 against 206 to 216 ms (20 s after; three cycles). Idle, the worker used
+3.2 % of a core (2.6 % in gloo's 21 TCP loop threads, one per process group,
+each waking every 10 ms), the raylet, log monitor, dashboard agent and GCS
+0.4 to 0.7 % each; on two cores that stalls the training step's two-thread
+OpenMP team by more than its share. The loop threads alone are not it: 20
+idle gloo groups in the loop's own process made no difference (five cycles,
+within noise). The same worker through Ray against in-process, alternating
+steps with the cluster up for both, differed by +2.7 % (tiny) and -1 %
+(20M). The same Ray worker's steps, timed back to back, also went from 175
+to 233 ms within ten seconds.
 
 Where it went, measured apart (in-process, alternating steps):
 
