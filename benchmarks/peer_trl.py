@@ -72,8 +72,15 @@ cross-entropy as its loss (``benchmarks/megatron_vs_hf_throughput.py``
 takes those apart). SFT and DPO now sit at about 1.0, within what this
 host's drift moves between runs: a second default run right after (11.4
 minutes, the same first- and second-step losses) gave SFT 0.97 and 0.98,
-DPO 0.98 and 0.91, GRPO 1.40 and 1.64. The run before those changes (12.0
-minutes):
+DPO 0.98 and 0.91, GRPO 1.40 and 1.64. A third, after the Megatron worker's
+causal attention and RMSNorm got their shorter CPU backward passes (11.3
+minutes, the same first- and second-step losses to the printed digits), gave
+SFT 1.00 and 0.94, DPO 0.90 and 1.04, GRPO 1.17 and 1.76: the spread between
+runs still exceeds the change. The framework's Megatron side trains in a Ray
+actor beside a running local cluster, which by itself slows a two-thread
+training step on two cores by 6 to 10 % (measured on the plain loop in
+``benchmarks/megatron_vs_hf_throughput.py``); TRL runs without one. The
+run before the fc1 and loss changes (12.0 minutes):
 
     workload model           this framework        TRL unit       ratio
     sft      tiny-qwen2            14970.94   14445.01 tokens/s    1.04
