@@ -67,8 +67,12 @@ against 4870 ms 20M, a slower spell of the host).
 What the Ray side carries beyond the call is the cluster's presence: the
 plain loop itself, alternating blocks of steps in one process with a local
 Ray cluster and an idle Megatron worker alive or shut down, took 196.3
-against 184.2 ms a tiny step (2 s after start-up; four cycles) and 225 to
-237 against 206 to 216 ms (20 s after; three cycles). Idle, the worker used
+against 184.2 ms a tiny step (2 s after start-up; four cycles), 225 to 237
+against 206 to 216 ms and 244 against 203 ms (20 s after; three cycles each).
+Ray's reporting intervals lengthened (resource reports 100 -> 2000 ms, task
+events 1 -> 10 s, metrics 10 -> 60 s, health checks 3 -> 30 s) gave 200.0
+against 200.7 ms in one such run and 220 against 195 ms in the next: no
+reliable cure, so left at Ray's defaults. Idle, the worker used
 3.2 % of a core (2.6 % in gloo's 21 TCP loop threads, one per process group,
 each waking every 10 ms), the raylet, log monitor, dashboard agent and GCS
 0.4 to 0.7 % each; on two cores that stalls the training step's two-thread
