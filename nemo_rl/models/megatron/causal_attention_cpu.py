@@ -9,10 +9,10 @@ much as a full one.
 
 The forward here is that kernel, unchanged (the op ``F.scaled_dot_product_attention``
 runs on CPU), and it keeps the output and the row log-sum-exp. The backward
-splits the causal triangle by halving: the diagonal windows of ``leaf`` tokens
-(one causal call with the windows folded into the batch), then at each halving
-the second half of every window against its first half, which is a full,
-unmasked block (one call per level). Flash attention's backward for a block of
+splits the causal triangle by halving: the diagonal windows of at least
+``MIN_LEAF`` tokens (one causal call with the windows folded into the batch),
+then at each halving the second half of every window against its first half,
+which is a full, unmasked block (one call per level). Flash attention's backward for a block of
 keys needs only the final output and log-sum-exp of its queries, not that
 block's own, so the blocks' gradients simply add up to the whole one's.
 Measured on two CPU cores (``tests/unit/test_causal_attention_cpu.py`` checks the

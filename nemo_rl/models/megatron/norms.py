@@ -11,11 +11,11 @@ torch's RMSNorm plus that mark.
 On CPU its backward is one autograd node. torch's fused ``rms_norm`` forward
 has no CPU backward kernel, so autograd differentiates its decomposition (ten
 multiplies, a power, a divide, each a pass over the activations); this node
-makes six elementwise passes, a column sum and a matrix-vector product. At 4 x 1024 tokens
-of width 512 its backward took 3.5 ms against torch's 6.4 (0.7 against 1.1 ms
-at width 128; transformers' Qwen2 norm: 6.4 and 1.1), about 38 ms of a
-``tiny-qwen2-20m`` step's 13 norms. CUDA keeps torch's, whose backward is a
-fused kernel there.
+makes six elementwise passes, a column sum and a matrix-vector product. At
+4 x 1024 tokens of width 512 its backward took 3.5 ms against torch's 6.4
+(0.7 against 1.1 ms at width 128; transformers' Qwen2 norm: 6.4 and 1.1),
+about 38 ms of a ``tiny-qwen2-20m`` step's 13 norms. CUDA keeps torch's,
+whose backward is a fused kernel there.
 """
 
 from __future__ import annotations
@@ -55,13 +55,14 @@ class _RMSNormCPU(torch.autograd.Function):
         (grad,) = grad_outputs
         x, weight, rstd = ctx.saved_tensors
         compute = torch.promote_types(x.dtype, torch.float32)  # rstd is kept in at least float32
-        w = weight.to(compute)
+        width = x.shape[-1]
+        grad, w = grad.to(compute), weight.to(compute)  # no copies in float32
         normed = x.to(compute) * rstd
-        weighted = grad.to(compute) * normed  # each token's share of the weight's gradient
-        grad_weight = weighted.reshape(-1, x.shape[-1]).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        weighted = grad * normed  # each token's share of the weight's gradient
+        grad_weight = weighted.reshape(-1, width).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         # d(loss)/dx = rstd * (g * w - normed * mean(g * w * normed)), and mean(g * w * normed) = weighted @ w / h
-        mean = (weighted @ w).unsqueeze(-1).div_(x.shape[-1])
-        grad_x = (grad.to(compute) * w).sub_(normed.mul_(mean)).mul_(rstd)
+        mean = (weighted @ w).unsqueeze(-1).div_(width)
+        grad_x = (grad * w).sub_(normed.mul_(mean)).mul_(rstd)
         return grad_x.to(x.dtype), grad_weight, None
 
 
