@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.transformer_config import TransformerConfig
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nemo_rl.models.megatron import causal_attention_cpu
 from nemo_rl.models.megatron.attention import SDPACoreAttention
@@ -55,6 +56,56 @@ def test_float32_gradients_within_rounding_of_sdpa():
     causal_attention_cpu.causal_attention(q, k, v, DIM**-0.5).backward(upstream)
     for mine, theirs in zip(blocked, reference):
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-5)
+
+
+def _layout(memory: str, batch: int, heads: int, groups: int, seq: int):
+    """Leaves and their ``[b, h, s, d]`` views, and an upstream gradient, as each caller lays them out in memory.
+
+    ``sbhd``: megatron's, q its own ``[s, b, h, d]`` tensor, k and v slices of one fused ``[s, b, groups, ...]``
+    projection (as megatron splits its QKV output), the output gradient ``[s, b, h, d]``. ``bshd``: the packed
+    path's padded rows, ``[b, s, h, d]`` throughout.
+    """
+    generator = torch.Generator().manual_seed(2)
+    randn = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
+    if memory == "sbhd":
+        q, kv = randn(seq, batch, heads, DIM), randn(seq, batch, groups, 2 * DIM)
+        leaves = (q.requires_grad_(), kv.requires_grad_())
+        views = (q.permute(1, 2, 0, 3), kv[..., :DIM].permute(1, 2, 0, 3), kv[..., DIM:].permute(1, 2, 0, 3))
+        return leaves, views, randn(seq, batch, heads, DIM).permute(1, 2, 0, 3)
+    leaves = tuple(randn(batch, seq, h, DIM).requires_grad_() for h in (heads, groups, groups))
+    return leaves, tuple(x.transpose(1, 2) for x in leaves), randn(batch, seq, heads, DIM).transpose(1, 2)
+
+
+class _CopiedElements(TorchDispatchMode):
+    """How many elements the aten ops run under it copy (``clone``, ``copy_``: what a reshape that cannot be a view
+    and ``contiguous`` come down to)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default):
+            self.elements += out.numel()
+        return out
+
+
+@pytest.mark.parametrize("memory", ["sbhd", "bshd"])
+def test_backward_folds_the_blocks_as_views_of_each_layout(memory):
+    """The blocks are views of the inputs' own memory, so the backward copies only the small log-sum-exp; its
+    gradients equal SDPA's whether the windows fold into megatron's heads or into the packed rows."""
+    batch, heads, groups, seq = 2, 4, 2, 1024  # 4 windows: the diagonal call and two halvings
+    reference, views, upstream = _layout(memory, batch, heads, groups, seq)
+    F.scaled_dot_product_attention(*views, is_causal=True, scale=0.3, enable_gqa=True).backward(upstream)
+    blocked, views, upstream = _layout(memory, batch, heads, groups, seq)
+    out = causal_attention_cpu.causal_attention(*views, 0.3)
+    copies = _CopiedElements()
+    with copies:
+        out.backward(upstream)
+    assert copies.elements <= 3 * batch * heads * seq  # the log-sum-exp (b x h x s) at most once per call
+    for mine, theirs in zip(blocked, reference):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize(

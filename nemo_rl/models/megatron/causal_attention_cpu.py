@@ -10,16 +10,32 @@ much as a full one.
 The forward here is that kernel, unchanged (the op ``F.scaled_dot_product_attention``
 runs on CPU), and it keeps the output and the row log-sum-exp. The backward
 splits the causal triangle by halving: the diagonal windows of at least
-``MIN_LEAF`` tokens (one causal call with the windows folded into the batch),
-then at each halving the second half of every window against its first half,
-which is a full, unmasked block (one call per level). Flash attention's backward for a block of
-keys needs only the final output and log-sum-exp of its queries, not that
-block's own, so the blocks' gradients simply add up to the whole one's.
+``MIN_LEAF`` tokens (one causal call with the windows as the batch), then at
+each halving the second half of every window against its first half, which is
+a full, unmasked block (one call per level). Flash attention's backward for a
+block of keys needs only the final output and log-sum-exp of its queries, not
+that block's own, so the blocks' gradients simply add up to the whole one's.
+
+The blocks are views of the inputs' own memory (``_Fold``), and so are the
+gradients: over megatron's ``[s, b, h, d]`` the windows become the batch with
+rows and heads merged as the heads; over the packed path's ``[b, s, h, d]`` they
+fold into the rows. Only the small log-sum-exp is copied. Folding the windows into
+the rows everywhere, as this module first did, copied q, k, v, the output and
+its gradient for every call in megatron's layout, and returned gradients that
+megatron's next op copied again.
+
 Measured on two CPU cores (``tests/unit/test_causal_attention_cpu.py`` checks the
-gradients against SDPA's in float64): the backward of one layer at 4 x 1024
-tokens took 25.6 against 30.3 ms for the tiny model's heads (2 query heads,
-1 key/value head, d = 64) and 112 against 115 ms for the 20M one's (8 and 2);
-at 1 x 4096 tokens 91 against 101 ms and 333 against 351 ms.
+gradients against SDPA's in float64). Each figure is one layer's backward,
+including the copy megatron's next op makes of the gradients:
+
+    shape      heads (query/kv)    SDPA      rows-folded   this
+    4 x 1024   2/1 (tiny)          26.2 ms     25.8 ms    23.2 ms
+    4 x 1024   8/2 (20M)          105.5 ms     99.1 ms    92.7 ms
+    1 x 4096   2/1                135.9 ms    108.8 ms   105.4 ms
+    1 x 4096   8/2                336.4 ms    336.9 ms   325.8 ms
+
+On one core, at 4 x 1024: 51.5 against 43.1 ms (tiny heads) and 206.2 against
+170.5 ms (20M heads).
 
 Only float32 and float64 take this path: in lower precision the blocks' key and
 value gradients would be added in that precision, where the kernel adds in float32.
@@ -67,39 +83,46 @@ class _CausalAttention(torch.autograd.Function):
         q, k, v, out, logsumexp = ctx.saved_tensors
         scale = ctx.scale
         n = _windows(q.shape[2])
+        fold = _Fold(q)
         # the diagonal windows, causal within themselves
-        grads = _BACKWARD(*(_split(x, n) for x in (grad, q, k, v, out, logsumexp)), 0.0, True, scale=scale)
-        dq, dk, dv = (_merge(x, n) for x in grads)
+        windows = (fold(x.unflatten(2, (n, -1))) for x in (grad, q, k, v, out, logsumexp))
+        dq, dk, dv = (fold.undo(x).flatten(2, 3) for x in _BACKWARD(*windows, 0.0, True, scale=scale))
         # each halving: the second half of every window of 2 * size tokens against its first half, unmasked
         halves = n // 2
         while halves >= 1:
-            queries = (_half(x, halves, 1) for x in (grad, q))
-            keys = (_half(x, halves, 0) for x in (k, v))
-            rows = (_half(x, halves, 1) for x in (out, logsumexp))
+            queries = (fold(_half(x, halves, 1)) for x in (grad, q))
+            keys = (fold(_half(x, halves, 0)) for x in (k, v))
+            rows = (fold(_half(x, halves, 1)) for x in (out, logsumexp))
             gq, gk, gv = _BACKWARD(*queries, *keys, *rows, 0.0, False, scale=scale)
-            _add_half(dq, gq, halves, 1)
-            _add_half(dk, gk, halves, 0)
-            _add_half(dv, gv, halves, 0)
+            _half(dq, halves, 1).add_(fold.undo(gq))
+            _half(dk, halves, 0).add_(fold.undo(gk))
+            _half(dv, halves, 0).add_(fold.undo(gv))
             halves //= 2
         return dq, dk, dv, None
 
 
-def _split(x: torch.Tensor, n: int) -> torch.Tensor:
-    """``[b, h, s, ...]`` -> ``[b * n, h, s / n, ...]``: the ``n`` consecutive windows folded into the batch."""
-    return x.unflatten(2, (n, x.shape[2] // n)).transpose(1, 2).flatten(0, 1)
-
-
-def _merge(x: torch.Tensor, n: int) -> torch.Tensor:
-    """The inverse of ``_split``, as a new contiguous ``[b, h, s, ...]`` tensor."""
-    return x.unflatten(0, (-1, n)).transpose(1, 2).flatten(2, 3).contiguous()
-
-
 def _half(x: torch.Tensor, windows: int, which: int) -> torch.Tensor:
-    """``[b, h, s, ...]`` -> ``[b * windows, h, s / (2 windows), ...]``: the first (0) or second (1) half of each window."""
-    return x.unflatten(2, (windows, 2, x.shape[2] // (2 * windows)))[:, :, :, which].transpose(1, 2).flatten(0, 1)
+    """``[b, h, s, ...]`` -> ``[b, h, windows, s / (2 windows), ...]``: the first (0) or second (1) half of each window."""
+    return x.unflatten(2, (windows, 2, -1)).select(3, which)
 
 
-def _add_half(total: torch.Tensor, part: torch.Tensor, windows: int, which: int) -> None:
-    """Add ``part`` (laid out as ``_half`` returns) into that half of each window of ``total``, in place."""
-    target = total.unflatten(2, (windows, 2, total.shape[2] // (2 * windows)))[:, :, :, which]
-    target.add_(part.unflatten(0, (-1, windows)).transpose(1, 2))
+class _Fold:
+    """``[b, h, n, w, ...]`` (``n`` blocks of ``w`` tokens) <-> the kernel's ``[batch, heads, w, ...]``, as a view.
+
+    The blocks become the batch with rows and heads merged as the heads where the query's memory allows it
+    (megatron's ``[s, b, h, d]``, whose layout the kernel's outputs follow), else they fold into the rows (the packed
+    path's ``[b, s, h, d]``). Either way a query head still maps to its key/value head, and whichever the inputs'
+    memory takes is a view rather than a copy.
+    """
+
+    def __init__(self, q: torch.Tensor) -> None:
+        self.rows = q.shape[0]
+        self.heads_merge = q.stride(0) == q.shape[1] * q.stride(1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.movedim(2, 0).flatten(1, 2) if self.heads_merge else x.movedim(2, 1).flatten(0, 1)
+
+    def undo(self, x: torch.Tensor) -> torch.Tensor:
+        if self.heads_merge:
+            return x.unflatten(1, (self.rows, -1)).movedim(0, 2)
+        return x.unflatten(0, (self.rows, -1)).movedim(1, 2)
