@@ -1,7 +1,7 @@
 """Training throughput of the project's Megatron policy worker versus a plain transformers loop.
 
     uv run benchmarks/megatron_vs_hf_throughput.py [--models tiny-qwen2 tiny-qwen2-20m] [--seq-len 1024]
-        [--batch-size 4] [--rounds 3] [--steps 4] [--warmup 2] [--phase-steps 4]
+        [--batch-size 4] [--rounds 3] [--steps 4] [--warmup 2] [--phase-steps 4] [--num-cpus N]
         [--out results/bench_megatron_vs_hf]
 
 Why: the Megatron path (Ray actor, megatron-core DDP, optimizer and
@@ -33,36 +33,40 @@ backward, megatron's gradient finalisation, the optimizer with gradient
 clipping, and the rest of the step (megatron's schedule and buffer zeroing;
 the loop's ``zero_grad``). Prints both tables and writes ``results.json``,
 ``throughput.png`` and ``phases.png`` (stacked bars) under ``--out``. The
-default run takes about 6.5 minutes.
+default run takes 4.5 to 6.5 minutes (about 10 with ``--num-cpus 1``).
 
 The Megatron worker keeps the host memory it frees for its next step
 (``nemo_rl.utils.host_allocator``, set by every CPU training worker); the
 loop runs with glibc's defaults, which cost it nothing here: its largest
 blocks are 25 MB, reused from the heap (0 to 2 page faults a step).
 
-Measured on two shared CPU cores (AMD EPYC, default run, after the blocked
-attention and RMSNorm backward passes below; first losses equal in every round):
+Measured on two shared CPU cores (AMD EPYC, default run, 4.4 minutes, with
+the blocked attention backward taking its blocks as views of megatron's
+layout, and the RMSNorm backward, both below; first losses equal in every
+round):
 
     model            Megatron s/step   HF loop s/step   ratio
-    tiny-qwen2             0.211            0.192        0.91
-    tiny-qwen2-20m         3.850            3.673        0.95
+    tiny-qwen2             0.199            0.180        0.91
+    tiny-qwen2-20m         3.722            3.788        1.02
 
     phase (ms, in-process)   tiny: Megatron  HF loop    20M: Megatron  HF loop
-    forward and loss                   61.0     58.9           1182.0   1170.3
-    backward                          117.6    117.1           2483.1   2513.5
-    gradient finalisation               1.4        -              2.7        -
-    optimizer                           3.9      2.3             33.9     30.6
-    rest of the step                    1.4      0.4             10.0      1.0
-    step                              185.4    178.7           3711.7   3715.4
+    forward and loss                   59.6     55.3           1176.6   1179.2
+    backward                          124.7    122.6           2395.9   2517.7
+    gradient finalisation               0.8        -              3.5        -
+    optimizer                           4.4      3.1             41.4     31.7
+    rest of the step                    1.5      0.4              5.3     -0.5
+    step                              191.0    181.4           3622.6   3728.2
 
-In-process the backward is now at par (tiny) or ahead (20M, by 30 ms) and the
-20M step at par; the tiny step is 4 % behind, in the forward (megatron's RoPE
-and per-layer Python) and the optimizer. Through Ray the ratios stay below 1:
-the run before these two changes gave 0.90 and 0.94, and one before that 0.95
-and 0.98, so the Ray side's spread between runs is larger than the in-process
-gain. A second run, with ``--rounds 5``, gave 0.87 and 0.97, while its
-in-process steps had Megatron ahead (199.1 against 207.0 ms tiny, 4534
-against 4870 ms 20M, a slower spell of the host).
+("rest of the step" is the step's median less the phases' medians, so it can
+be below zero.) In-process the 20M step is 3 % ahead, by its backward; the
+tiny step is 5 % behind: 4.3 ms in the forward (megatron's RoPE and
+per-layer Python), 2.1 in the backward, 1.3 in the optimizer. Through Ray the tiny ratio stays below 1. The
+run before the views gave 0.91 and 0.95 (in-process 185.4 against 178.7 ms,
+3711.7 against 3715.4 ms); the run before the blocked attention and RMSNorm
+0.90 and 0.94, and one before that 0.95 and 0.98, so the Ray side's spread
+between runs is as large as the in-process gains. A run with ``--rounds 5``
+gave 0.87 and 0.97, while its in-process steps had Megatron ahead (199.1
+against 207.0 ms tiny, 4534 against 4870 ms 20M, a slower spell of the host).
 
 What the Ray side carries beyond the call is the cluster's presence: the
 plain loop itself, alternating blocks of steps in one process with a local
@@ -83,13 +87,76 @@ steps with the cluster up for both, differed by +2.7 % (tiny) and -1 %
 (20M). The same Ray worker's steps, timed back to back, also went from 175
 to 233 ms within ten seconds.
 
+With one training thread per side (``--num-cpus 1``), the local cluster and
+the driver have the second core to themselves, as they have spare cores on a
+GPU node. The Megatron path is then at par or ahead, through Ray as well as
+in-process (a default run):
+
+    model            Megatron s/step   HF loop s/step   ratio
+    tiny-qwen2             0.309            0.316        1.02
+    tiny-qwen2-20m         6.456            6.754        1.05
+
+    phase (ms, in-process, 1 thread)   tiny: Megatron  HF loop    20M: Megatron  HF loop
+    forward and loss                            113.0    103.1           2138.5   2145.9
+    backward                                    201.3    230.5           4345.0   4563.5
+    gradient finalisation                         0.8        -              4.3        -
+    optimizer                                     3.8      2.8             48.9     42.7
+    rest of the step                              3.8      0.1             12.2      4.7
+    step                                        322.7    336.6           6548.8   6756.8
+
+That was before the attention backward's blocks became views. Two runs of
+the tiny model alone then gave 1.02 and 1.05, and one of the 20M model alone
+1.04. With the views, a default run on a slower spell of the host (20M steps
+of 6.8 to 8.6 s) gave 0.98 (0.335 against 0.329 s) and 1.11 (7.085 against
+7.832 s), in-process 305.9 against 314.5 ms and 8041 against 7716 ms. Two
+things differ from two threads:
+
+- The blocked attention backward saves more. One layer's backward, 4 x 1024
+  tokens:
+
+      heads              1 thread: SDPA   blocked    2 threads: SDPA   blocked
+      20M (8/2)                 206.2 ms  170.5 ms           105.5 ms   92.7 ms
+      tiny (2/1)                 51.5 ms   43.1 ms            26.2 ms   23.2 ms
+
+  Its extra calls and the sums of the blocks are small, memory-bound
+  passes, which a second thread speeds up less than it speeds up the
+  kernel.
+- Megatron's fixed Python costs (its autograd nodes, schedule and optimizer
+  wrappers, about 4 ms a tiny step) do not shrink with threads. They weigh
+  half as much against a one-thread step.
+
+Per op (torch's profiler, 6 alternating in-process tiny steps), attention's
+backward took 84.1 against 100.5 ms at one thread and 45.5 against 52.5 ms at
+two. Every other op was within 2 ms of the loop's.
+
+Tried against the cluster's cost at two threads, none a cure:
+
+- ``OMP_WAIT_POLICY=PASSIVE`` in the worker: slower (212.1 against 198.8 ms a
+  tiny step through Ray, four alternating rounds).
+- The cluster's own processes at nice 19: no gain (193.5 against 184.8 ms a
+  step at nice 0, within this host's drift).
+- A plain loop beside 21 idle gloo groups held by another process: no
+  difference (188.0 against 187.8 ms a step). Their loop threads are still
+  2100 of the idle cluster's 2700 wakeups a second.
+
+Ray's call itself, timed from the driver, was 190.8 ms a step against
+189.7 ms for ``train_step`` timed inside the worker, with a 1.0 ms empty
+round trip.
+
 Where it went, measured apart (in-process, alternating steps):
 
 - Causal attention's backward: torch's CPU flash kernel computes whole
   512-key blocks at the diagonal (a causal 1024-token pass costs 0.82 of a
   full one). Split into blocks by halving (``nemo_rl.models.megatron.
   causal_attention_cpu``), one layer's backward took 25.6 against 30.3 ms
-  (tiny heads) and 112 against 115 ms (20M heads) alone.
+  (tiny heads) and 112 against 115 ms (20M heads) alone. Its blocks were
+  first copies that folded the windows into the rows; as views of
+  megatron's ``[s, b, h, d]`` memory (the windows as the batch, rows and
+  heads merged as the heads), with the gradients returned in that layout
+  too, one layer's backward with the copy megatron's next op makes took
+  23.2 against 25.8 ms (tiny) and 92.7 against 99.1 ms (20M), SDPA 26.2
+  and 105.5 ms; a step, alternating in one process: 167.1 against 169.4
+  ms (the loop: 164.9) and 3452.5 against 3467 ms (the loop: 3529.3).
 - RMSNorm's backward: torch's fused CPU forward has no backward kernel, so
   autograd differentiated its decomposition; one node instead (``norms``):
   3.5 against 6.4 ms at width 512, 0.7 against 1.1 ms at 128. With both, a
@@ -420,6 +487,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(args.num_cpus)
+        os.environ["OMP_NUM_THREADS"] = str(args.num_cpus)  # the in-process worker of the phase breakdown reads it
     with tempfile.TemporaryDirectory() as checkpoints:
         os.environ["NRL_MEGATRON_CHECKPOINT_DIR"] = checkpoints  # each model's HF->Megatron conversion, once
         rows = {model: compare(model, micro_batch_size, args, device) for model in args.models}

@@ -76,11 +76,29 @@ DPO 0.98 and 0.91, GRPO 1.40 and 1.64. A third, after the Megatron worker's
 causal attention and RMSNorm got their shorter CPU backward passes (11.3
 minutes, the same first- and second-step losses to the printed digits), gave
 SFT 1.00 and 0.94, DPO 0.90 and 1.04, GRPO 1.17 and 1.76: the spread between
-runs still exceeds the change. The framework's Megatron side trains in a Ray
+runs still exceeds the change. A fourth, with the attention backward's blocks
+as views of megatron's memory (12.3 minutes, the same losses), gave SFT 1.10
+and 1.00, DPO 0.86 and 1.03, GRPO 1.28 and 1.70; its tiny DPO steps took
+0.60 to 0.65 s in the first round and 0.69 to 1.06 s in the second on the
+framework's side, 0.55 to 0.64 s on TRL's in both. The framework's Megatron side trains in a Ray
 actor beside a running local cluster, which by itself slows a two-thread
 training step on two cores by 6 to 10 % (measured on the plain loop in
-``benchmarks/megatron_vs_hf_throughput.py``); TRL runs without one. The
-run before the fc1 and loss changes (12.0 minutes):
+``benchmarks/megatron_vs_hf_throughput.py``); TRL runs without one.
+
+With one thread per side (``--num-cpus 1 --workloads sft dpo``), the cluster
+and the driver have the second core to themselves, as on a GPU node's spare
+cores. Every ratio is then above 1 (two runs, 10.5 and 10.2 minutes; first-
+and second-step losses as above):
+
+    workload model           run 1    run 2
+    sft      tiny-qwen2       1.17     1.20
+    sft      tiny-qwen2-20m   1.03     1.03
+    dpo      tiny-qwen2       1.12     1.12
+    dpo      tiny-qwen2-20m   1.04     1.05
+
+The framework took 0.34 s a tiny SFT step against TRL's 0.40 s, and 6.69 s
+against 6.91 s at 20M (run 1). The run before the fc1 and loss changes
+(12.0 minutes):
 
     workload model           this framework        TRL unit       ratio
     sft      tiny-qwen2            14970.94   14445.01 tokens/s    1.04
