@@ -97,7 +97,13 @@ and second-step losses as above):
     dpo      tiny-qwen2-20m   1.04     1.05
 
 The framework took 0.34 s a tiny SFT step against TRL's 0.40 s, and 6.69 s
-against 6.91 s at 20M (run 1). The run before the fc1 and loss changes
+against 6.91 s at 20M (run 1). GRPO at one thread (``--num-cpus 1
+--workloads grpo``, 7 minutes) gave 1.88 (tiny) and 1.91 (20M): timed steps
+of 1.71, 0.33, 0.86, 0.82 s against TRL's 2.04, 0.34, 1.20, 1.96 s, and 30.4,
+4.1, 15.9, 15.5 s against 41.1, 5.6, 20.8, 39.1 s (3.7 against 5.5 s and 66
+against 107 s in all), with 15 to 16 tokens a completion on both sides; at
+20M vLLM generated in 0.4 to 1.8 s what transformers ``generate`` did in 1.3
+to 8.9 s. The run before the fc1 and loss changes
 (12.0 minutes):
 
     workload model           this framework        TRL unit       ratio
