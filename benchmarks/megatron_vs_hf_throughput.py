@@ -60,11 +60,12 @@ round):
 ("rest of the step" is the step's median less the phases' medians, so it can
 be below zero.) In-process the 20M step is 3 % ahead, by its backward; the
 tiny step is 5 % behind: 4.3 ms in the forward (megatron's RoPE and
-per-layer Python), 2.1 in the backward, 1.3 in the optimizer. Through Ray the tiny ratio stays below 1. The
-run before the views gave 0.91 and 0.95 (in-process 185.4 against 178.7 ms,
-3711.7 against 3715.4 ms); the run before the blocked attention and RMSNorm
-0.90 and 0.94, and one before that 0.95 and 0.98, so the Ray side's spread
-between runs is as large as the in-process gains. A run with ``--rounds 5``
+per-layer Python), 2.1 in the backward, 1.3 in the optimizer. Through Ray
+the tiny ratio stays below 1. The run before the views gave 0.91 and 0.95
+(in-process 185.4 against 178.7 ms, 3711.7 against 3715.4 ms); the run
+before the blocked attention and RMSNorm 0.90 and 0.94, and one before that
+0.95 and 0.98, so the Ray side's spread between runs is as large as the
+in-process gains. A run with ``--rounds 5``
 gave 0.87 and 0.97, while its in-process steps had Megatron ahead (199.1
 against 207.0 ms tiny, 4534 against 4870 ms 20M, a slower spell of the host).
 
@@ -149,14 +150,10 @@ Where it went, measured apart (in-process, alternating steps):
   512-key blocks at the diagonal (a causal 1024-token pass costs 0.82 of a
   full one). Split into blocks by halving (``nemo_rl.models.megatron.
   causal_attention_cpu``), one layer's backward took 25.6 against 30.3 ms
-  (tiny heads) and 112 against 115 ms (20M heads) alone. Its blocks were
-  first copies that folded the windows into the rows; as views of
-  megatron's ``[s, b, h, d]`` memory (the windows as the batch, rows and
-  heads merged as the heads), with the gradients returned in that layout
-  too, one layer's backward with the copy megatron's next op makes took
-  23.2 against 25.8 ms (tiny) and 92.7 against 99.1 ms (20M), SDPA 26.2
-  and 105.5 ms; a step, alternating in one process: 167.1 against 169.4
-  ms (the loop: 164.9) and 3452.5 against 3467 ms (the loop: 3529.3).
+  (tiny heads) and 112 against 115 ms (20M heads) alone. Its blocks, first
+  copies, are now views of megatron's memory (the module's docstring has
+  the per-layer figures); a step, alternating in one process: 167.1 against
+  169.4 ms (the loop: 164.9) and 3452.5 against 3467 ms (the loop: 3529.3).
 - RMSNorm's backward: torch's fused CPU forward has no backward kernel, so
   autograd differentiated its decomposition; one node instead (``norms``):
   3.5 against 6.4 ms at width 512, 0.7 against 1.1 ms at 128. With both, a
