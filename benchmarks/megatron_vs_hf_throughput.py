@@ -40,58 +40,69 @@ The Megatron worker keeps the host memory it frees for its next step
 loop runs with glibc's defaults, which cost it nothing here: its largest
 blocks are 25 MB, reused from the heap (0 to 2 page faults a step).
 
-Measured on two shared CPU cores (AMD EPYC, default run, 4.4 minutes, with
-the blocked attention backward taking its blocks as views of megatron's
-layout, and the RMSNorm backward, both below; first losses equal in every
-round):
+Measured on two shared CPU cores (AMD EPYC, default run, 5.0 minutes; first
+losses equal in every round):
 
     model            Megatron s/step   HF loop s/step   ratio
-    tiny-qwen2             0.199            0.180        0.91
-    tiny-qwen2-20m         3.722            3.788        1.02
+    tiny-qwen2             0.200            0.199        0.99
+    tiny-qwen2-20m         4.209            4.226        1.00
 
     phase (ms, in-process)   tiny: Megatron  HF loop    20M: Megatron  HF loop
-    forward and loss                   59.6     55.3           1176.6   1179.2
-    backward                          124.7    122.6           2395.9   2517.7
-    gradient finalisation               0.8        -              3.5        -
-    optimizer                           4.4      3.1             41.4     31.7
-    rest of the step                    1.5      0.4              5.3     -0.5
-    step                              191.0    181.4           3622.6   3728.2
+    forward and loss                   65.5     58.4           1506.6   1521.0
+    backward                          121.5    120.6           2966.6   3073.9
+    gradient finalisation               0.9        -              4.0        -
+    optimizer                           4.0      2.4             43.7     38.7
+    rest of the step                    2.2      0.5            -11.4    -82.3
+    step                              194.1    181.9           4509.4   4551.3
 
 ("rest of the step" is the step's median less the phases' medians, so it can
-be below zero.) In-process the 20M step is 3 % ahead, by its backward; the
-tiny step is 5 % behind: 4.3 ms in the forward (megatron's RoPE and
-per-layer Python), 2.1 in the backward, 1.3 in the optimizer. Through Ray
-the tiny ratio stays below 1. The run before the views gave 0.91 and 0.95
-(in-process 185.4 against 178.7 ms, 3711.7 against 3715.4 ms); the run
-before the blocked attention and RMSNorm 0.90 and 0.94, and one before that
-0.95 and 0.98, so the Ray side's spread between runs is as large as the
-in-process gains. A run with ``--rounds 5``
-gave 0.87 and 0.97, while its in-process steps had Megatron ahead (199.1
-against 207.0 ms tiny, 4534 against 4870 ms 20M, a slower spell of the host).
+be below zero.) The next run gave 1.06 (0.203 against 0.215 s) and 0.98
+(4.064 against 3.971 s; the 20M steps of either side spread over 3.7 to
+4.5 s), in-process 183.3 against 176.8 ms and 4019.3 against 4177.0 ms. In
+process the 20M step is ahead, by its backward; the tiny one 3 to 6 %
+behind, by 5 to 7 ms in its forward (megatron's RoPE and per-layer Python)
+and a millisecond in its optimizer.
 
-What the Ray side carries beyond the call is the cluster's presence: the
-plain loop itself, alternating blocks of steps in one process with a local
-Ray cluster and an idle Megatron worker alive or shut down, took 196.3
-against 184.2 ms a tiny step (2 s after start-up; four cycles), 225 to 237
-against 206 to 216 ms and 244 against 203 ms (20 s after; three cycles each).
-Ray's reporting intervals lengthened (resource reports 100 -> 2000 ms, task
-events 1 -> 10 s, metrics 10 -> 60 s, health checks 3 -> 30 s) gave 200.0
-against 200.7 ms in one such run and 220 against 195 ms in the next: no
-reliable cure, so left at Ray's defaults. Idle, the worker used
-3.2 % of a core (2.6 % in gloo's 21 TCP loop threads, one per process group,
-each waking every 10 ms), the raylet, log monitor, dashboard agent and GCS
-0.4 to 0.7 % each; on two cores that stalls the training step's two-thread
-OpenMP team by more than its share. The loop threads alone are not it: 20
-idle gloo groups in the loop's own process made no difference (five cycles,
-within noise). The same worker through Ray against in-process, alternating
-steps with the cluster up for both, differed by +2.7 % (tiny) and -1 %
-(20M). The same Ray worker's steps, timed back to back, also went from 175
-to 233 ms within ten seconds.
+Through Ray the ratios were 0.87 to 0.91 (tiny) and 0.94 to 1.02 (20M) in
+six runs before the worker's gloo process groups came to share one
+transport device (``nemo_rl.distributed.gloo_one_device``). What the Ray
+side carried beyond the call was the cluster's presence: the plain loop
+itself, alternating blocks of steps in one process with a local Ray
+cluster and an idle Megatron worker alive or shut down, took 196.3 against
+184.2 ms a tiny step (four cycles), 225 to 237 against 206 to 216 ms and 244
+against 203 ms (three cycles each). Counted per thread over ten tiny steps
+(``/proc/*/task/*/schedstat``), the worker woke 2,629 times a second: its
+two training threads 432 and 254 times, and each of megatron's process
+groups' gloo event loops 100 times (torch gives every gloo group a TCP
+device of its own, whose loop thread polls every 10 ms); the raylet, GCS,
+dashboard agent and driver 60 to 150 times each. Every wakeup on a core
+takes it from a training thread, and the two-thread OpenMP team waits for
+that thread at its next barrier. With the groups on one device the worker
+woke 698 times a second and its training threads waited 54 instead of 66 ms
+a second on the run queue; in four alternating cycles (a fresh cluster
+each, 12 steps), a tiny step through Ray took 203.1 against 222.7, 201.7
+against 248.8, 229.7 against 256.5 and 235.6 against 274.2 ms, and the
+plain loop beside the idle worker 194.2 against 221.7, 193.7 against 239.7,
+221.4 against 237.1 and 237.3 against 279.6 ms.
+
+Tried before, none a cure: Ray's reporting intervals lengthened (resource
+reports 100 -> 2000 ms, task events 1 -> 10 s, metrics 10 -> 60 s, health
+checks 3 -> 30 s): 200.0 against 200.7 ms in one run, 220 against 195 ms in
+the next; ``OMP_WAIT_POLICY=PASSIVE`` in the worker: slower (212.1 against
+198.8 ms a tiny step through Ray); the cluster's processes at nice 19: no
+gain (193.5 against 184.8 ms, within drift). 21 idle gloo groups in the
+loop's own process or in another one also showed no difference in blocks
+of steps (188.0 against 187.8 ms), where the A/B above, with the worker's
+own groups and a fresh cluster per cycle, moved every cycle the same way.
+Ray's call itself, timed from the driver, was 190.8 ms a step against
+189.7 ms for ``train_step`` timed inside the worker, with a 1.0 ms empty
+round trip.
 
 With one training thread per side (``--num-cpus 1``), the local cluster and
 the driver have the second core to themselves, as they have spare cores on a
-GPU node. The Megatron path is then at par or ahead, through Ray as well as
-in-process (a default run):
+GPU node. The Megatron path was then at par or ahead, through Ray as well as
+in-process, already before the attention backward's views and the shared
+gloo device (a default run):
 
     model            Megatron s/step   HF loop s/step   ratio
     tiny-qwen2             0.309            0.316        1.02
@@ -105,8 +116,7 @@ in-process (a default run):
     rest of the step                              3.8      0.1             12.2      4.7
     step                                        322.7    336.6           6548.8   6756.8
 
-That was before the attention backward's blocks became views. Two runs of
-the tiny model alone then gave 1.02 and 1.05, and one of the 20M model alone
+Two runs of the tiny model alone then gave 1.02 and 1.05, and one of the 20M model alone
 1.04. With the views, a default run on a slower spell of the host (20M steps
 of 6.8 to 8.6 s) gave 0.98 (0.335 against 0.329 s) and 1.11 (7.085 against
 7.832 s), in-process 305.9 against 314.5 ms and 8041 against 7716 ms. Two
@@ -129,20 +139,6 @@ things differ from two threads:
 Per op (torch's profiler, 6 alternating in-process tiny steps), attention's
 backward took 84.1 against 100.5 ms at one thread and 45.5 against 52.5 ms at
 two. Every other op was within 2 ms of the loop's.
-
-Tried against the cluster's cost at two threads, none a cure:
-
-- ``OMP_WAIT_POLICY=PASSIVE`` in the worker: slower (212.1 against 198.8 ms a
-  tiny step through Ray, four alternating rounds).
-- The cluster's own processes at nice 19: no gain (193.5 against 184.8 ms a
-  step at nice 0, within this host's drift).
-- A plain loop beside 21 idle gloo groups held by another process: no
-  difference (188.0 against 187.8 ms a step). Their loop threads are still
-  2100 of the idle cluster's 2700 wakeups a second.
-
-Ray's call itself, timed from the driver, was 190.8 ms a step against
-189.7 ms for ``train_step`` timed inside the worker, with a 1.0 ms empty
-round trip.
 
 Where it went, measured apart (in-process, alternating steps):
 

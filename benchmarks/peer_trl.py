@@ -55,40 +55,33 @@ under ``--out``. The default run takes 11 to 12 minutes on two shared cores.
 
 Measured on two shared CPU cores (AMD EPYC; TRL 1.16.0, transformers 5.19;
 default run: 2 rounds of 1 warm-up and 4 timed steps per side for SFT and
-DPO, 2 threads per side; 10.9 minutes; first-step losses equal within
-6.4e-7 for SFT and ln 2 on both for DPO, second steps' within 5.7e-7 for
-SFT, 2.9e-9 and 5.9e-6 for DPO, the 20M one's rounding explained below):
+DPO, 2 threads per side; 12.0 minutes; first-step losses equal within
+6.4e-7 for SFT and ln 2 on both for DPO, second steps' within 1.5e-7 for
+SFT, 5.2e-9 and 3.0e-6 for DPO, the 20M one's rounding explained below):
 
     workload model           this framework        TRL unit       ratio
-    sft      tiny-qwen2            19490.69   17754.23 tokens/s    1.10
-    sft      tiny-qwen2-20m         1061.80    1041.59 tokens/s    1.02
-    dpo      tiny-qwen2                6.02       5.95 pairs/s     1.01
-    dpo      tiny-qwen2-20m            0.39       0.36 pairs/s     1.07
-    grpo     tiny-qwen2                0.55       0.87 s/step      1.58
-    grpo     tiny-qwen2-20m            9.83      17.32 s/step      1.76
+    sft      tiny-qwen2            13944.67   11452.66 tokens/s    1.22
+    sft      tiny-qwen2-20m          849.38     817.88 tokens/s    1.04
+    dpo      tiny-qwen2                5.87       5.89 pairs/s     1.00
+    dpo      tiny-qwen2-20m            0.35       0.34 pairs/s     1.03
+    grpo     tiny-qwen2                0.60       0.87 s/step      1.44
+    grpo     tiny-qwen2-20m           10.50      18.94 s/step      1.80
 
-That is with the Megatron worker's fc1 and SwiGLU as one node and torch's
-cross-entropy as its loss (``benchmarks/megatron_vs_hf_throughput.py``
-takes those apart). SFT and DPO now sit at about 1.0, within what this
-host's drift moves between runs: a second default run right after (11.4
-minutes, the same first- and second-step losses) gave SFT 0.97 and 0.98,
-DPO 0.98 and 0.91, GRPO 1.40 and 1.64. A third, after the Megatron worker's
-causal attention and RMSNorm got their shorter CPU backward passes (11.3
-minutes, the same first- and second-step losses to the printed digits), gave
-SFT 1.00 and 0.94, DPO 0.90 and 1.04, GRPO 1.17 and 1.76: the spread between
-runs still exceeds the change. A fourth, with the attention backward's blocks
-as views of megatron's memory (12.3 minutes, the same losses), gave SFT 1.10
-and 1.00, DPO 0.86 and 1.03, GRPO 1.28 and 1.70; its tiny DPO steps took
-0.60 to 0.65 s in the first round and 0.69 to 1.06 s in the second on the
-framework's side, 0.55 to 0.64 s on TRL's in both. The framework's Megatron side trains in a Ray
-actor beside a running local cluster, which by itself slows a two-thread
-training step on two cores by 6 to 10 % (measured on the plain loop in
-``benchmarks/megatron_vs_hf_throughput.py``); TRL runs without one.
+(tiny DPO: 0.997, its second round's framework steps on a slow spell, 0.65
+to 0.93 s against TRL's 0.66 to 0.75 s.) That is with the Megatron worker's
+gloo process groups on one transport device
+(``nemo_rl.distributed.gloo_one_device``). Before, its 21 groups' event
+loops woke the idle worker about 2,100 times a second, and the framework's
+Megatron side trains in a Ray actor beside that worker's cluster while TRL
+runs alone: on two cores that took 6 to 10 % from a two-thread step
+(``benchmarks/megatron_vs_hf_throughput.py`` measures it). Four default runs
+then gave SFT and DPO 0.86 to 1.10 and GRPO 1.17 to 1.76, the spread between
+runs as large as any change.
 
 With one thread per side (``--num-cpus 1 --workloads sft dpo``), the cluster
 and the driver have the second core to themselves, as on a GPU node's spare
-cores. Every ratio is then above 1 (two runs, 10.5 and 10.2 minutes; first-
-and second-step losses as above):
+cores. Every ratio was then above 1 already before that change (two runs,
+10.5 and 10.2 minutes; first- and second-step losses as above):
 
     workload model           run 1    run 2
     sft      tiny-qwen2       1.17     1.20
@@ -103,72 +96,35 @@ of 1.71, 0.33, 0.86, 0.82 s against TRL's 2.04, 0.34, 1.20, 1.96 s, and 30.4,
 4.1, 15.9, 15.5 s against 41.1, 5.6, 20.8, 39.1 s (3.7 against 5.5 s and 66
 against 107 s in all), with 15 to 16 tokens a completion on both sides; at
 20M vLLM generated in 0.4 to 1.8 s what transformers ``generate`` did in 1.3
-to 8.9 s. The run before the fc1 and loss changes
-(12.0 minutes):
+to 8.9 s.
 
-    workload model           this framework        TRL unit       ratio
-    sft      tiny-qwen2            14970.94   14445.01 tokens/s    1.04
-    sft      tiny-qwen2-20m          854.02     996.14 tokens/s    0.86
-    dpo      tiny-qwen2                6.15       5.73 pairs/s     1.07
-    dpo      tiny-qwen2-20m            0.33       0.35 pairs/s     0.94
-    grpo     tiny-qwen2                0.94       1.02 s/step      1.08
-    grpo     tiny-qwen2-20m           10.46      18.43 s/step      1.76
+Where the time goes, per workload:
 
-This host was slow and drifting during that run (the framework's tiny SFT
-steps took 0.24 to 0.34 s, against 0.20 s in a megatron_vs_hf run an hour
-earlier); the single-round run before it, on the same host, gave SFT 1.27
-and 0.91, DPO 1.04 and 1.04, GRPO 1.39 and 1.62. Earlier, on two otherwise
-idle cores of another host (one round; before the CPU workers kept their
-freed host memory, ``nemo_rl.utils.host_allocator``):
-
-    workload model           this framework        TRL unit       ratio
-    sft      tiny-qwen2            22397.31   23305.91 tokens/s    0.96
-    sft      tiny-qwen2-20m         1523.59    1664.80 tokens/s    0.92
-    dpo      tiny-qwen2                8.63       9.44 pairs/s     0.91
-    dpo      tiny-qwen2-20m            0.56       0.59 pairs/s     0.94
-    grpo     tiny-qwen2                0.57       0.66 s/step      1.16
-    grpo     tiny-qwen2-20m            6.80      10.98 s/step      1.61
-
-The ratio is this framework's throughput over TRL's (GRPO: TRL's seconds per
-step over this framework's); above 1, this framework is faster. With that
-setting, on two shared cores (one round, 9.4 minutes), the default run gave
-SFT 0.75 and 1.08, DPO 0.95 and 0.94, GRPO 1.50 and 1.64 (tiny-qwen2, then
-tiny-qwen2-20m). In the idle-host run:
-
-- SFT: 0.183 s a step against TRL's 0.176 (tiny-qwen2), 2.69 s against 2.46
-  (20M). A plain transformers loop of the same step takes 0.130 s and 2.36 s
-  (``benchmarks/megatron_vs_hf_throughput.py``, same machine, same hour), so
-  TRL adds 0.05 s and 0.1 s to the model's own cost (its tiled LM head and
-  per-step entropy and accuracy metrics) and this framework 0.05 s and 0.3 s:
-  the Megatron worker through Ray, whose costs that benchmark's docstring
-  takes apart (megatron's SwiGLU over the fused fc1 output, then page-faulted
-  afresh every step; its fixed per-step costs; the Ray cluster's own
-  processes on two cores).
-- DPO: 0.46 s against 0.42 (tiny-qwen2), 7.1 s against 6.7 (20M): the same
-  worker costs, over twice the rows and a reference pass.
+- SFT: TRL adds its tiled LM head and per-step entropy and accuracy metrics to
+  the model's own cost; this framework adds the Megatron worker's machinery
+  and the Ray call, which ``benchmarks/megatron_vs_hf_throughput.py`` takes
+  apart against a plain loop (at par there).
+- DPO: the same costs over twice the rows, and a reference forward pass on
+  both sides.
 - GRPO: the same prompts in the same order, each side sampling its own
-  completions (15 to 16 tokens on average on both); a step's cost follows
-  its prompts' lengths, so compare step by step. 20M, timed steps 2 to 5:
-  this framework 13.0, 2.3, 6.8, 6.8 s, TRL 14.2, 2.4, 8.2, 13.7 s. vLLM
-  generates in 0.3 to 0.9 s what transformers ``generate`` does in 0.6 to
-  3.4 s; this framework then refits the engine (0.2 to 0.4 s) and spends 0.7
-  to 4.9 s in its log-prob passes (the live weights' pass over the sampled
-  tokens, which TRL skips, and the reference pass, which TRL makes inside its
-  training step) and 0.9 to 7.0 s training. On tiny-qwen2 (0.93, 0.28, 0.56,
-  0.58 s against TRL's 0.91, 0.20, 0.49, 0.82) generation is 0.05 to 0.2 s on
-  both sides, so the extra pass and the Ray round trips decide: this
-  framework is slower on three of the four steps and faster on one, 2.35 s
-  against 2.42 s in all; its ratio there is within a step's noise of 1.
+  completions; a step's cost follows its prompts' lengths, so compare step by
+  step. In an earlier 20M run (timed steps 13.0, 2.3, 6.8, 6.8 s against
+  TRL's 14.2, 2.4, 8.2, 13.7 s) vLLM generated in 0.3 to 0.9 s what
+  transformers ``generate`` did in 0.6 to 3.4 s; this framework then refits
+  the engine (0.2 to 0.4 s) and spends 0.7 to 4.9 s in its log-prob passes
+  (the live weights' pass over the sampled tokens, which TRL skips, and the
+  reference pass, which TRL makes inside its training step) and 0.9 to 7.0 s
+  training. On tiny-qwen2 generation is 0.05 to 0.2 s on both sides, so the
+  extra pass and the Ray round trips weigh most there.
 
-First-step losses agree to float32 rounding: SFT 6.387530 on both sides (diff
-1.6e-7) and 6.469652 (1.7e-7); DPO ln 2 on both (the policy is its
-reference). The second steps', which show the same update, agree as closely
-(SFT 1.1e-7 and 9.2e-8, DPO 2.3e-9 on tiny-qwen2) except DPO on the 20M model:
-0.816178 against 0.816181. The first-step gradient norms already differed
-by 7e-6 relative in an earlier run (59.8307 against 59.8312): a pair's two
-rows share 3/4 of their tokens and enter the loss with opposite signs, so
-their gradients cancel there and what remains carries the rounding of far
-larger sums.
+First-step losses agree to float32 rounding: SFT 6.387530 on both sides and
+6.469652; DPO ln 2 on both (the policy is its reference). The second steps',
+which show the same update, agree as closely except DPO on the 20M model:
+0.816166 against 0.816163. The first-step gradient norms already differed by
+7e-6 relative in an earlier run (59.8307 against 59.8312): a pair's two rows
+share 3/4 of their tokens and enter the loss with opposite signs, so their
+gradients cancel there and what remains carries the rounding of far larger
+sums.
 
 On a machine shared with other jobs (1-minute load 5 to 11) the 2-thread
 numbers swung by up to 10x between runs (an OpenMP team waits for its

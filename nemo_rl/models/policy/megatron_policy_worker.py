@@ -190,6 +190,9 @@ class MegatronPolicyWorker(RefitSender):
             tensor_model_parallel_size=self.dims.tp,
             pipeline_model_parallel_size=self.dims.pp,
             context_parallel_size=self.dims.cp,
+            # megatron's extra gloo data-parallel groups serve only the optimizer's dp_zero format; its shards are
+            # saved dp_reshardable (optimizer_state), and each group would be one more idle event loop
+            create_gloo_process_groups=False,
         )
         check_dims_match_process_groups(self.dims)
         torch.manual_seed(seed)
@@ -305,6 +308,7 @@ class MegatronPolicyWorker(RefitSender):
                 use_distributed_optimizer=ocfg.use_distributed_optimizer,
             ),
             [self.model],
+            use_gloo_process_groups=False,  # none were made, see _init_model_parallel
         )
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,

@@ -1,0 +1,108 @@
+"""CPU workers' gloo groups on one transport device: gloo's results, one event-loop thread per process.
+
+Two ranks run the same collectives (the kinds megatron-core's schedules,
+distributed optimizer and pipeline p2p use, plus object collectives, and two
+groups' collectives in flight at once) once on torch's plain ``gloo`` and once
+on ``gloo_one_device``; plain gloo is the reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nemo_rl.distributed.gloo_one_device import gloo_one_device_backend
+from nemo_rl.distributed.worker_process_group import free_port
+
+WORLD = 2
+ROUNDS = 3  # of new groups: one of both ranks, and one of each rank alone
+EXTRA_GROUPS = 2 * ROUNDS  # each rank belongs to the group of both and to its own, per round
+
+
+def _loop_threads() -> int:
+    """gloo's TCP devices each run one thread named ``gloo_tcp_loop``."""
+    return sum(
+        open(f"/proc/self/task/{tid}/comm").read().strip() == "gloo_tcp_loop" for tid in os.listdir("/proc/self/task")
+    )
+
+
+def _collectives(rank: int) -> dict:
+    both, own = None, None
+    for _ in range(ROUNDS):
+        both = dist.new_group([0, 1])
+        singles = [dist.new_group([r]) for r in range(WORLD)]
+        own = singles[rank]
+    x = torch.arange(8, dtype=torch.float32) + 10 * rank
+    out: dict = {}
+    reduced = x.clone()
+    dist.all_reduce(reduced)
+    out["all_reduce"] = reduced
+    gathered = torch.empty(WORLD * 8)
+    dist.all_gather_into_tensor(gathered, x, group=both)
+    out["all_gather"] = gathered
+    scattered = torch.empty(4)
+    dist.reduce_scatter_tensor(scattered, x, group=both)
+    out["reduce_scatter"] = scattered
+    sent = x.clone()
+    dist.broadcast(sent, src=1, group=both)
+    out["broadcast"] = sent
+    received = torch.empty(8)
+    ops = [dist.P2POp(dist.isend, x, 1 - rank), dist.P2POp(dist.irecv, received, 1 - rank)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    out["p2p"] = received
+    # Two groups' collectives in flight at once, their sockets served by the one loop.
+    a, b = x.clone(), x.clone() * 2
+    pending = [dist.all_reduce(a, group=both, async_op=True), dist.all_reduce(b, async_op=True)]
+    alone = x.clone()
+    dist.all_reduce(alone, group=own)  # a group of one: the rank's own tensor
+    for work in pending:
+        work.wait()
+    out["overlapped"] = torch.cat([a, b, alone])
+    objects: list = [None] * WORLD
+    dist.all_gather_object(objects, {"rank": rank, "backend": dist.get_backend()})
+    out["objects"] = [o["rank"] for o in objects]
+    out["backends"] = sorted({o["backend"] for o in objects})
+    dist.barrier()
+    out["loop_threads"] = _loop_threads()
+    return out
+
+
+def _rank(rank: int, port: int, backend: str, result_dir: str) -> None:
+    if backend == "gloo_one_device":
+        backend = gloo_one_device_backend()
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        torch.save(_collectives(rank), os.path.join(result_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(backend: str, tmp_path) -> list[dict]:
+    directory = tmp_path / backend
+    directory.mkdir()
+    mp.spawn(_rank, args=(free_port(), backend, str(directory)), nprocs=WORLD, join=True)
+    return [torch.load(directory / f"{rank}.pt") for rank in range(WORLD)]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_collectives_equal_plain_gloos_with_one_event_loop_per_process(tmp_path):
+    reference, shared = _run("gloo", tmp_path), _run("gloo_one_device", tmp_path)
+    for rank in range(WORLD):
+        expected, got = reference[rank], shared[rank]
+        for kind in ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "p2p", "overlapped"):
+            assert torch.equal(got[kind], expected[kind]), kind
+        assert got["objects"] == expected["objects"] == [0, 1]
+        assert expected["backends"] == ["gloo"] and got["backends"] == ["gloo_one_device"]
+        # torch's gloo: a device, so a loop thread, per group (the world and the extra ones); here one in all.
+        assert expected["loop_threads"] == 1 + EXTRA_GROUPS
+        assert got["loop_threads"] == 1
+    # The arithmetic itself, so that a shared wrong answer cannot pass: rank r holds arange(8) + 10 r.
+    base = torch.arange(8, dtype=torch.float32)
+    assert torch.equal(shared[0]["all_reduce"], 2 * base + 10)
+    assert torch.equal(shared[1]["p2p"], base)
+    assert torch.equal(shared[0]["reduce_scatter"], (2 * base + 10)[:4])
