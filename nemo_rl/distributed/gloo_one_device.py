@@ -50,7 +50,9 @@ def _create_group(store, rank: int, size: int, timeout):
     """torch's backend hook: a ProcessGroupGloo on the process's devices, with torch's default two threads each."""
     from torch.distributed import ProcessGroupGloo
 
-    options = ProcessGroupGloo._Options()
+    # The binding's options with devices are ``_Options`` (torch's stub calls them ``Options``, which at run time
+    # has none), and the constructor that takes them is missing from the stub.
+    options = ProcessGroupGloo._Options()  # pyright: ignore[reportAttributeAccessIssue]
     options._devices = _process_devices()
     options._threads = 2 * len(options._devices)
     options._timeout = timeout
