@@ -40,28 +40,36 @@ The Megatron worker keeps the host memory it frees for its next step
 loop runs with glibc's defaults, which cost it nothing here: its largest
 blocks are 25 MB, reused from the heap (0 to 2 page faults a step).
 
-Measured on two shared CPU cores (AMD EPYC, default run, 5.0 minutes; first
-losses equal in every round):
+Measured on two shared CPU cores (AMD EPYC, default runs of 5.0 to 5.4
+minutes; first losses equal in every round):
 
     model            Megatron s/step   HF loop s/step   ratio
     tiny-qwen2             0.200            0.199        0.99
     tiny-qwen2-20m         4.209            4.226        1.00
 
+The next three runs gave 1.06 and 0.98, 0.96 and 1.04 (``--rounds 6
+--phase-steps 0``, 7.7 minutes) and 1.06 and 0.97: the two sides are at par,
+and the rounds of one run differ by more than they do (tiny, per round:
+1.10, 0.85, 0.91, 0.90, 1.08, 1.12 in the six-round run; the 20M steps of
+either side spread over 3.7 to 4.5 s). The last run's phases, the sides
+in alternating order:
+
     phase (ms, in-process)   tiny: Megatron  HF loop    20M: Megatron  HF loop
-    forward and loss                   65.5     58.4           1506.6   1521.0
-    backward                          121.5    120.6           2966.6   3073.9
+    forward and loss                   81.6     69.6           1498.9   1479.1
+    backward                          150.4    143.0           2875.6   2928.1
     gradient finalisation               0.9        -              4.0        -
-    optimizer                           4.0      2.4             43.7     38.7
-    rest of the step                    2.2      0.5            -11.4    -82.3
-    step                              194.1    181.9           4509.4   4551.3
+    optimizer                           5.1      3.8             51.6     39.8
+    rest of the step                   -0.9      1.1             -5.7      7.2
+    step                              237.2    217.5           4424.4   4454.2
 
 ("rest of the step" is the step's median less the phases' medians, so it can
-be below zero.) The next run gave 1.06 (0.203 against 0.215 s) and 0.98
-(4.064 against 3.971 s; the 20M steps of either side spread over 3.7 to
-4.5 s), in-process 183.3 against 176.8 ms and 4019.3 against 4177.0 ms. In
-process the 20M step is ahead, by its backward; the tiny one 3 to 6 %
-behind, by 5 to 7 ms in its forward (megatron's RoPE and per-layer Python)
-and a millisecond in its optimizer.
+be below zero.) Four steps a side are few on this host: the whole tiny step,
+20 alternating steps a side in one process without phase timing, was at
+par (208.1 against 210.8 ms, 243.1 against 240.7 ms), and earlier runs'
+tables had it 3 to 7 % behind (194.1 against 181.9 ms, 183.3 against 176.8
+ms) with the Megatron side always first, an order that alone put it 4.6 %
+behind (220.4 against 210.7 ms). The 20M step is ahead by its backward in
+every run.
 
 Through Ray the ratios were 0.87 to 0.91 (tiny) and 0.94 to 1.02 (20M) in
 six runs before the worker's gloo process groups came to share one
@@ -442,10 +450,10 @@ def phase_breakdown(cfg, model_path: Path, batch, micro_batch_size: int, args, d
     steps: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
     try:
         for index in range(args.warmup + args.phase_steps):
-            for name, step in sides.items():
+            for name in in_turn(sides, index):
                 clock.seconds = {}
                 with clock("step"):
-                    step()
+                    sides[name]()
                 if index >= args.warmup:
                     steps[name].append(clock.seconds)
     finally:
@@ -536,9 +544,17 @@ def run_alternating(sides: dict[str, Callable[[], T]], rounds: int) -> dict[str,
     first alternating, so that a slow spell of a shared machine falls on both sides alike."""
     results: dict[str, list[T]] = {name: [] for name in sides}
     for index in range(rounds):
-        for name in list(sides) if index % 2 == 0 else reversed(list(sides)):
+        for name in in_turn(sides, index):
             results[name].append(sides[name]())
     return results
+
+
+def in_turn(sides: dict[str, Callable], index: int) -> list[str]:
+    """The sides' order in turn ``index``: as given, then reversed, and so on. In one process a step runs on
+    the heap and caches the step before it left: a tiny Megatron step that always came right after the loop's was
+    4.6 % behind it (20 steps each), at par in this order (-1.3 % and +1.0 %), so neither side may always go
+    second."""
+    return list(sides) if index % 2 == 0 else list(reversed(list(sides)))
 
 
 def compare(model: str, micro_batch_size: int, args, device: torch.device) -> dict:
