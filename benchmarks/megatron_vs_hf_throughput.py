@@ -124,11 +124,11 @@ gloo device (a default run):
     rest of the step                              3.8      0.1             12.2      4.7
     step                                        322.7    336.6           6548.8   6756.8
 
-Two runs of the tiny model alone then gave 1.02 and 1.05, and one of the 20M model alone
-1.04. With the views, a default run on a slower spell of the host (20M steps
-of 6.8 to 8.6 s) gave 0.98 (0.335 against 0.329 s) and 1.11 (7.085 against
-7.832 s), in-process 305.9 against 314.5 ms and 8041 against 7716 ms. Two
-things differ from two threads:
+Two runs of the tiny model alone then gave 1.02 and 1.05, and one of the
+20M model alone 1.04. With the views, a default run on a slower spell of the
+host (20M steps of 6.8 to 8.6 s) gave 0.98 (0.335 against 0.329 s) and 1.11
+(7.085 against 7.832 s), in-process 305.9 against 314.5 ms and 8041 against
+7716 ms. Two things differ from two threads:
 
 - The blocked attention backward saves more. One layer's backward, 4 x 1024
   tokens:

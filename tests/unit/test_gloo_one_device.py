@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nemo_rl.distributed.gloo_one_device import gloo_one_device_backend
+from nemo_rl.distributed.gloo_one_device import BACKEND, gloo_one_device_backend
 from nemo_rl.distributed.worker_process_group import free_port
 
 WORLD = 2
@@ -73,8 +73,8 @@ def _collectives(rank: int) -> dict:
 
 
 def _rank(rank: int, port: int, backend: str, result_dir: str) -> None:
-    if backend == "gloo_one_device":
-        backend = gloo_one_device_backend()
+    if backend == BACKEND:
+        backend = gloo_one_device_backend()  # registered in this spawned process too
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         torch.save(_collectives(rank), os.path.join(result_dir, f"{rank}.pt"))
@@ -91,13 +91,13 @@ def _run(backend: str, tmp_path) -> list[dict]:
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
 def test_collectives_equal_plain_gloos_with_one_event_loop_per_process(tmp_path):
-    reference, shared = _run("gloo", tmp_path), _run("gloo_one_device", tmp_path)
+    reference, shared = _run("gloo", tmp_path), _run(BACKEND, tmp_path)
     for rank in range(WORLD):
         expected, got = reference[rank], shared[rank]
         for kind in ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "p2p", "overlapped"):
             assert torch.equal(got[kind], expected[kind]), kind
         assert got["objects"] == expected["objects"] == [0, 1]
-        assert expected["backends"] == ["gloo"] and got["backends"] == ["gloo_one_device"]
+        assert expected["backends"] == ["gloo"] and got["backends"] == [BACKEND]
         # torch's gloo: a device, so a loop thread, per group (the world and the extra ones); here one in all.
         assert expected["loop_threads"] == 1 + EXTRA_GROUPS
         assert got["loop_threads"] == 1
