@@ -22,11 +22,22 @@ collectives, their algorithms and their tensors are gloo's own; only the
 event loop is shared, so the sockets of different groups are served by one
 thread, which costs nothing where collectives of different groups do not
 overlap, as in a CPU worker's step. GPU workers use NCCL and never see it.
+
+Libraries that name ``"gloo"`` themselves are reached by
+``gloo_groups_share_device``: vLLM makes a device group and a CPU group per
+parallel dimension (13 groups, so 13 loops, in a CPU engine of one process),
+and its idle engine, colocated with the policy, woke 1,300 times a second
+while the policy trained. The weight-refit group (``weight_transports``), made
+outside torch's registry, is built on the same device (``process_group``).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 BACKEND = "gloo_one_device"
 
@@ -46,8 +57,8 @@ def _process_devices() -> list:
     return _devices
 
 
-def _create_group(store, rank: int, size: int, timeout):
-    """torch's backend hook: a ProcessGroupGloo on the process's devices, with torch's default two threads each."""
+def process_group(store, rank: int, size: int, timeout):
+    """A ProcessGroupGloo on the process's devices, with torch's default two threads each (the backend's hook)."""
     from torch.distributed import ProcessGroupGloo
 
     # The binding's options with devices are ``_Options`` (torch's stub calls them ``Options``, which at run time
@@ -64,5 +75,40 @@ def gloo_one_device_backend() -> str:
     from torch.distributed import Backend
 
     if BACKEND not in Backend.backend_list:
-        Backend.register_backend(BACKEND, _create_group, devices=["cpu"])
+        Backend.register_backend(BACKEND, process_group, devices=["cpu"])
     return BACKEND
+
+
+@contextmanager
+def gloo_groups_share_device() -> Iterator[None]:
+    """Within: ``torch.distributed.init_process_group`` and ``new_group`` called with ``backend="gloo"`` make
+    ``gloo_one_device`` groups instead, so a library that names gloo itself (vLLM's CPU groups) shares the device.
+
+    Only the calls made inside are redirected, so the library's later groups, if any, are plain gloo ones; either
+    kind computes the same.
+    """
+    import torch.distributed as dist
+
+    backend = gloo_one_device_backend()
+    originals = {name: getattr(dist, name) for name in ("init_process_group", "new_group")}
+    for name, original in originals.items():
+        setattr(dist, name, _with_backend(original, backend))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+
+def _with_backend(make: Callable, backend: str) -> Callable:
+    """``make`` (a torch.distributed group constructor) with ``backend="gloo"`` replaced by ``backend``."""
+    signature = inspect.signature(make)
+
+    @functools.wraps(make)
+    def redirected(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        if bound.arguments.get("backend") == "gloo":
+            bound.arguments["backend"] = backend
+        return make(*bound.args, **bound.kwargs)
+
+    return redirected

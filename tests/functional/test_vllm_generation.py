@@ -10,6 +10,8 @@ carried the weights.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -59,6 +61,8 @@ def test_generation_matches_the_policy_and_follows_a_refit(tmp_path, engine_tp, 
         )
         try:
             before = torch.tensor(ray.get(generator.prompt_logprobs.remote([ids[0].tolist()]))[0], dtype=torch.float64)
+            if engine_tp == 1:  # the engine runs in the actor: its 13 gloo groups share one event loop
+                assert engine_loop_threads(generator) == 1
             torch.testing.assert_close(before, _policy_logprobs(policy, ids), rtol=0, atol=ATOL)
 
             policy.train(batch, NLLLoss(), micro_batch_size=2)
@@ -89,3 +93,12 @@ def policy_hf_config(model_path: str, cfg):
         cfg.policy.effective_hf_config_overrides,
         cfg.policy.max_total_sequence_length,
     )
+
+
+def engine_loop_threads(generator) -> int:
+    """The engine actor's gloo event-loop threads (``gloo_tcp_loop``, one per gloo device), read from /proc."""
+    import ray
+
+    pid = ray.get(generator.__ray_call__.remote(lambda _: os.getpid()))
+    tasks = f"/proc/{pid}/task"
+    return sum(open(f"{tasks}/{tid}/comm").read().strip() == "gloo_tcp_loop" for tid in os.listdir(tasks))

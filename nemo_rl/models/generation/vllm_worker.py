@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +64,7 @@ class VllmGenerationWorker:
         from transformers import AutoConfig
         from vllm import LLM
 
+        from nemo_rl.distributed.gloo_one_device import gloo_groups_share_device
         from nemo_rl.rope.vllm_engine import vllm_engine_kwargs
 
         if not torch.cuda.is_available():
@@ -86,14 +88,17 @@ class VllmGenerationWorker:
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(tp, *cpu_slot))
         self.max_model_len = kwargs["max_model_len"]
         self.sleep_mode = sleep_mode
-        self.llm = LLM(
-            model=model_path,
-            dtype=policy_cfg.precision,
-            seed=seed,
-            worker_extension_cls=REFIT_EXTENSION,
-            enable_sleep_mode=sleep_mode,
-            **kwargs,
-        )
+        # On CPU the engine's gloo groups (one process with TP 1) share one event loop: their 13 loops woke the idle
+        # engine 1,300 times a second while a colocated policy trained.
+        with nullcontext() if torch.cuda.is_available() else gloo_groups_share_device():
+            self.llm = LLM(
+                model=model_path,
+                dtype=policy_cfg.precision,
+                seed=seed,
+                worker_extension_cls=REFIT_EXTENSION,
+                enable_sleep_mode=sleep_mode,
+                **kwargs,
+            )
 
     def generate(
         self,

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from nemo_rl.distributed import gloo_one_device
 from nemo_rl.utils.errors import ConfigError
 
 AUTO, OBJECT_STORE, COLLECTIVE, CUDA_IPC = "auto", "object_store", "collective", "cuda_ipc"
@@ -144,8 +145,8 @@ def join_group(rendezvous: Rendezvous, rank: int) -> Any:
         rendezvous.host, rendezvous.port, rendezvous.world_size, is_master=rank == 0, timeout=timeout
     )
     store = dist.PrefixStore("nemo_rl/weights", store)  # pyright: ignore[reportPrivateImportUsage]
-    if rendezvous.backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, rendezvous.world_size, timeout)
+    if rendezvous.backend == "gloo":  # on the process's one gloo device, beside its other groups
+        return gloo_one_device.process_group(store, rank, rendezvous.world_size, timeout)
     return dist.ProcessGroupNCCL(store, rank, rendezvous.world_size, dist.ProcessGroupNCCL.Options())
 
 
