@@ -128,7 +128,13 @@ Two runs of the tiny model alone then gave 1.02 and 1.05, and one of the
 20M model alone 1.04. With the views, a default run on a slower spell of the
 host (20M steps of 6.8 to 8.6 s) gave 0.98 (0.335 against 0.329 s) and 1.11
 (7.085 against 7.832 s), in-process 305.9 against 314.5 ms and 8041 against
-7716 ms. Two things differ from two threads:
+7716 ms. With the shared gloo device, two default runs at one thread gave
+0.95 and 1.07 (0.374 against 0.357 s, 6.825 against 7.296 s; the tiny
+model's rounds 0.88, 1.21 and 1.09), then 1.03 and 1.05 (0.318 against 0.327
+s, 6.869 against 7.182 s); in-process the Megatron step was ahead in all
+four (308.8 against 313.9 and 309.0 against 316.0 ms, 6901 against 7015 and
+6896 against 7039 ms), by its backward (13 to 15 ms, 180 to 255 ms) less its
+forward (4 to 5 ms, 70 to 89 ms). Two things differ from two threads:
 
 - The blocked attention backward saves more. One layer's backward, 4 x 1024
   tokens:

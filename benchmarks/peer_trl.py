@@ -76,7 +76,22 @@ Megatron side trains in a Ray actor beside that worker's cluster while TRL
 runs alone: on two cores that took 6 to 10 % from a two-thread step
 (``benchmarks/megatron_vs_hf_throughput.py`` measures it). Four default runs
 then gave SFT and DPO 0.86 to 1.10 and GRPO 1.17 to 1.76, the spread between
-runs as large as any change.
+runs as large as any change. A second default run with the shared device,
+after the vLLM engine's own gloo groups came onto one device as well (12.0
+minutes; losses as above, on a faster spell: 18.4 k tokens/s a tiny SFT step
+on both sides against 11 to 14 k above):
+
+    workload model           run 1    run 2
+    sft      tiny-qwen2       1.22     0.99
+    sft      tiny-qwen2-20m   1.04     1.02
+    dpo      tiny-qwen2       1.00     1.06
+    dpo      tiny-qwen2-20m   1.03     0.97
+    grpo     tiny-qwen2       1.44     1.26
+    grpo     tiny-qwen2-20m   1.80     1.54
+
+SFT and DPO are at par at two threads: each moves by more between the runs
+than it differs from 1. GRPO is ahead in both (0.70 against 0.88 s and 10.2
+against 15.7 s a step in run 2).
 
 With one thread per side (``--num-cpus 1 --workloads sft dpo``), the cluster
 and the driver have the second core to themselves, as on a GPU node's spare
@@ -90,7 +105,9 @@ cores. Every ratio was then above 1 already before that change (two runs,
     dpo      tiny-qwen2-20m   1.04     1.05
 
 The framework took 0.34 s a tiny SFT step against TRL's 0.40 s, and 6.69 s
-against 6.91 s at 20M (run 1). GRPO at one thread (``--num-cpus 1
+against 6.91 s at 20M (run 1). With the shared gloo device (10.5 minutes,
+losses as above): SFT 1.28 and 1.06, DPO 1.03 and 1.01 (13.2 k against 10.3
+k tokens/s, 600 against 569; 4.41 against 4.31 pairs/s, 0.21 against 0.20). GRPO at one thread (``--num-cpus 1
 --workloads grpo``, 7 minutes) gave 1.88 (tiny) and 1.91 (20M): timed steps
 of 1.71, 0.33, 0.86, 0.82 s against TRL's 2.04, 0.34, 1.20, 1.96 s, and 30.4,
 4.1, 15.9, 15.5 s against 41.1, 5.6, 20.8, 39.1 s (3.7 against 5.5 s and 66

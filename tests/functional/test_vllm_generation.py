@@ -5,7 +5,8 @@ window) from the same config; prompts are 600 tokens long so the comparison
 covers positions beyond the original window. After one training step the
 policy's weights are refitted into the running engine, which must then give the
 trained policy's log-probabilities (not the initial ones), whichever transport
-carried the weights.
+carried the weights. An engine of one process makes its 13 gloo groups on one
+transport device (``gloo_groups_share_device``), so it has one event-loop thread.
 """
 
 from __future__ import annotations
