@@ -105,15 +105,22 @@ cores. Every ratio was then above 1 already before that change (two runs,
     dpo      tiny-qwen2-20m   1.04     1.05
 
 The framework took 0.34 s a tiny SFT step against TRL's 0.40 s, and 6.69 s
-against 6.91 s at 20M (run 1). With the shared gloo device (10.5 minutes,
-losses as above): SFT 1.28 and 1.06, DPO 1.03 and 1.01 (13.2 k against 10.3
-k tokens/s, 600 against 569; 4.41 against 4.31 pairs/s, 0.21 against 0.20). GRPO at one thread (``--num-cpus 1
+against 6.91 s at 20M (run 1). GRPO at one thread (``--num-cpus 1
 --workloads grpo``, 7 minutes) gave 1.88 (tiny) and 1.91 (20M): timed steps
 of 1.71, 0.33, 0.86, 0.82 s against TRL's 2.04, 0.34, 1.20, 1.96 s, and 30.4,
 4.1, 15.9, 15.5 s against 41.1, 5.6, 20.8, 39.1 s (3.7 against 5.5 s and 66
 against 107 s in all), with 15 to 16 tokens a completion on both sides; at
 20M vLLM generated in 0.4 to 1.8 s what transformers ``generate`` did in 1.3
 to 8.9 s.
+
+At one thread with the shared gloo device (the worker's and the vLLM
+engine's): SFT 1.28 and 1.06, DPO 1.03 and 1.01 (10.5 minutes, losses as
+above; 13.2 k against 10.3 k tokens/s, 600 against 569; 4.41 against 4.31
+pairs/s, 0.21 against 0.20), and GRPO 1.40 and 1.86 (5.3 minutes; tiny
+steps of 1.88, 0.37, 1.17, 1.19 s against 2.47, 0.34, 1.14, 2.18 s, 20M ones
+of 30.3, 4.3, 16.7, 16.4 s against 39.6, 6.2, 22.3, 39.2 s). A GRPO median
+falls between steps whose lengths follow the prompts drawn, so four steps a
+side move it by tens of percent.
 
 Where the time goes, per workload:
 
