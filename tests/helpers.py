@@ -9,6 +9,12 @@ from pathlib import Path
 from typing import Any
 
 
+def gloo_loop_threads(pid: int | str = "self") -> int:
+    """A process's gloo event-loop threads: each gloo TCP device runs one, named ``gloo_tcp_loop`` (read from /proc)."""
+    tasks = f"/proc/{pid}/task"
+    return sum(open(f"{tasks}/{tid}/comm").read().strip() == "gloo_tcp_loop" for tid in os.listdir(tasks))
+
+
 def yarn_block(**changes) -> dict:
     """A complete, valid YaRN block (4x a 256-token window) with ``changes`` applied."""
     block = {

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from nemo_rl.algorithms.loss_functions import NLLLoss
-from tests.helpers import local_ray, running_policy, sft_config
+from tests.helpers import gloo_loop_threads, local_ray, running_policy, sft_config
 
 pytestmark = [pytest.mark.functional, pytest.mark.slow]
 
@@ -63,7 +63,7 @@ def test_generation_matches_the_policy_and_follows_a_refit(tmp_path, engine_tp, 
         try:
             before = torch.tensor(ray.get(generator.prompt_logprobs.remote([ids[0].tolist()]))[0], dtype=torch.float64)
             if engine_tp == 1:  # the engine runs in the actor: its 13 gloo groups share one event loop
-                assert engine_loop_threads(generator) == 1
+                assert gloo_loop_threads(ray.get(generator.__ray_call__.remote(lambda _: os.getpid()))) == 1
             torch.testing.assert_close(before, _policy_logprobs(policy, ids), rtol=0, atol=ATOL)
 
             policy.train(batch, NLLLoss(), micro_batch_size=2)
@@ -94,12 +94,3 @@ def policy_hf_config(model_path: str, cfg):
         cfg.policy.effective_hf_config_overrides,
         cfg.policy.max_total_sequence_length,
     )
-
-
-def engine_loop_threads(generator) -> int:
-    """The engine actor's gloo event-loop threads (``gloo_tcp_loop``, one per gloo device), read from /proc."""
-    import ray
-
-    pid = ray.get(generator.__ray_call__.remote(lambda _: os.getpid()))
-    tasks = f"/proc/{pid}/task"
-    return sum(open(f"{tasks}/{tid}/comm").read().strip() == "gloo_tcp_loop" for tid in os.listdir(tasks))

@@ -19,17 +19,11 @@ import torch.multiprocessing as mp
 
 from nemo_rl.distributed.gloo_one_device import BACKEND, gloo_groups_share_device, gloo_one_device_backend
 from nemo_rl.distributed.worker_process_group import free_port
+from tests.helpers import gloo_loop_threads
 
 WORLD = 2
 ROUNDS = 3  # of new groups: one of both ranks, and one of each rank alone
 EXTRA_GROUPS = 2 * ROUNDS  # each rank belongs to the group of both and to its own, per round
-
-
-def _loop_threads() -> int:
-    """gloo's TCP devices each run one thread named ``gloo_tcp_loop``."""
-    return sum(
-        open(f"/proc/self/task/{tid}/comm").read().strip() == "gloo_tcp_loop" for tid in os.listdir("/proc/self/task")
-    )
 
 
 def _collectives(rank: int, group_backend: str | None = None) -> dict:
@@ -70,7 +64,7 @@ def _collectives(rank: int, group_backend: str | None = None) -> dict:
     out["objects"] = [o["rank"] for o in objects]
     out["backends"] = sorted({o["backend"] for o in objects})
     dist.barrier()
-    out["loop_threads"] = _loop_threads()
+    out["loop_threads"] = gloo_loop_threads()
     return out
 
 

@@ -88,8 +88,7 @@ class VllmGenerationWorker:
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(tp, *cpu_slot))
         self.max_model_len = kwargs["max_model_len"]
         self.sleep_mode = sleep_mode
-        # On CPU the engine's gloo groups (one process with TP 1) share one event loop: their 13 loops woke the idle
-        # engine 1,300 times a second while a colocated policy trained.
+        # On CPU the engine's 13 gloo groups (one process with TP 1) share one event loop (``gloo_one_device``).
         with nullcontext() if torch.cuda.is_available() else gloo_groups_share_device():
             self.llm = LLM(
                 model=model_path,
