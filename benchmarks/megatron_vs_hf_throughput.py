@@ -7,7 +7,8 @@
 Why: the Megatron path (Ray actor, megatron-core DDP, optimizer and
 forward/backward schedule) is what every run trains through; this measures what
 that machinery costs, or saves, against the simplest thing that computes the
-same update: ``AutoModelForCausalLM`` + ``torch.optim.AdamW`` on the same model
+same update: ``AutoModelForCausalLM`` + ``torch.optim.AdamW`` (torch's fused
+kernel, as the worker's and as transformers' Trainer by default) on the same model
 (``--models``: by default the tiny Qwen2 and its 18 M-parameter sibling, each
 with the YaRN block of ``examples/configs/sft.yaml``, factor = seq-len / 256),
 batch, sequence length, micro-batching and loss (mean next-token NLL over the
@@ -192,7 +193,9 @@ Where it went, measured apart (in-process, alternating steps):
   layer and copies q and k once more to join the empty pass-through part:
   forward and backward of q and k took 2.9 ms a layer against 2.1 ms for
   transformers' (tiny), 12 ms against 9 ms (20M), about 1.6 and 18 ms of a
-  step. Its QKV bias is a separate pass, not the GEMM's. Left as megatron's.
+  step. It is now one node (``nemo_rl.models.megatron.rotary``): 2.41 ->
+  1.83 ms a layer (tiny heads), 11.07 -> 7.09 ms (20M heads). Its QKV bias
+  is a separate pass, not the GEMM's.
 - Fixed costs per step, seen at 4 x 64 tokens (tiny, in-process): 16.9 ms
   against 12.1 ms: forward 5.5 against 4.2, backward 6.5 (+ 0.5 gradient
   finalisation) against 5.7, optimizer 3.3 against 2.1 (megatron's
@@ -213,17 +216,44 @@ Where it went, measured apart (in-process, alternating steps):
   workers): 3 % of the two cores during training steps, which on two cores
   stalls the worker's OpenMP team.
 
-Tried and not kept: torch's fused CPU AdamW in megatron's optimizer (16.9 ms
-a step at 4 x 64 tokens against 17.9; no difference at 4 x 1024 or at 20M,
-where the optimizer is 1 % of a step); pausing the device redirect for
-megatron's ``backward_step`` too (no difference); SwiGLU over a flattened
+Fixed costs, taken together: torch's fused AdamW kernel in megatron's
+optimizer (``nemo_rl.models.megatron.fused_adam``), the RoPE node above and
+the device redirect paused for megatron's ``backward_step`` and torch's own
+optimizer update (495 instead of 768 torch calls a tiny step through the
+mode's Python hook). Each alone had looked like no difference at 4 x 1024
+(the fused kernel: 16.9 against 17.9 ms a step at 4 x 64 tokens). Together,
+in one process, the changes toggled in alternating steps (tiny model, 60,
+40 and 30 steps a variant):
+
+    tokens     before     rope    fused   paused   all three
+    4 x 64    20.6 ms    20.1     19.4     20.5      19.2
+    4 x 256   50.1 ms    49.2     50.3     51.1      48.6
+    4 x 1024 183.7 ms       -        -        -     181.3
+
+The 20M step, 8 alternating steps a variant: 3647.7 against 3656.7 ms, no
+difference; there the optimizer phase alone went from 31.5 ms (the loop on
+torch's default AdamW, same run) to 19.3 ms.
+
+Default runs with them (two threads): 0.80 and 1.01 with the loop still on
+torch's default AdamW (the tiny Megatron steps through Ray spread over 0.19
+to 0.26 s against the loop's 0.17 to 0.20 s; in-process 191.4 against 182.2
+ms), then 0.97 and 1.02 with the loop on the fused kernel too (0.184 against
+0.179 s, 3.807 against 3.870 s; in-process 204.6 against 192.7 ms, 3836
+against 3880 ms). Four tiny-only runs between them (``--models tiny-qwen2
+--phase-steps 0 --rounds 2``), the trees alternating, gave 0.98 and 1.03
+with the changes and 0.98 and 1.00 without: at par, as before.
+
+Tried and not kept: SwiGLU over a flattened
 2-D view (no difference) and over cache-sized blocks of rows (20 -> 16 ms a
 layer alone at the 20M shape, 6.5 -> 5.7 ms at tiny: under 1 % of a step);
 glibc's transparent huge pages for malloc (``glibc.malloc.hugetlb=1``:
 1.8 thousand faults a step, no faster); one malloc arena (no fewer faults);
 Ray's metrics collection off (idle CPU 6.9 -> 5.7 % of a core); earlier,
 writing SwiGLU's gradients into the fc1 output's own memory, saving
-``silu(gate)`` instead of recomputing it, contiguous q/k/v for SDPA (3 ms a
+``silu(gate)`` instead of recomputing it (again, with the fused kernel and
+the RoPE node: 3612.8 -> 3547.6 ms a 20M step in 8 alternating steps, where
+those two alone made no difference; but one more ``[tokens, ffn]`` saved a
+layer is a sixth more activation memory at the Qwen3-0.6B shape), contiguous q/k/v for SDPA (3 ms a
 layer), and not prestarting Ray's idle workers (idle CPU 4.9 -> 3.8 %, but a
 GRPO run's start-up 1 s longer). In wall time the heap setting's A/Bs were
 within this host's noise (20M ratio in one-shot runs: 0.94, 1.05, 0.93 and
@@ -390,6 +420,7 @@ def hf_training_step(cfg, model_path: Path, batch, micro_batch_size: int, device
         betas=(ocfg.adam_beta1, ocfg.adam_beta2),
         eps=ocfg.adam_eps,
         weight_decay=ocfg.weight_decay,
+        fused=True,  # the Megatron worker's kernel (nemo_rl.models.megatron.fused_adam), transformers' default
     )
     input_ids, loss_mask = batch["input_ids"].to(device), batch["loss_mask"].to(device)
     targets, mask = input_ids[:, 1:], loss_mask[:, 1:].float()  # position t predicts token t+1

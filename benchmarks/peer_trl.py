@@ -6,8 +6,9 @@
 Why: TRL is what most people would reach for instead; this measures, on one
 machine in one run, what the same update costs through each. The model, data,
 batch, sequence length, optimizer (AdamW: the recipe's lr, betas, eps, weight
-decay; gradient clipping at the recipe's norm), learning rate (constant, no
-warm-up, on both sides), float32 and the CPU threads (``--num-cpus``: the Ray
+decay; gradient clipping at the recipe's norm; torch's fused kernel, TRL's
+default and the Megatron worker's: ``nemo_rl.models.megatron.fused_adam``),
+learning rate (constant, no warm-up, on both sides), float32 and the CPU threads (``--num-cpus``: the Ray
 worker's bundle, ``torch.set_num_threads`` in this process for TRL) are the
 same on both sides; so is the RoPE: TRL loads the model from a copy of its
 directory whose config.json carries the recipe's ``hf_config_overrides`` (the
@@ -92,6 +93,21 @@ on both sides against 11 to 14 k above):
 SFT and DPO are at par at two threads: each moves by more between the runs
 than it differs from 1. GRPO is ahead in both (0.70 against 0.88 s and 10.2
 against 15.7 s a step in run 2).
+
+Those runs gave TRL ``optim="adamw_torch"``, the kernel megatron-core's
+optimizer had; both sides now run torch's fused AdamW kernel, TRL's default
+(the Megatron worker took it up with its RoPE node and fewer torch calls
+under the CPU layer's device redirect: ``megatron_vs_hf_throughput.py``
+has the A/B). A default run then (10.5 minutes; first- and second-step
+losses as above, except DPO's second step at 20M within 1.8e-5):
+
+    workload model           run 3
+    sft      tiny-qwen2       1.08   (16.1 k against 15.0 k tokens/s)
+    sft      tiny-qwen2-20m   0.98
+    dpo      tiny-qwen2       1.04
+    dpo      tiny-qwen2-20m   1.14
+    grpo     tiny-qwen2       1.53   (0.56 against 0.85 s a step)
+    grpo     tiny-qwen2-20m   1.57   (10.2 against 15.9 s)
 
 With one thread per side (``--num-cpus 1 --workloads sft dpo``), the cluster
 and the driver have the second core to themselves, as on a GPU node's spare
@@ -290,7 +306,7 @@ def trl_training_args(pcfg, micro_batch_size: int, global_batch_size: int, max_s
         "adam_beta2": ocfg.adam_beta2,
         "adam_epsilon": ocfg.adam_eps,
         "weight_decay": ocfg.weight_decay,
-        "optim": "adamw_torch",
+        "optim": "adamw_torch_fused",  # TRL's default with torch >= 2.8; the Megatron worker's kernel too
         "max_grad_norm": pcfg.max_grad_norm,
         "lr_scheduler_type": "constant",
         "warmup_steps": 0,

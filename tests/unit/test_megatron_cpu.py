@@ -71,9 +71,12 @@ def test_model_loss_is_megatrons_vocab_parallel_cross_entropy(megatron_single_pr
 
 
 def _trained_with_megatron_optimizer(model, distributed: bool, clip_grad: float = 0.05):
-    """``model`` in megatron DDP with its optimizer (Adam, lr 1e-2, clipping at ``clip_grad``)."""
+    """``model`` in megatron DDP with its optimizer (Adam, lr 1e-2, clipping at ``clip_grad``) on torch's fused
+    AdamW kernel, as the worker builds it."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from nemo_rl.models.megatron.fused_adam import use_fused_adam
 
     ddp = DistributedDataParallel(
         model.config,
@@ -91,7 +94,12 @@ def _trained_with_megatron_optimizer(model, distributed: bool, clip_grad: float 
         ),
         [ddp],
     )
+    use_fused_adam(optimizer)
     return ddp, optimizer
+
+
+def _fused(optimizer) -> list[bool]:
+    return [group["fused"] for inner in optimizer.chained_optimizers for group in inner.optimizer.param_groups]
 
 
 def _megatron_step(ddp, optimizer, ids):
@@ -115,7 +123,9 @@ def test_megatron_optimizer_step_matches_torch_adamw_with_clipping(megatron_sing
     ddp, optimizer = _trained_with_megatron_optimizer(model, distributed)
     ids = _ids(2)
     ok, grad_norm, _ = _megatron_step(ddp, optimizer, ids)
+    assert _fused(optimizer) and all(_fused(optimizer))
 
+    # torch's default implementation: one tensor, one op at a time
     torch_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
     _loss(reference, ids).backward()
     expected_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
@@ -154,7 +164,10 @@ def test_distributed_optimizer_resumed_from_its_saved_state_steps_like_the_unint
     )
     loaded = torch.load(tmp_path / "state.pt", weights_only=False)
     resumed.module.load_state_dict(loaded["model"])
+    for group in loaded["optimizer"]["optimizer"]["param_groups"]:  # as saved from torch's default kernel
+        group["fused"], group["foreach"] = None, None
     load_optimizer_state(resumed_optimizer, loaded["optimizer"], loaded["shard"])
+    assert all(_fused(resumed_optimizer)), "the load put back the saved groups; the fused kernel is chosen again"
     _megatron_step(resumed, resumed_optimizer, _ids(5))
     for (name, want), (_, got) in zip(ddp.module.named_parameters(), resumed.module.named_parameters()):
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
@@ -222,3 +235,24 @@ def test_device_redirect_is_paused_only_inside_the_wrapped_call(megatron_single_
     with Passthrough() as other:
         without_device_redirect(step)(torch.ones(1))
     assert seen[-1] is other
+
+
+def test_backward_step_and_torchs_optimizer_update_run_outside_the_device_redirect(megatron_single_process):
+    """Their torch calls skip the redirect's Python hook; megatron's optimizer wrapper around the update keeps it."""
+    from megatron.core.pipeline_parallel import schedules
+
+    from nemo_rl.models.megatron.cpu_compat import _CudaToCpuMode, pause_redirect_in_optimizer_update
+
+    current = torch.overrides._get_current_function_mode
+    assert hasattr(schedules.backward_step, "__wrapped__")  # enable_cpu_compat (the fixture) wrapped it
+    torch.manual_seed(0)
+    ddp, optimizer = _trained_with_megatron_optimizer(
+        build_gpt_model(HF, transformer_config_from_hf(HF, "float32", ParallelDims())), distributed=True
+    )
+    pause_redirect_in_optimizer_update(optimizer)
+    modes = []
+    for inner in optimizer.chained_optimizers:
+        inner.optimizer.register_step_pre_hook(lambda *args: modes.append(current()))
+    ok, _, _ = _megatron_step(ddp, optimizer, _ids(2))
+    assert ok and modes and not any(isinstance(mode, _CudaToCpuMode) for mode in modes)
+    assert isinstance(current(), _CudaToCpuMode)

@@ -16,6 +16,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from nemo_rl.distributed.parallel_dims import ParallelDims
+from nemo_rl.models.megatron import rotary
 from nemo_rl.models.megatron.attention import with_sdpa_attention
 from nemo_rl.models.megatron.hf_weights import AttentionShape, check_supported
 from nemo_rl.models.megatron.norms import SequenceParallelRMSNorm, with_rms_norm
@@ -98,6 +99,7 @@ class _GPTModel(GPTModel):
 def build_gpt_model(
     hf_config, config: TransformerConfig, pre_process: bool = True, post_process: bool = True
 ) -> GPTModel:
+    rotary.install()
     layer = with_swiglu(
         with_sdpa_attention(
             with_rms_norm(get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm))

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from nemo_rl.models.megatron.fused_adam import use_fused_adam
+
 # The loader of the bucket-space form, in DistributedOptimizer.load_state_dict.
 _SHARDING_TYPE = "dp_reshardable"
 _FIELD = "policy.megatron_cfg.optimizer.use_distributed_optimizer"
@@ -71,6 +73,7 @@ def load_optimizer_state(optimizer, saved: Any, shard: list[dict[Any, Any]] | No
         optimizer.load_state_dict(saved)
     if shard is not None:
         _unshare_adam_steps(optimizer)
+    use_fused_adam(optimizer)  # the load put back the saved param groups' choice of kernel
 
 
 def _for_saving(state: dict[Any, Any]) -> dict[Any, Any]:

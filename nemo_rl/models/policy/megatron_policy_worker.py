@@ -32,7 +32,12 @@ from nemo_rl.models.megatron.context_parallel import (
     single_sample_rows,
     split_for_context_parallel,
 )
-from nemo_rl.models.megatron.cpu_compat import enable_cpu_compat, without_device_redirect
+from nemo_rl.models.megatron.cpu_compat import (
+    enable_cpu_compat,
+    pause_redirect_in_optimizer_update,
+    without_device_redirect,
+)
+from nemo_rl.models.megatron.fused_adam import use_fused_adam
 from nemo_rl.models.megatron.optimizer_state import (
     check_optimizer_layout,
     load_optimizer_state,
@@ -310,6 +315,8 @@ class MegatronPolicyWorker(RefitSender):
             [self.model],
             use_gloo_process_groups=False,  # none were made, see _init_model_parallel
         )
+        use_fused_adam(self.optimizer)
+        pause_redirect_in_optimizer_update(self.optimizer)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
             init_lr=scfg.lr_warmup_init,
