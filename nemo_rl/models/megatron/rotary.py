@@ -5,8 +5,9 @@ turns off: see ``model_builder``) rotates every layer's query and key as an
 expression: ``t * cos + rotate_half(t) * sin``, ``rotate_half`` a
 concatenation of the negated second half with the first, then one more
 concatenation with the dimensions past the rotary ones (none unless the
-rotation is partial). That is seven elementwise passes over the tensor
-forward, and autograd's as many backward.
+rotation is partial). That is six elementwise passes over the tensor forward
+(two products, a negation, a sum, two concatenations), and autograd's as
+many backward.
 
 Here the rotation is written half by half into one output, ``mul`` then
 ``addcmul_`` for each half, and the backward applies the inverse rotation
@@ -55,7 +56,7 @@ def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int) ->
     h = d // 2
     out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
     t1, t2 = t[..., :h], t[..., h:d]
-    # The transpose pairs each half's cosine with the other half's sine (equal where the halves' angles are).
+    # The transpose pairs each half's cosine with the other half's sine.
     sin1, sin2 = (sin[..., :h], sin[..., h:]) if sign == 1 else (sin[..., h:], sin[..., :h])
     torch.mul(t1, cos[..., :h], out=out[..., :h]).addcmul_(t2, sin1, value=-sign)
     torch.mul(t2, cos[..., h:], out=out[..., h:d]).addcmul_(t1, sin2, value=sign)
