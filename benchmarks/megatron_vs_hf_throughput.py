@@ -241,7 +241,10 @@ ms), then 0.97 and 1.02 with the loop on the fused kernel too (0.184 against
 0.179 s, 3.807 against 3.870 s; in-process 204.6 against 192.7 ms, 3836
 against 3880 ms). Four tiny-only runs between them (``--models tiny-qwen2
 --phase-steps 0 --rounds 2``), the trees alternating, gave 0.98 and 1.03
-with the changes and 0.98 and 1.00 without: at par, as before.
+with the changes and 0.98 and 1.00 without: at par, as before. A six-round
+run after (``--rounds 6 --phase-steps 0``, 7 minutes): 1.05 (0.188 against
+0.198 s; rounds 1.04, 0.94, 1.02, 1.05, 1.08, 1.03) and 1.00 (3.721 against
+3.735 s; rounds 1.04, 1.01, 1.03, 0.96, 0.97, 1.06).
 
 Tried and not kept: SwiGLU over a flattened
 2-D view (no difference) and over cache-sized blocks of rows (20 -> 16 ms a
