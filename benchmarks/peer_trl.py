@@ -98,16 +98,20 @@ Those runs gave TRL ``optim="adamw_torch"``, the kernel megatron-core's
 optimizer had; both sides now run torch's fused AdamW kernel, TRL's default
 (the Megatron worker took it up with its RoPE node and fewer torch calls
 under the CPU layer's device redirect: ``megatron_vs_hf_throughput.py``
-has the A/B). A default run then (10.5 minutes; first- and second-step
-losses as above, except DPO's second step at 20M within 1.8e-5):
+has the A/B). Two default runs then (10.5 and 9.4 minutes; first- and
+second-step losses as above, except DPO's second step at 20M within 1.8e-5):
 
-    workload model           run 3
-    sft      tiny-qwen2       1.08   (16.1 k against 15.0 k tokens/s)
-    sft      tiny-qwen2-20m   0.98
-    dpo      tiny-qwen2       1.04
-    dpo      tiny-qwen2-20m   1.14
-    grpo     tiny-qwen2       1.53   (0.56 against 0.85 s a step)
-    grpo     tiny-qwen2-20m   1.57   (10.2 against 15.9 s)
+    workload model           run 3   run 4
+    sft      tiny-qwen2       1.08    1.14   (run 4: 19.6 k against 17.2 k tokens/s)
+    sft      tiny-qwen2-20m   0.98    1.03
+    dpo      tiny-qwen2       1.04    1.07
+    dpo      tiny-qwen2-20m   1.14    1.03
+    grpo     tiny-qwen2       1.53    1.41   (run 3: 0.56 against 0.85 s a step)
+    grpo     tiny-qwen2-20m   1.57    1.70   (run 4: 8.9 against 15.1 s)
+
+At one thread (``--num-cpus 1 --workloads sft dpo``, 10.1 minutes, losses
+the same): SFT 1.20 and 1.07 (12.9 k against 10.7 k tokens/s, 631 against
+590), DPO 1.16 and 1.06 (4.74 against 4.09 pairs/s, 0.23 against 0.22).
 
 With one thread per side (``--num-cpus 1 --workloads sft dpo``), the cluster
 and the driver have the second core to themselves, as on a GPU node's spare
