@@ -256,8 +256,8 @@ writing SwiGLU's gradients into the fc1 output's own memory, saving
 ``silu(gate)`` instead of recomputing it (again, with the fused kernel and
 the RoPE node: 3612.8 -> 3547.6 ms a 20M step in 8 alternating steps, where
 those two alone made no difference; but one more ``[tokens, ffn]`` saved a
-layer is a sixth more activation memory at the Qwen3-0.6B shape), contiguous q/k/v for SDPA (3 ms a
-layer), and not prestarting Ray's idle workers (idle CPU 4.9 -> 3.8 %, but a
+layer is a sixth more activation memory at the Qwen3-0.6B shape),
+contiguous q/k/v for SDPA (3 ms a layer), and not prestarting Ray's idle workers (idle CPU 4.9 -> 3.8 %, but a
 GRPO run's start-up 1 s longer). In wall time the heap setting's A/Bs were
 within this host's noise (20M ratio in one-shot runs: 0.94, 1.05, 0.93 and
 0.87 with it; 0.93, 0.97, 0.79, 1.04 and 0.83 without; in-process on another

@@ -8,9 +8,9 @@ machine in one run, what the same update costs through each. The model, data,
 batch, sequence length, optimizer (AdamW: the recipe's lr, betas, eps, weight
 decay; gradient clipping at the recipe's norm; torch's fused kernel, TRL's
 default and the Megatron worker's: ``nemo_rl.models.megatron.fused_adam``),
-learning rate (constant, no warm-up, on both sides), float32 and the CPU threads (``--num-cpus``: the Ray
-worker's bundle, ``torch.set_num_threads`` in this process for TRL) are the
-same on both sides; so is the RoPE: TRL loads the model from a copy of its
+learning rate (constant, no warm-up, on both sides), float32 and the CPU
+threads (``--num-cpus``: the Ray worker's bundle, ``torch.set_num_threads``
+in this process for TRL) are the same on both sides; so is the RoPE: TRL loads the model from a copy of its
 directory whose config.json carries the recipe's ``hf_config_overrides`` (the
 YaRN block at seq-len / 256), so that the reference models TRL builds itself
 from the model's path (DPO, GRPO) get it too.
