@@ -23,9 +23,11 @@ alternating): ``--warmup`` untimed steps, then ``--steps`` timed ones. A side's
 s/step is the median of its timed steps over all rounds. On a shared machine
 the speed drifts by tens of percent within minutes (the same loop step took
 0.21 to 0.27 s within one run here), so a single A-then-B pass measures the
-drift as much as the sides; rounds spread it over both. The first-step losses
-of every round are recorded as a sanity check: same weights, same data, so
-they must agree to float32 rounding.
+drift as much as the sides; rounds spread it over both. The ratio comes with
+each round's own and a 90 % bootstrap interval (``ratio_interval``: rounds
+drawn in pairs, then steps within them), which says how far that drift alone
+moves it. The first-step losses of every round are recorded as a sanity
+check: same weights, same data, so they must agree to float32 rounding.
 
 Then, where the time goes (``--phase-steps``, 0 to skip): both sides again in
 this process (the Megatron worker in-process, without Ray), in alternating
@@ -246,6 +248,42 @@ run after (``--rounds 6 --phase-steps 0``, 7 minutes): 1.05 (0.188 against
 0.198 s; rounds 1.04, 0.94, 1.02, 1.05, 1.08, 1.03) and 1.00 (3.721 against
 3.735 s; rounds 1.04, 1.01, 1.03, 0.96, 0.97, 1.06).
 
+With the interval (2026-12-07, default run, 5.2 minutes): 0.91 [0.85, 1.10]
+(0.229 against 0.209 s; rounds 0.97, 0.85, 1.06) and 0.96 [0.78, 1.08]
+(4.188 against 4.025 s; rounds 0.76, 1.03, 1.02); in-process 193.6 against
+189.5 ms and 4267 against 4206 ms. Two tiny-only runs before it (``--rounds
+4 --phase-steps 0``): 0.86 and 1.01, the host's step ranging 0.18 to 0.37 s
+within minutes.
+
+Measured apart, none of what is left could be pinned on the framework's
+machinery. The first two with every variant alive in one process or
+actor, in alternating blocks of four steps (a block's first step dropped):
+
+- Ray's call: the worker's ``train_step`` timed inside it (``__ray_call__``)
+  took what ``Policy.train`` took from the driver, 229.4 against 228.6 ms.
+- The Ray worker against the same class in the driver's process: 257.2
+  against 240.5 ms, 229.4 against 223.2 ms, then 274.0 against 291.3 ms
+  (profiled); the plain loop in the first two runs 237.2 and 220.2 ms. The
+  profiled run's differences sit in the largest kernels (attention's
+  backward 68.1 against 74.9 ms, ``mm`` 106.9 against 111.2 ms), which
+  run the same code on the same data: the host's speed, not the path.
+- The cluster's presence: the plain loop with every Ray process frozen
+  (``SIGSTOP``) or running, alternating blocks of three steps: 200.2 against
+  207.5 ms; with only the idle worker frozen in both arms, -0.4, -5.3, +2.1,
+  -3.8, -7.6 and +1.7 % in six runs (half of them with Ray's reporting
+  intervals lengthened): within the noise of the method.
+- The kernels are at this host's ceiling on both sides: ``mm`` at the
+  model's shapes runs at 180 to 200 GFLOP/s (best of 40), and the flash
+  kernel's unmasked blocks at 120 to 150. One layer at 4 x 1024, best of
+  40 alternating calls (tiny heads; 20M heads): the causal forward split
+  by halving, leaves of 256 to 32 tokens merged by their log-sum-exps
+  (exact), 9.9 to 10.0 against the kernel's 10.0 ms (39.6 to 40.8 against
+  40.4 ms); the backward's leaves at 128 to 32 tokens instead of 256, 23.1
+  to 23.5 against 23.8 ms (89.5 to 92.3 against 93.2 ms, medians equal);
+  its unmasked blocks with a key/value head's query heads folded into
+  the rows (larger GEMMs, at the price of copies), 26.6 to 29.2 against
+  27.9 ms (99.3 to 101.0 against 98.2 ms). None is kept.
+
 Tried and not kept: SwiGLU over a flattened
 2-D view (no difference) and over cache-sized blocks of rows (20 -> 16 ms a
 layer alone at the 20M shape, 6.5 -> 5.7 ms at tiny: under 1 % of a step);
@@ -271,6 +309,7 @@ import argparse
 import functools
 import json
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -547,12 +586,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for model, row in rows.items():
         for name in ("megatron", "hf"):
             side = row[name]
-            ratio = f"{row['ratio']:.2f}x" if name == "megatron" else ""
+            low, high = row["ratio_interval_90"]
+            ratio = f"{row['ratio']:.2f}x [{low:.2f}, {high:.2f}]" if name == "megatron" else ""
             print(
                 f"{model:16} | {name:>8} | {side['tokens_per_s']:10.0f} | {side['s_per_step']:8.3f} | "
                 f"{side['first_loss']:10.5f} | {ratio}"
             )
-    print("ratio: Megatron tokens/s / HF tokens/s (>= 1: the Megatron path is at least as fast)")
+    print(
+        "ratio: Megatron tokens/s / HF tokens/s (>= 1: the Megatron path is at least as fast); [90 % bootstrap "
+        "interval over the rounds and their steps]"
+    )
+    for model, row in rows.items():
+        print(f"{model}: ratio per round " + ", ".join(f"{r:.2f}" for r in row["ratio_each_round"]))
     if args.phase_steps:
         print_phases(rows, args)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -587,6 +632,40 @@ def run_alternating(sides: dict[str, Callable[[], T]], rounds: int) -> dict[str,
         for name in in_turn(sides, index):
             results[name].append(sides[name]())
     return results
+
+
+def ratio_interval(
+    ours: Sequence[Sequence[float]],
+    theirs: Sequence[Sequence[float]],
+    paired_steps: bool = False,
+    level: float = 0.9,
+    resamples: int = 2000,
+) -> tuple[float, float]:
+    """A bootstrap interval of ``median(theirs) / median(ours)`` (step seconds pooled over rounds: our speed over
+    theirs), so that a ratio comes with how far this host's drift alone would move it.
+
+    ``ours[i]`` and ``theirs[i]`` are round ``i``'s timed steps. Rounds are resampled in pairs, both sides of a
+    round together (they ran minutes apart on the same machine, a slow spell is shared), then steps within each
+    drawn round: independently per side where a round repeats one step (SFT, DPO: the same batch each time), by
+    index for both sides where step ``j`` is the same work on both and the next step other work
+    (``paired_steps``: GRPO's steps, each on its own prompts). Seeded, so a run's report is reproducible.
+    """
+    rng = random.Random(0)
+    ratios = []
+    for _ in range(resamples):
+        drawn: tuple[list[float], list[float]] = ([], [])
+        for i in (rng.randrange(len(ours)) for _ in ours):
+            if paired_steps:
+                for j in (rng.randrange(len(ours[i])) for _ in ours[i]):
+                    drawn[0].append(ours[i][j])
+                    drawn[1].append(theirs[i][j])
+            else:
+                drawn[0].extend(rng.choice(ours[i]) for _ in ours[i])
+                drawn[1].extend(rng.choice(theirs[i]) for _ in theirs[i])
+        ratios.append(statistics.median(drawn[1]) / statistics.median(drawn[0]))
+    ratios.sort()
+    tail = (1.0 - level) / 2
+    return ratios[int(tail * resamples)], ratios[int((1.0 - tail) * resamples) - 1]
 
 
 def in_turn(sides: dict[str, Callable], index: int) -> list[str]:
@@ -625,6 +704,12 @@ def compare(model: str, micro_batch_size: int, args, device: torch.device) -> di
         for name in sides
     }
     row["ratio"] = row["megatron"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
+    each_round = {name: [round_seconds for round_seconds, _ in rounds[name]] for name in sides}
+    row["ratio_each_round"] = [
+        statistics.median(hf) / statistics.median(megatron)
+        for megatron, hf in zip(each_round["megatron"], each_round["hf"], strict=True)
+    ]
+    row["ratio_interval_90"] = ratio_interval(each_round["megatron"], each_round["hf"])
     row["first_loss_difference"] = max(
         abs(a - b) for a, b in zip(first_losses["megatron"], first_losses["hf"], strict=True)
     )

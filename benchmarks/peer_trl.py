@@ -109,6 +109,21 @@ second-step losses as above, except DPO's second step at 20M within 1.8e-5):
     grpo     tiny-qwen2       1.53    1.41   (run 3: 0.56 against 0.85 s a step)
     grpo     tiny-qwen2-20m   1.57    1.70   (run 4: 8.9 against 15.1 s)
 
+Run 5 (2026-12-07, 12.5 minutes, losses as in run 4) printed each ratio with
+its 90 % bootstrap interval (``ratio_interval``: rounds drawn in pairs,
+then steps; GRPO's steps by index, step j being the same prompts on both
+sides):
+
+    workload model           run 5   90 % interval
+    sft      tiny-qwen2       1.17   [0.82, 1.31]
+    sft      tiny-qwen2-20m   0.94   [0.73, 1.00]   (rounds: 5.8, 5.1, 6.2, 4.7 s
+                                                     against 4.3, 4.2, 4.6, 4.1 s,
+                                                     then 4.8 to 5.0 against 4.7 to 5.0)
+    dpo      tiny-qwen2       0.99   [0.95, 1.06]
+    dpo      tiny-qwen2-20m   1.14   [1.03, 1.23]
+    grpo     tiny-qwen2       1.59   [0.94, 2.03]
+    grpo     tiny-qwen2-20m   1.57   [1.13, 2.05]
+
 At one thread (``--num-cpus 1 --workloads sft dpo``, 10.1 minutes, losses
 the same): SFT 1.20 and 1.07 (12.9 k against 10.7 k tokens/s, 631 against
 590), DPO 1.16 and 1.06 (4.74 against 4.09 pairs/s, 0.23 against 0.22).
@@ -208,6 +223,7 @@ from benchmarks.megatron_vs_hf_throughput import (  # noqa: E402
     load_policy_config,
     make_batch,
     megatron_policy,
+    ratio_interval,
     run_alternating,
     run_megatron,
     time_steps,
@@ -254,6 +270,11 @@ class Side:
     def median_s(self) -> float:
         return statistics.median(self.step_seconds)
 
+    @property
+    def each_round(self) -> list[list[float]]:
+        """The timed steps of every round (SFT, DPO), or all of them as one (GRPO runs once per side)."""
+        return [entry["step_seconds"] for entry in self.extra.get("rounds", [])] or [self.step_seconds]
+
 
 @dataclass
 class Comparison:
@@ -277,6 +298,12 @@ class Comparison:
         """This framework's throughput over TRL's (> 1: this framework is faster)."""
         return self.trl.median_s / self.framework.median_s
 
+    @property
+    def ratio_interval(self) -> tuple[float, float]:
+        """90 % bootstrap interval of ``ratio`` over the rounds and their steps (``ratio_interval``); GRPO's step
+        ``j`` is the same prompts on both sides and the next step others, so its steps are drawn in pairs."""
+        return ratio_interval(self.framework.each_round, self.trl.each_round, paired_steps=self.workload == "grpo")
+
     def as_dict(self) -> dict:
         return {
             "workload": self.workload,
@@ -285,6 +312,7 @@ class Comparison:
             "framework": self.value(self.framework),
             "trl": self.value(self.trl),
             "ratio": self.ratio,
+            "ratio_interval_90": self.ratio_interval,
             "work_per_step": self.work_per_step,
             "wall_s": self.wall_s,
             "framework_side": asdict(self.framework) | {"median_s": self.framework.median_s},
@@ -638,14 +666,17 @@ def grpo_prompt_rows(cfg) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------------- report
 def print_report(comparisons: Sequence[Comparison]) -> None:
-    header = f"{'workload':8} {'model':15} {'this framework':>14} {'TRL':>10} {'unit':9} {'ratio':>6}"
+    header = f"{'workload':8} {'model':15} {'this framework':>14} {'TRL':>10} {'unit':9} {'ratio':>6}  90 % interval"
     print(header)
     print("-" * len(header))
     for c in comparisons:
+        low, high = c.ratio_interval
         print(
             f"{c.workload:8} {c.model:15} {c.value(c.framework):14.2f} {c.value(c.trl):10.2f} {c.unit:9} {c.ratio:6.2f}"
+            f"  [{low:.2f}, {high:.2f}]"
         )
     print("ratio: this framework's throughput / TRL's (GRPO: TRL's s/step / this framework's); > 1: framework faster")
+    print("interval: bootstrap over the rounds (both sides of a round together) and their steps (GRPO: step j of both)")
     for workload in dict.fromkeys(c.workload for c in comparisons):
         print(f"{workload}: {NOTES[workload]}")
     for c in comparisons:

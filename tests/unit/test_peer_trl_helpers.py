@@ -110,3 +110,17 @@ def test_rounds_alternate_which_side_goes_first_and_pool_the_timed_steps(peer_tr
     assert framework.losses == [7.0] and trl.losses == [8.0]  # the first round's: the same starting point
     assert [r["first_loss"] for r in trl.extra["rounds"]] == [8.0, 9.0, 12.0]
     assert framework.extra["threads"] == 2
+
+
+def test_a_comparison_reports_its_ratio_with_the_interval_over_its_rounds(peer_trl):
+    def side(rounds: list[list[float]]) -> object:
+        extra = {"rounds": [{"step_seconds": steps, "first_loss": 1.0} for steps in rounds]}
+        return peer_trl.Side([s for steps in rounds for s in steps], [1.0], extra)
+
+    # the framework was 1.25x faster in both rounds, the second on a host twice as slow
+    framework, trl = side([[0.8, 0.8], [1.6, 1.6]]), side([[1.0, 1.0], [2.0, 2.0]])
+    result = peer_trl.Comparison("sft", "tiny-qwen2", 4096, framework, trl).as_dict()
+    assert result["ratio_interval_90"] == pytest.approx((1.25, 1.25))
+    # GRPO runs once a side, step j on the same prompts on both: its steps are drawn in pairs
+    grpo = peer_trl.Comparison("grpo", "tiny-qwen2", 1, peer_trl.Side([1.0, 0.2, 3.0]), peer_trl.Side([2.0, 0.4, 6.0]))
+    assert grpo.ratio_interval == pytest.approx((2.0, 2.0))

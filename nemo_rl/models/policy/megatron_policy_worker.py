@@ -68,6 +68,11 @@ logger = logging.getLogger(__name__)
 # megatron-core announces each optional fused-kernel package it falls back from, in every worker.
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not installed", category=UserWarning)
 warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
+# With float32 parameters the distributed optimizer's shards are views of them, whose ``.grad`` its zero_grad
+# reads; torch warns at each non-leaf read, and on CPU names the device redirect as the caller.
+warnings.filterwarnings(
+    "ignore", message=r"The \.grad attribute of a Tensor that is not a leaf Tensor", category=UserWarning
+)
 
 
 def check_dims_match_process_groups(dims: ParallelDims) -> None:
