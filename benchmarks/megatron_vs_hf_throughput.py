@@ -252,7 +252,7 @@ With the interval (2026-12-07, default run, 5.2 minutes): 0.91 [0.85, 1.10]
 (0.229 against 0.209 s; rounds 0.97, 0.85, 1.06) and 0.96 [0.78, 1.08]
 (4.188 against 4.025 s; rounds 0.76, 1.03, 1.02); in-process 193.6 against
 189.5 ms and 4267 against 4206 ms. Two tiny-only runs before it (``--rounds
-4 --phase-steps 0``): 0.86 and 1.01, the host's step ranging 0.18 to 0.37 s
+4 --phase-steps 0``): 0.86 and 1.01, the host's step ranging 0.19 to 0.37 s
 within minutes.
 
 Measured apart, none of what is left could be pinned on the framework's
@@ -269,9 +269,10 @@ actor, in alternating blocks of four steps (a block's first step dropped):
   run the same code on the same data: the host's speed, not the path.
 - The cluster's presence: the plain loop with every Ray process frozen
   (``SIGSTOP``) or running, alternating blocks of three steps: 200.2 against
-  207.5 ms; with only the idle worker frozen in both arms, -0.4, -5.3, +2.1,
-  -3.8, -7.6 and +1.7 % in six runs (half of them with Ray's reporting
-  intervals lengthened): within the noise of the method.
+  207.5 ms; with the idle worker frozen in both arms and the rest frozen or
+  running, the running arm's steps -0.4, -5.3, +2.1, -3.8, -7.6 and +1.7 %
+  longer in six runs (half of them with Ray's reporting intervals
+  lengthened): within the noise of the method.
 - The kernels are at this host's ceiling on both sides: ``mm`` at the
   model's shapes runs at 180 to 200 GFLOP/s (best of 40), and the flash
   kernel's unmasked blocks at 120 to 150. One layer at 4 x 1024, best of
