@@ -113,7 +113,7 @@ def test_rounds_alternate_which_side_goes_first_and_pool_the_timed_steps(peer_tr
 
 
 def test_a_comparison_reports_its_ratio_with_the_interval_over_its_rounds(peer_trl):
-    def side(rounds: list[list[float]]) -> object:
+    def side(rounds: list[list[float]]):
         extra = {"rounds": [{"step_seconds": steps, "first_loss": 1.0} for steps in rounds]}
         return peer_trl.Side([s for steps in rounds for s in steps], [1.0], extra)
 
