@@ -651,6 +651,9 @@ def ratio_interval(
     index for both sides where step ``j`` is the same work on both and the next step other work
     (``paired_steps``: GRPO's steps, each on its own prompts). Seeded, so a run's report is reproducible.
     """
+    lengths = [(len(a), len(b)) for a, b in zip(ours, theirs, strict=True)]  # the same rounds on both sides
+    if paired_steps and any(a != b for a, b in lengths):
+        raise ValueError(f"paired steps need as many on both sides in every round; got {lengths}")
     rng = random.Random(0)
     ratios = []
     for _ in range(resamples):

@@ -53,3 +53,5 @@ def test_steps_that_differ_by_index_are_drawn_in_pairs(ratio_interval):
     assert ratio_interval(ours, theirs, paired_steps=True) == pytest.approx((1.5, 1.5))
     low, high = ratio_interval(ours, theirs)  # drawn apart, the steps' own spread would swamp the sides'
     assert low < 1.0 and high > 2.0
+    with pytest.raises(ValueError, match="as many on both sides"):
+        ratio_interval(ours, [theirs[0][:3]], paired_steps=True)
