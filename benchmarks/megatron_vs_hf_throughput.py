@@ -253,7 +253,10 @@ With the interval (2026-12-07, default run, 5.2 minutes): 0.91 [0.85, 1.10]
 (4.188 against 4.025 s; rounds 0.76, 1.03, 1.02); in-process 193.6 against
 189.5 ms and 4267 against 4206 ms. Two tiny-only runs before it (``--rounds
 4 --phase-steps 0``): 0.86 and 1.01, the host's step ranging 0.19 to 0.37 s
-within minutes.
+within minutes. At one thread after it (``--num-cpus 1 --phase-steps 0``,
+6.5 minutes): 0.97 [0.89, 1.09] (0.380 against 0.368 s; rounds 0.89, 0.96,
+1.17) and 1.07 [1.04, 1.14] (7.405 against 7.896 s; rounds 1.08, 1.10,
+1.09), the 20M model's whole interval above 1.
 
 Measured apart, none of what is left could be pinned on the framework's
 machinery. The first two with every variant alive in one process or
