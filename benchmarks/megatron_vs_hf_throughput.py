@@ -696,7 +696,8 @@ def compare(model: str, micro_batch_size: int, args, device: torch.device) -> di
         "hf": lambda: run_hf(cfg, model_path, batch, micro_batch_size, args, device),
     }
     rounds = run_alternating(sides, args.rounds)
-    seconds = {name: [s for round_seconds, _ in rounds[name] for s in round_seconds] for name in sides}
+    each_round = {name: [round_seconds for round_seconds, _ in rounds[name]] for name in sides}
+    seconds = {name: [s for round_seconds in each_round[name] for s in round_seconds] for name in sides}
     first_losses = {name: [losses[0] for _, losses in rounds[name]] for name in sides}
     tokens = args.batch_size * args.seq_len
     median = {name: statistics.median(seconds[name]) for name in sides}
@@ -710,8 +711,7 @@ def compare(model: str, micro_batch_size: int, args, device: torch.device) -> di
         }
         for name in sides
     }
-    row["ratio"] = row["megatron"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
-    each_round = {name: [round_seconds for round_seconds, _ in rounds[name]] for name in sides}
+    row["ratio"] = median["hf"] / median["megatron"]  # tokens/s over tokens/s, as ratio_interval computes it
     row["ratio_each_round"] = [
         statistics.median(hf) / statistics.median(megatron)
         for megatron, hf in zip(each_round["megatron"], each_round["hf"], strict=True)
