@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from nemo_rl.distributed.virtual_cluster import alive_nodes
 from nemo_rl.utils.errors import WorkerDied
@@ -87,8 +88,7 @@ class ActorRoster:
         )
 
     def kill_all(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
+        kill(self.actors)
         self.actors = []
 
     def shutdown(self, method: str = "shutdown", timeout_s: float = 60.0) -> None:
@@ -106,6 +106,30 @@ class ActorRoster:
                     self.get(refs)
         finally:
             self.kill_all()
+
+
+def kill(actors: Sequence[Any], timeout_s: float = 30.0) -> None:
+    """``ray.kill`` every actor, then return once Ray reports each one dead (warning after ``timeout_s``).
+
+    ``ray.kill`` only sends the request: right after it returns the actor can still answer a call (5 times in
+    30 on 2 CPU cores), and its process still holds its memory and its bundle. Whoever kills workers to say that
+    none outlives a run's end or error waits here until a call on each fails with its death.
+    """
+    for actor in actors:
+        ray.kill(actor)
+    deadline = time.monotonic() + timeout_s
+    for actor in actors:
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                ray.get(actor.__ray_ready__.remote(), timeout=remaining)
+            except RayActorError:
+                break
+            except GetTimeoutError:
+                continue
+            time.sleep(0.01)
+        else:
+            logger.warning("%d killed actor(s) not yet reported dead after %.0f s", len(actors), timeout_s)
+            return
 
 
 def _exit_detail(err: RayActorError) -> str:

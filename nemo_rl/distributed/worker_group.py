@@ -8,7 +8,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from nemo_rl.distributed.actor_roster import ActorRoster
+from nemo_rl.distributed.actor_roster import ActorRoster, kill
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
 from nemo_rl.distributed.worker_process_group import free_port
 
@@ -18,8 +18,7 @@ def wait_until_ready(actors: Sequence[Any]) -> None:
     try:
         ray.get([actor.__ray_ready__.remote() for actor in actors])
     except BaseException:
-        for actor in actors:
-            ray.kill(actor)
+        kill(actors)
         raise
 
 

@@ -102,3 +102,23 @@ def test_a_node_too_small_for_its_workers_is_refused_at_once(two_actors):
     assert time.monotonic() - start < 10  # not Ray's 300 s wait for a placement group that can never be placed
     (head,) = alive_nodes()
     assert head.is_head and head.cpus == 2
+
+
+def test_killed_actors_are_reported_dead_when_kill_returns(two_actors):
+    """``ray.kill`` alone returned with the actor still answering 5 times in 30; ``kill`` waits for the death."""
+    import ray
+
+    from nemo_rl.distributed.actor_roster import kill
+
+    sleeper = ray.remote(_Sleeper).options(num_cpus=0)
+    for _ in range(20):
+        actor = sleeper.remote()
+        ray.get(actor.nap.remote(0))
+        kill([actor])
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.__ray_ready__.remote(), timeout=60)
+    busy = sleeper.remote()
+    busy.nap.remote(600)  # mid-task: a call queued behind it fails only with the death
+    start = time.monotonic()
+    kill([busy])
+    assert time.monotonic() - start < 10

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import ray
 from ray.exceptions import RayActorError
 
-from nemo_rl.distributed.actor_roster import ActorRoster
+from nemo_rl.distributed.actor_roster import ActorRoster, kill
 from nemo_rl.distributed.sharding import split_evenly
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
 from nemo_rl.distributed.worker_group import wait_until_ready
@@ -125,8 +125,7 @@ class VllmGeneration:
     def shutdown(self) -> None:
         """Engines that never finished starting are killed at once (waiting would mean waiting out their start)."""
         if self.roster is None:
-            for engine in self.engines:
-                ray.kill(engine)
+            kill(self.engines)
         else:
             self.roster.shutdown()
         self.engines = []
