@@ -249,10 +249,18 @@ def test_backward_step_and_torchs_optimizer_update_run_outside_the_device_redire
     ddp, optimizer = _trained_with_megatron_optimizer(
         build_gpt_model(HF, transformer_config_from_hf(HF, "float32", ParallelDims())), distributed=True
     )
-    pause_redirect_in_optimizer_update(optimizer)
-    modes = []
+    modes, paused = [], []
     for inner in optimizer.chained_optimizers:
         inner.optimizer.register_step_pre_hook(lambda *args: modes.append(current()))
+        copy = inner._copy_model_grads_to_main_grads  # one of megatron's per-parameter loops, paused too
+
+        def copy_noting_the_mode(copy=copy):
+            paused.append(current())
+            copy()
+
+        inner._copy_model_grads_to_main_grads = copy_noting_the_mode
+    pause_redirect_in_optimizer_update(optimizer)
     ok, _, _ = _megatron_step(ddp, optimizer, _ids(2))
     assert ok and modes and not any(isinstance(mode, _CudaToCpuMode) for mode in modes)
+    assert paused and not any(isinstance(mode, _CudaToCpuMode) for mode in paused)
     assert isinstance(current(), _CudaToCpuMode)
