@@ -258,6 +258,25 @@ within minutes. At one thread after it (``--num-cpus 1 --phase-steps 0``,
 1.17) and 1.07 [1.04, 1.14] (7.405 against 7.896 s; rounds 1.08, 1.10,
 1.09), the 20M model's whole interval above 1.
 
+Longer runs narrow the intervals (2026-12-08, two threads, ``--phase-steps
+0``): 24 rounds of 6 steps of the tiny model (5.6 minutes), 0.97 [0.93,
+1.01] (0.196 against 0.190 s; rounds 0.85 to 1.27); 10 rounds of 4 steps
+of the 20M one (10.8 minutes), 0.97 [0.91, 1.04] (4.072 against 3.932 s;
+rounds 0.84 to 1.25); the tiny model again after the change below, 0.96
+[0.93, 1.00] (0.200 against 0.193 s). Through Ray at two threads the
+framework is about 3 % behind the loop. At 4 x 32 tokens, where a step is
+mostly fixed costs, the Megatron step took 18.1 against 11.9 ms in-process
+(30 alternating steps; forward +1.2, backward +1.1, gradient finalisation
++0.9, optimizer +1.7, the rest +1.4 ms). With megatron's per-parameter
+optimizer loops (zero_grad, the copies between model and shards, the
+norm's list of gradients) outside the device redirect
+(``cpu_compat.pause_redirect_in_optimizer_update``: 495 -> 239 torch calls
+a step through its hook, 2 to 3 us each), 14.9 and 15.9 against 9.9 and
+10.7 ms, the optimizer +0.9 and +1.0 ms. The 5 ms left, 2.5 % of a tiny
+4 x 1024 step, is megatron's own Python: its module stack and autograd
+nodes, ``finalize_model_grads`` (a broadcast and an all-reduce over one
+rank, a walk over the modules), its norm and clipping.
+
 Measured apart, none of what is left could be pinned on the framework's
 machinery. The first two with every variant alive in one process or
 actor, in alternating blocks of four steps (a block's first step dropped):
